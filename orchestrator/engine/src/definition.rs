@@ -1,0 +1,161 @@
+//! Validated saga definitions, parsed from the YAML definition file.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+mod parse;
+
+pub use parse::{DefinitionError, DefinitionErrors};
+
+/// Default per-attempt timeout of a step when `timeout` is not given.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default retry policy of a step's action: one attempt, no retry.
+pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 1,
+    backoff: Duration::from_millis(200),
+    max_backoff: Duration::from_secs(5),
+};
+/// Default budget of a step's compensation before the saga needs an operator.
+pub const DEFAULT_COMPENSATION_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 5,
+    backoff: Duration::from_millis(500),
+    max_backoff: Duration::from_secs(30),
+};
+
+/// Every saga of one or more definition files.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Definitions {
+    pub sagas: Vec<SagaDefinition>,
+}
+
+impl Definitions {
+    pub fn get(&self, name: &str) -> Option<&SagaDefinition> {
+        self.sagas.iter().find(|s| s.name == name)
+    }
+
+    /// Every participant any saga sends commands to, sorted and without repeats.
+    pub fn participants(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self
+            .sagas
+            .iter()
+            .flat_map(|s| s.steps.iter().map(|st| st.participant.as_str()))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SagaDefinition {
+    pub name: String,
+    /// Content hash of this saga's definition, recorded with every saga started from it.
+    pub version: String,
+    /// Maximum time from start to the point of no return; past it the saga is compensated.
+    pub deadline: Option<Duration>,
+    /// Optional JSON Schema the start input must match.
+    pub input_schema: Option<Value>,
+    pub steps: Vec<StepDefinition>,
+}
+
+impl SagaDefinition {
+    /// The content hash [`SagaDefinition::version`] holds: the first 16 hex digits of the SHA-256
+    /// of this definition as canonical JSON (sorted keys, no spaces), the `version` field left
+    /// out. Any change to a step, a duration, a policy or the input schema changes it.
+    pub fn content_version(&self) -> String {
+        use sha2::{Digest, Sha256};
+
+        let mut json = serde_json::to_value(self).expect("a saga definition serialises to JSON");
+        if let Value::Object(map) = &mut json {
+            map.remove("version");
+        }
+        let mut canonical = String::new();
+        write_canonical(&json, &mut canonical);
+        let digest = Sha256::digest(canonical.as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn step(&self, name: &str) -> Option<(usize, &StepDefinition)> {
+        self.steps.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// Can be undone by its compensation.
+    Compensatable,
+    /// The go/no-go point: once it succeeds the saga must finish.
+    Pivot,
+    /// After the pivot; retried until it succeeds, never compensated.
+    Retriable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepDefinition {
+    pub name: String,
+    pub participant: String,
+    pub action: String,
+    /// Present exactly when `kind` is [`StepKind::Compensatable`].
+    pub compensation: Option<String>,
+    pub kind: StepKind,
+    /// How long one attempt may wait for its reply.
+    pub timeout: Duration,
+    /// Retries of the action after a retryable error or a timeout. Retriable steps ignore
+    /// `max_attempts` and retry until they succeed.
+    pub retry: RetryPolicy,
+    /// Retries of the compensation before the saga waits for an operator.
+    pub compensation_retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next_attempt` (2, 3, ...): `backoff * 2^(next_attempt - 2)`,
+    /// capped at `max_backoff`.
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let exponent = next_attempt.saturating_sub(2).min(31);
+        self.backoff
+            .checked_mul(1u32 << exponent)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+}
+
+/// JSON with object keys sorted at every level, whatever order the map type keeps.
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(value, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}

@@ -1,0 +1,13 @@
+//! The saga engine: definitions, state and decisions as plain functions over data.
+//!
+//! Nothing here performs IO or reads the clock; time comes in as a value. The runtime
+//! (`orchestrator`) loads state, calls [`engine::decide`], and commits what it returns.
+
+pub mod definition;
+pub mod engine;
+pub mod graph;
+pub mod state;
+
+pub use definition::{Definitions, SagaDefinition, StepDefinition, StepKind};
+pub use engine::{Decision, Input, OperatorCommand, Outcome, TimerChange, TimerKind, decide};
+pub use state::SagaState;

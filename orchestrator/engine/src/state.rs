@@ -1,0 +1,315 @@
+//! A saga's state: the left fold of its events. Nothing here decides; it only remembers.
+
+use chrono::{DateTime, Utc};
+use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    pub saga_id: Uuid,
+    pub saga_name: String,
+    pub definition_version: String,
+    pub business_key: Option<String>,
+    pub status: SagaStatus,
+    /// The start input with every completed step's output shallow-merged in.
+    pub data: Data,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub deadline_exceeded: bool,
+    pub abort_requested: Option<String>,
+    /// Why compensation began, once it has.
+    pub compensation_reason: Option<String>,
+    /// Steps in the order they were first sent, which is definition order.
+    pub steps: Vec<StepState>,
+    /// Number of events folded: the `seq` of the last one.
+    pub version: u64,
+}
+
+/// Attempts of one direction (action or compensation) of a step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempts {
+    /// The highest attempt number sent.
+    pub sent: u32,
+    /// The attempt awaiting its reply or its timeout.
+    pub in_flight: Option<u32>,
+    /// When the next attempt (`sent + 1`) is due, if one is scheduled.
+    pub retry_due: Option<DateTime<Utc>>,
+    /// Attempts sent before the current budget began (an operator's retry resets it).
+    pub budget_start: u32,
+}
+
+impl Attempts {
+    pub fn used(&self) -> u32 {
+        self.sent - self.budget_start
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.in_flight.is_some() || self.retry_due.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    pub name: String,
+    pub action: Attempts,
+    pub compensation: Attempts,
+    /// The action committed (a success reply was recorded).
+    pub completed: bool,
+    /// The action will not succeed (business failure or retries exhausted).
+    pub failed: bool,
+    /// An attempt timed out or was in flight when compensation began: it may have run.
+    pub maybe_ran: bool,
+    pub compensated: bool,
+    pub compensation_failed: bool,
+    pub output: Option<Data>,
+    pub last_error: Option<String>,
+}
+
+/// A step's status as shown to people (API, read model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    WaitingRetry,
+    Completed,
+    Failed,
+    Compensating,
+    Compensated,
+    CompensationFailed,
+}
+
+impl StepState {
+    fn new(name: &str) -> Self {
+        StepState {
+            name: name.to_owned(),
+            action: Attempts::default(),
+            compensation: Attempts::default(),
+            completed: false,
+            failed: false,
+            maybe_ran: false,
+            compensated: false,
+            compensation_failed: false,
+            output: None,
+            last_error: None,
+        }
+    }
+
+    pub fn attempts_mut(&mut self, direction: Direction) -> &mut Attempts {
+        match direction {
+            Direction::Execute => &mut self.action,
+            Direction::Compensate => &mut self.compensation,
+        }
+    }
+
+    pub fn attempts(&self, direction: Direction) -> &Attempts {
+        match direction {
+            Direction::Execute => &self.action,
+            Direction::Compensate => &self.compensation,
+        }
+    }
+
+    /// The action committed or may have: undoing it is owed.
+    pub fn may_need_undo(&self) -> bool {
+        self.completed || self.maybe_ran
+    }
+
+    pub fn status(&self) -> StepStatus {
+        if self.compensated {
+            StepStatus::Compensated
+        } else if self.compensation_failed {
+            StepStatus::CompensationFailed
+        } else if self.compensation.sent > 0 {
+            StepStatus::Compensating
+        } else if self.completed {
+            StepStatus::Completed
+        } else if self.failed {
+            StepStatus::Failed
+        } else if self.action.in_flight.is_some() {
+            StepStatus::Running
+        } else if self.action.retry_due.is_some() {
+            StepStatus::WaitingRetry
+        } else if self.action.sent > 0 {
+            // Sent, then interrupted by compensation before any reply.
+            StepStatus::Failed
+        } else {
+            StepStatus::Pending
+        }
+    }
+}
+
+impl SagaState {
+    /// Rebuilds a saga's state from its whole log. `None` when the log does not begin with
+    /// `saga_started`.
+    pub fn fold<'a>(
+        saga_id: Uuid,
+        events: impl IntoIterator<Item = &'a SagaEvent>,
+    ) -> Option<Self> {
+        let mut events = events.into_iter();
+        let mut state = SagaState::started(saga_id, events.next()?)?;
+        for event in events {
+            state.apply(event);
+        }
+        Some(state)
+    }
+
+    /// The state right after `saga_started`.
+    pub fn started(saga_id: Uuid, event: &SagaEvent) -> Option<Self> {
+        let SagaEvent::SagaStarted {
+            saga_name,
+            definition_version,
+            input,
+            business_key,
+            deadline_at,
+        } = event
+        else {
+            return None;
+        };
+        Some(SagaState {
+            saga_id,
+            saga_name: saga_name.clone(),
+            definition_version: definition_version.clone(),
+            business_key: business_key.clone(),
+            status: SagaStatus::Running,
+            data: input.clone(),
+            deadline_at: *deadline_at,
+            deadline_exceeded: false,
+            abort_requested: None,
+            compensation_reason: None,
+            steps: Vec::new(),
+            version: 1,
+        })
+    }
+
+    pub fn step(&self, name: &str) -> Option<&StepState> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    fn step_mut(&mut self, name: &str) -> &mut StepState {
+        match self.steps.iter().position(|s| s.name == name) {
+            Some(i) => &mut self.steps[i],
+            None => {
+                self.steps.push(StepState::new(name));
+                self.steps.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// Applies one event. Total: every event is accepted as the record of what happened.
+    pub fn apply(&mut self, event: &SagaEvent) {
+        self.version += 1;
+        match event {
+            SagaEvent::SagaStarted { .. } => {}
+            SagaEvent::CommandSent {
+                step,
+                direction,
+                attempt,
+                ..
+            } => {
+                let attempts = self.step_mut(step).attempts_mut(*direction);
+                attempts.sent = *attempt;
+                attempts.in_flight = Some(*attempt);
+                attempts.retry_due = None;
+            }
+            SagaEvent::StepCompleted { step, output, .. } => {
+                let s = self.step_mut(step);
+                s.completed = true;
+                if s.compensated {
+                    // A late success after the step was undone: undo it again, with a fresh
+                    // budget, and ignore stray replies to the earlier compensation.
+                    s.compensated = false;
+                    s.compensation.budget_start = s.compensation.sent;
+                }
+                s.output = Some(output.clone());
+                s.action.in_flight = None;
+                s.action.retry_due = None;
+                for (key, value) in output {
+                    self.data.insert(key.clone(), value.clone());
+                }
+            }
+            SagaEvent::StepFailed { step, reason, .. } => {
+                let s = self.step_mut(step);
+                s.failed = true;
+                s.last_error = Some(reason.clone());
+                s.action.in_flight = None;
+                s.action.retry_due = None;
+            }
+            SagaEvent::AttemptFailed {
+                step,
+                direction,
+                attempt,
+                error,
+            } => {
+                let s = self.step_mut(step);
+                s.last_error = Some(error.clone());
+                let attempts = s.attempts_mut(*direction);
+                if attempts.in_flight == Some(*attempt) {
+                    attempts.in_flight = None;
+                }
+            }
+            SagaEvent::AttemptTimedOut {
+                step,
+                direction,
+                attempt,
+            } => {
+                let s = self.step_mut(step);
+                if *direction == Direction::Execute {
+                    s.maybe_ran = true;
+                }
+                s.last_error = Some(format!("attempt {attempt} timed out"));
+                let attempts = s.attempts_mut(*direction);
+                if attempts.in_flight == Some(*attempt) {
+                    attempts.in_flight = None;
+                }
+            }
+            SagaEvent::RetryScheduled {
+                step,
+                direction,
+                due_at,
+                ..
+            } => {
+                self.step_mut(step).attempts_mut(*direction).retry_due = Some(*due_at);
+            }
+            SagaEvent::DeadlineExceeded => self.deadline_exceeded = true,
+            SagaEvent::AbortRequested { reason } => self.abort_requested = Some(reason.clone()),
+            SagaEvent::CompensationStarted { reason } => {
+                self.status = SagaStatus::Compensating;
+                self.compensation_reason = Some(reason.clone());
+                for s in &mut self.steps {
+                    if s.action.in_flight.take().is_some() {
+                        s.maybe_ran = true;
+                    }
+                    s.action.retry_due = None;
+                }
+            }
+            SagaEvent::StepCompensated { step, .. } => {
+                let s = self.step_mut(step);
+                s.compensated = true;
+                s.compensation_failed = false;
+                s.compensation.in_flight = None;
+                s.compensation.retry_due = None;
+                if self.status == SagaStatus::CompensationFailed
+                    && !self.steps.iter().any(|s| s.compensation_failed)
+                {
+                    self.status = SagaStatus::Compensating;
+                }
+            }
+            SagaEvent::CompensationFailed { step, reason } => {
+                let s = self.step_mut(step);
+                s.compensation_failed = true;
+                s.last_error = Some(reason.clone());
+                s.compensation.in_flight = None;
+                s.compensation.retry_due = None;
+                self.status = SagaStatus::CompensationFailed;
+            }
+            SagaEvent::CompensationRetryRequested { step } => {
+                let s = self.step_mut(step);
+                s.compensation_failed = false;
+                s.compensation.budget_start = s.compensation.sent;
+                self.status = SagaStatus::Compensating;
+            }
+            SagaEvent::SagaCompleted => self.status = SagaStatus::Completed,
+            SagaEvent::SagaCompensated => self.status = SagaStatus::Compensated,
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Property tests: random definitions driven by random interleavings of replies, duplicates,
+//! timeouts, late replies and operator commands, checked against the saga invariants.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{saga, step, t0};
+use proptest::prelude::*;
+use saga_engine::definition::RetryPolicy;
+use saga_engine::{
+    Decision, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, StepKind, TimerChange,
+    TimerKind, decide,
+};
+use saga_schemas::{Data, Direction, Outcome as Reply, SagaEvent, SagaStatus};
+use uuid::Uuid;
+
+fn definitions() -> impl Strategy<Value = SagaDefinition> {
+    (0usize..4, any::<bool>(), 0usize..3, any::<bool>())
+        .prop_filter("at least one step", |(c, p, r, _)| {
+            c + usize::from(*p) + r > 0
+        })
+        .prop_flat_map(|(compensatable, pivot, retriable, deadline)| {
+            let n = compensatable + usize::from(pivot) + retriable;
+            (
+                prop::collection::vec((1u32..4, 1u32..4), n),
+                Just((compensatable, pivot, deadline)),
+            )
+        })
+        .prop_map(|(budgets, (compensatable, pivot, deadline))| {
+            let mut steps = Vec::new();
+            for (i, (attempts, compensation_attempts)) in budgets.into_iter().enumerate() {
+                let kind = if i < compensatable {
+                    StepKind::Compensatable
+                } else if pivot && i == compensatable {
+                    StepKind::Pivot
+                } else {
+                    StepKind::Retriable
+                };
+                let mut s = step(&format!("s{i}"), kind);
+                s.retry = RetryPolicy {
+                    max_attempts: attempts,
+                    backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_millis(400),
+                };
+                s.compensation_retry.max_attempts = compensation_attempts;
+                steps.push(s);
+            }
+            let mut def = saga(steps);
+            def.deadline = deadline.then(|| Duration::from_secs(7));
+            def
+        })
+}
+
+/// What the simulated world does next.
+#[derive(Debug, Clone)]
+enum Move {
+    /// A participant answers one outstanding command (or never will: `Drop`).
+    Answer(usize, Answer),
+    /// The broker redelivers a reply already delivered.
+    Duplicate(usize),
+    /// A pending timer fires (not necessarily the earliest: timers race).
+    Fire(usize),
+    Abort,
+    RetryCompensation,
+    MarkCompensated(usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Success,
+    Failure,
+    RetryableError,
+    Drop,
+}
+
+fn answers() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        3 => Just(Answer::Success),
+        1 => Just(Answer::Failure),
+        1 => Just(Answer::RetryableError),
+        1 => Just(Answer::Drop),
+    ]
+}
+
+fn moves(with_operator: bool) -> impl Strategy<Value = Vec<Move>> {
+    let world = prop_oneof![
+        6 => (any::<usize>(), answers()).prop_map(|(i, a)| Move::Answer(i, a)),
+        2 => any::<usize>().prop_map(Move::Duplicate),
+        3 => any::<usize>().prop_map(Move::Fire),
+    ];
+    let operator = prop_oneof![
+        1 => Just(Move::Abort),
+        1 => Just(Move::RetryCompensation),
+        1 => any::<usize>().prop_map(Move::MarkCompensated),
+    ];
+    let one = if with_operator {
+        prop_oneof![10 => world, 1 => operator].boxed()
+    } else {
+        world.boxed()
+    };
+    prop::collection::vec(one, 0..80)
+}
+
+type CommandKey = (String, Direction, u32);
+
+struct World {
+    def: SagaDefinition,
+    saga_id: Uuid,
+    now: DateTime<Utc>,
+    state: Option<SagaState>,
+    log: Vec<SagaEvent>,
+    /// Commands sent and not yet answered (in send order); dropped ones stay here forever.
+    outstanding: Vec<CommandKey>,
+    dropped: HashSet<CommandKey>,
+    delivered: Vec<Input>,
+    timers: BTreeMap<String, (TimerKind, DateTime<Utc>)>,
+}
+
+impl World {
+    fn new(def: SagaDefinition) -> Self {
+        let mut world = World {
+            def,
+            saga_id: Uuid::from_u128(7),
+            now: t0(),
+            state: None,
+            log: Vec::new(),
+            outstanding: Vec::new(),
+            dropped: HashSet::new(),
+            delivered: Vec::new(),
+            timers: BTreeMap::new(),
+        };
+        let saga_id = world.saga_id;
+        world.apply(Input::Start {
+            saga_id,
+            input: Data::new(),
+            business_key: None,
+        });
+        world
+    }
+
+    fn status(&self) -> SagaStatus {
+        self.state.as_ref().expect("started").status
+    }
+
+    fn apply(&mut self, input: Input) -> Decision {
+        let decision = decide(&self.def, self.state.as_ref(), &input, self.now);
+        if decision.outcome != Outcome::Applied {
+            assert!(decision.events.is_empty() && decision.commands.is_empty());
+        }
+        self.log.extend(decision.events.iter().cloned());
+        for command in &decision.commands {
+            self.outstanding
+                .push((command.step.clone(), command.direction, command.attempt));
+        }
+        for change in &decision.timers {
+            match change {
+                TimerChange::Schedule { timer, due_at } => {
+                    self.timers.insert(timer.key(), (timer.clone(), *due_at));
+                }
+                TimerChange::Cancel { timer } => {
+                    self.timers.remove(&timer.key());
+                }
+            }
+        }
+        self.state = decision.state.clone();
+        check_invariants(
+            &self.def,
+            self.saga_id,
+            &self.log,
+            self.state.as_ref().expect("exists"),
+        );
+        decision
+    }
+
+    fn answer(&mut self, index: usize, answer: Answer) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        let key = self.outstanding[index % self.outstanding.len()].clone();
+        if self.dropped.contains(&key) {
+            return;
+        }
+        let outcome = match answer {
+            Answer::Drop => {
+                self.dropped.insert(key);
+                return;
+            }
+            Answer::Success => Reply::Success {
+                output: Data::new(),
+            },
+            Answer::Failure => Reply::Failure {
+                reason: "no".into(),
+            },
+            Answer::RetryableError => Reply::RetryableError {
+                error: "busy".into(),
+            },
+        };
+        self.outstanding.retain(|k| *k != key);
+        let (step, direction, attempt) = key;
+        let input = Input::Reply {
+            step,
+            direction,
+            attempt,
+            outcome,
+        };
+        self.delivered.push(input.clone());
+        self.apply(input);
+    }
+
+    fn fire(&mut self, key: &str) {
+        let (timer, due) = self.timers.remove(key).expect("pending timer");
+        self.now = self.now.max(due);
+        self.apply(Input::Timer(timer));
+    }
+
+    fn play(&mut self, m: &Move) {
+        match m {
+            Move::Answer(i, a) => self.answer(*i, *a),
+            Move::Duplicate(i) => {
+                if !self.delivered.is_empty() {
+                    let input = self.delivered[i % self.delivered.len()].clone();
+                    self.apply(input);
+                }
+            }
+            Move::Fire(i) => {
+                if !self.timers.is_empty() {
+                    let key = self
+                        .timers
+                        .keys()
+                        .nth(i % self.timers.len())
+                        .cloned()
+                        .expect("key");
+                    self.fire(&key);
+                }
+            }
+            Move::Abort => {
+                self.apply(Input::Operator(OperatorCommand::Abort {
+                    reason: "test".into(),
+                }));
+            }
+            Move::RetryCompensation => {
+                self.apply(Input::Operator(OperatorCommand::RetryCompensation));
+            }
+            Move::MarkCompensated(i) => {
+                let step = self.def.steps[i % self.def.steps.len()].name.clone();
+                self.apply(Input::Operator(OperatorCommand::MarkCompensated { step }));
+            }
+        }
+    }
+
+    /// Participants recover and answer everything with success; timers fire in due order;
+    /// until nothing is left to happen.
+    fn drain(&mut self) {
+        for _ in 0..10_000 {
+            if let Some(i) = self
+                .outstanding
+                .iter()
+                .position(|k| !self.dropped.contains(k))
+            {
+                self.answer(i, Answer::Success);
+                continue;
+            }
+            let earliest = self
+                .timers
+                .iter()
+                .min_by_key(|(_, (_, due))| *due)
+                .map(|(k, _)| k.clone());
+            match earliest {
+                Some(key) => self.fire(&key),
+                None => return,
+            }
+        }
+        panic!("the saga never settled: {:?}", self.state);
+    }
+
+    /// An operator clears every failed compensation.
+    fn operate(&mut self) {
+        for _ in 0..100 {
+            self.drain();
+            if self.status() != SagaStatus::CompensationFailed {
+                return;
+            }
+            let d = self.apply(Input::Operator(OperatorCommand::RetryCompensation));
+            if matches!(d.outcome, Outcome::Rejected(_)) {
+                let failed = self
+                    .state
+                    .as_ref()
+                    .unwrap()
+                    .steps
+                    .iter()
+                    .find(|s| s.compensation_failed);
+                let step = failed.expect("a failed step").name.clone();
+                self.apply(Input::Operator(OperatorCommand::MarkCompensated { step }));
+            }
+        }
+        panic!("the operator could not settle the saga");
+    }
+}
+
+fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], state: &SagaState) {
+    // Replaying the recorded events gives back the same state.
+    assert_eq!(
+        &SagaState::fold(saga_id, log).expect("log"),
+        state,
+        "replay"
+    );
+
+    let index = |name: &str| def.step(name).expect("known step").0;
+    let mut compensation_began = false;
+    let mut committed = false;
+    let mut sent: HashSet<CommandKey> = HashSet::new();
+    let mut first_compensations: Vec<usize> = Vec::new();
+    let mut budget_used: HashMap<String, u32> = HashMap::new();
+    // Per step, execute attempts not known to have failed without running.
+    let mut may_have_run: HashMap<String, HashSet<u32>> = HashMap::new();
+    let mut compensated_once: HashSet<String> = HashSet::new();
+
+    for event in log {
+        match event {
+            SagaEvent::CommandSent {
+                step,
+                direction,
+                attempt,
+                ..
+            } => {
+                let key = (step.clone(), *direction, *attempt);
+                assert!(sent.insert(key.clone()), "command sent twice: {key:?}");
+                let d = &def.steps[index(step)];
+                match direction {
+                    Direction::Execute => {
+                        assert!(
+                            !compensation_began,
+                            "action {key:?} sent after compensation began"
+                        );
+                        if d.kind == StepKind::Retriable {
+                            committed = true;
+                        } else {
+                            assert!(*attempt <= d.retry.max_attempts, "over budget: {key:?}");
+                        }
+                        may_have_run
+                            .entry(step.clone())
+                            .or_default()
+                            .insert(*attempt);
+                    }
+                    Direction::Compensate => {
+                        assert_eq!(
+                            d.kind,
+                            StepKind::Compensatable,
+                            "only compensatable steps are undone"
+                        );
+                        assert!(
+                            may_have_run.get(step).is_some_and(|a| !a.is_empty()),
+                            "compensation of `{step}` whose action surely did not run"
+                        );
+                        let used = budget_used.entry(step.clone()).or_default();
+                        *used += 1;
+                        assert!(
+                            *used <= d.compensation_retry.max_attempts,
+                            "compensation over budget: {key:?}"
+                        );
+                        if compensated_once.insert(step.clone()) {
+                            first_compensations.push(index(step));
+                        }
+                    }
+                }
+            }
+            SagaEvent::AttemptFailed {
+                step,
+                direction: Direction::Execute,
+                attempt,
+                ..
+            }
+            | SagaEvent::StepFailed { step, attempt, .. } => {
+                // An answered failure means that attempt did not run, unless it had timed out
+                // (then StepFailed carries the timed-out attempt and the timeout kept it).
+                let timed_out = log.iter().any(|e| {
+                    matches!(e, SagaEvent::AttemptTimedOut { step: s, direction: Direction::Execute, attempt: a }
+                        if s == step && a == attempt)
+                });
+                if !timed_out && let Some(set) = may_have_run.get_mut(step) {
+                    set.remove(attempt);
+                }
+            }
+            SagaEvent::StepCompleted { step, .. } => {
+                may_have_run.entry(step.clone()).or_default().insert(0);
+                if def.steps[index(step)].kind == StepKind::Pivot && !compensation_began {
+                    committed = true;
+                }
+                // A late success reopens the step with a fresh budget.
+                budget_used.remove(step);
+            }
+            SagaEvent::CompensationRetryRequested { step } => {
+                budget_used.remove(step);
+            }
+            SagaEvent::CompensationStarted { .. } => {
+                assert!(!committed, "compensation after the point of no return");
+                compensation_began = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        first_compensations.windows(2).all(|w| w[0] > w[1]),
+        "compensations out of reverse order: {first_compensations:?}"
+    );
+    if committed {
+        assert!(matches!(
+            state.status,
+            SagaStatus::Running | SagaStatus::Completed
+        ));
+    }
+}
+
+fn check_settled(def: &SagaDefinition, state: &SagaState) {
+    match state.status {
+        SagaStatus::Completed => {
+            assert!(
+                def.steps
+                    .iter()
+                    .all(|d| state.step(&d.name).is_some_and(|s| s.completed))
+            );
+        }
+        SagaStatus::Compensated => {
+            for d in def
+                .steps
+                .iter()
+                .filter(|d| d.kind == StepKind::Compensatable)
+            {
+                if let Some(s) = state.step(&d.name) {
+                    assert!(
+                        !s.completed || s.compensated,
+                        "`{}` completed and was not undone",
+                        d.name
+                    );
+                }
+            }
+            assert!(!def.steps.iter().any(|d| {
+                d.kind != StepKind::Compensatable
+                    && state
+                        .step(&d.name)
+                        .is_some_and(|s| s.completed && d.kind == StepKind::Retriable)
+            }));
+        }
+        SagaStatus::CompensationFailed => {}
+        other => panic!("not settled: {other:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn every_saga_settles_without_operator_help(def in definitions(), script in moves(false)) {
+        let mut world = World::new(def.clone());
+        for m in &script {
+            world.play(m);
+        }
+        world.drain();
+        check_settled(&def, world.state.as_ref().unwrap());
+    }
+
+    #[test]
+    fn operators_never_break_the_invariants_and_can_always_finish(def in definitions(), script in moves(true)) {
+        let mut world = World::new(def.clone());
+        for m in &script {
+            world.play(m);
+        }
+        world.operate();
+        let state = world.state.as_ref().unwrap();
+        check_settled(&def, state);
+        prop_assert!(matches!(state.status, SagaStatus::Completed | SagaStatus::Compensated));
+    }
+}

@@ -1,0 +1,171 @@
+//! Names and header keys of the AMQP topology, shared by the orchestrator and the participant
+//! SDK. `schemas/README.md` documents them for participants in other languages.
+
+/// Direct exchange for step commands; the routing key is the participant's name.
+pub const COMMANDS_EXCHANGE: &str = "saga.commands";
+/// Topic exchange for lifecycle events; routing key `<saga name>.<event type>`.
+pub const EVENTS_EXCHANGE: &str = "saga.events";
+/// Direct exchange that receives dead letters; routing key is the dead-letter queue's name.
+pub const DEAD_LETTER_EXCHANGE: &str = "saga.dead-letter";
+/// The orchestrator's replies queue (participants publish to it via the default exchange).
+pub const REPLIES_QUEUE: &str = "saga.replies";
+/// Queue on which a [`crate::StartSaga`] message starts a saga.
+pub const START_QUEUE: &str = "saga.start";
+
+/// The durable queue holding commands for one participant.
+pub fn command_queue(participant: &str) -> String {
+    format!("saga.commands.{participant}")
+}
+
+/// The dead-letter queue paired with `queue`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// AMQP `type` property values.
+pub mod message_type {
+    pub const START_SAGA: &str = "saga.start";
+    pub const STEP_COMMAND: &str = "saga.step_command";
+    pub const STEP_REPLY: &str = "saga.step_reply";
+    pub const EVENT: &str = "saga.event";
+    /// The orchestrator's answer to a start message that set `reply_to`:
+    /// `{"saga_id": "...", "created": true}`.
+    pub const SAGA_STARTED: &str = "saga.started";
+}
+
+/// Header keys.
+pub mod header {
+    /// The contract version the message was written against (an integer).
+    pub const SCHEMA_VERSION: &str = "x-schema-version";
+    pub const SAGA_ID: &str = "saga-id";
+    pub const SAGA_NAME: &str = "saga-name";
+    pub const STEP: &str = "saga-step";
+    pub const ACTION: &str = "saga-action";
+    pub const DIRECTION: &str = "saga-direction";
+    pub const ATTEMPT: &str = "saga-attempt";
+    /// Why a message was dead-lettered (on messages in a `.dlq` queue).
+    pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+    /// The queue a dead-lettered message was taken from.
+    pub const DEAD_LETTER_QUEUE: &str = "x-dead-letter-from";
+}
+
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// A header value: the two kinds the contract uses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    Int(i64),
+    Str(String),
+}
+
+/// A message ready to publish, independent of any AMQP client library, so it can wait in an
+/// outbox table as JSON. The transport maps it onto AMQP properties and headers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutgoingMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: uuid::Uuid,
+    /// The saga id.
+    pub correlation_id: Option<uuid::Uuid>,
+    /// One of [`message_type`].
+    pub message_type: String,
+    pub reply_to: Option<String>,
+    pub headers: Vec<(String, HeaderValue)>,
+    /// JSON text of the message.
+    pub body: String,
+}
+
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("contract types always serialise")
+}
+
+fn common_headers(saga_id: uuid::Uuid) -> Vec<(String, HeaderValue)> {
+    vec![
+        (
+            header::SCHEMA_VERSION.into(),
+            HeaderValue::Int(crate::SCHEMA_VERSION.into()),
+        ),
+        (
+            header::SAGA_ID.into(),
+            HeaderValue::Str(saga_id.to_string()),
+        ),
+    ]
+}
+
+impl OutgoingMessage {
+    /// A step command, routed to its participant's queue; replies go to `reply_to`.
+    pub fn command(cmd: &crate::StepCommand, participant: &str, reply_to: &str) -> Self {
+        let mut headers = common_headers(cmd.saga_id);
+        headers.extend([
+            (
+                header::SAGA_NAME.into(),
+                HeaderValue::Str(cmd.saga_name.clone()),
+            ),
+            (header::STEP.into(), HeaderValue::Str(cmd.step.clone())),
+            (header::ACTION.into(), HeaderValue::Str(cmd.action.clone())),
+            (
+                header::DIRECTION.into(),
+                HeaderValue::Str(cmd.direction.as_str().into()),
+            ),
+            (header::ATTEMPT.into(), HeaderValue::Int(cmd.attempt.into())),
+        ]);
+        OutgoingMessage {
+            exchange: COMMANDS_EXCHANGE.into(),
+            routing_key: participant.into(),
+            message_id: cmd.message_id,
+            correlation_id: Some(cmd.saga_id),
+            message_type: message_type::STEP_COMMAND.into(),
+            reply_to: Some(reply_to.into()),
+            headers,
+            body: json(cmd),
+        }
+    }
+
+    /// A participant's reply, sent through the default exchange to the queue `reply_to`.
+    pub fn reply(reply: &crate::StepReply, saga_name: &str, action: &str, reply_to: &str) -> Self {
+        let mut headers = common_headers(reply.saga_id);
+        headers.extend([
+            (header::SAGA_NAME.into(), HeaderValue::Str(saga_name.into())),
+            (header::STEP.into(), HeaderValue::Str(reply.step.clone())),
+            (header::ACTION.into(), HeaderValue::Str(action.into())),
+            (
+                header::DIRECTION.into(),
+                HeaderValue::Str(reply.direction.as_str().into()),
+            ),
+            (
+                header::ATTEMPT.into(),
+                HeaderValue::Int(reply.attempt.into()),
+            ),
+        ]);
+        OutgoingMessage {
+            exchange: String::new(),
+            routing_key: reply_to.into(),
+            message_id: reply.message_id,
+            correlation_id: Some(reply.saga_id),
+            message_type: message_type::STEP_REPLY.into(),
+            reply_to: None,
+            headers,
+            body: json(reply),
+        }
+    }
+
+    /// A lifecycle event for the events exchange, routed by `<saga name>.<event type>`.
+    pub fn event(envelope: &crate::EventEnvelope, message_id: uuid::Uuid) -> Self {
+        let mut headers = common_headers(envelope.saga_id);
+        headers.push((
+            header::SAGA_NAME.into(),
+            HeaderValue::Str(envelope.saga_name.clone()),
+        ));
+        OutgoingMessage {
+            exchange: EVENTS_EXCHANGE.into(),
+            routing_key: format!("{}.{}", envelope.saga_name, envelope.event.kind()),
+            message_id,
+            correlation_id: Some(envelope.saga_id),
+            message_type: message_type::EVENT.into(),
+            reply_to: None,
+            headers,
+            body: json(envelope),
+        }
+    }
+}

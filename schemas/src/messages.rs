@@ -1,0 +1,260 @@
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A JSON object: the saga's input, its accumulated data, a step's output.
+pub type Data = Map<String, Value>;
+
+/// Asks the orchestrator to start a saga (published to the start queue).
+///
+/// Unknown fields are ignored, so a newer client can talk to an older orchestrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StartSaga {
+    /// Name of a saga in the orchestrator's definition file.
+    pub saga: String,
+    /// The saga's input: becomes the initial saga data.
+    #[serde(default)]
+    pub input: Data,
+    /// Requests with the same key start one saga; repeats return the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Whether a command runs a step's action or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Run the step's `action`.
+    Execute,
+    /// Run the step's `compensation`, undoing the action.
+    Compensate,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Execute => "execute",
+            Direction::Compensate => "compensate",
+        }
+    }
+}
+
+/// The orchestrator asks a participant to run one action or compensation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepCommand {
+    /// Unique per (saga, step, direction, attempt); the same on every redelivery.
+    pub message_id: Uuid,
+    pub saga_id: Uuid,
+    pub saga_name: String,
+    pub step: String,
+    pub direction: Direction,
+    /// The action (or compensation) name the participant dispatches on.
+    pub action: String,
+    /// 1 for the first try; a retry after a retryable error or a timeout increments it.
+    pub attempt: u32,
+    /// The saga data: the start input with every completed step's output merged in.
+    pub data: Data,
+    /// On a compensation: the output this step's own action returned, if it returned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_output: Option<Data>,
+}
+
+/// A participant's answer to one [`StepCommand`], sent to the replies queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepReply {
+    /// The reply's own id (for de-duplication).
+    pub message_id: Uuid,
+    /// The `message_id` of the command answered.
+    pub in_reply_to: Uuid,
+    pub saga_id: Uuid,
+    pub step: String,
+    pub direction: Direction,
+    pub attempt: u32,
+    pub outcome: Outcome,
+}
+
+/// What happened when a participant handled a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The local transaction committed. `output` is merged into the saga data.
+    Success {
+        #[serde(default)]
+        output: Data,
+    },
+    /// A business outcome (a declined payment, no stock): final, never retried.
+    Failure { reason: String },
+    /// A transient problem (a dependency down): the orchestrator may retry the command.
+    RetryableError { error: String },
+}
+
+/// The lifecycle of a saga as recorded in its event log, and as published on the events
+/// exchange inside an [`EventEnvelope`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SagaEvent {
+    SagaStarted {
+        saga_name: String,
+        /// Content hash of the saga definition the saga runs.
+        definition_version: String,
+        input: Data,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        business_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_at: Option<DateTime<Utc>>,
+    },
+    /// A command was handed to the outbox for a participant.
+    CommandSent {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+        message_id: Uuid,
+        timeout_at: DateTime<Utc>,
+    },
+    /// The step's action committed.
+    StepCompleted {
+        step: String,
+        attempt: u32,
+        output: Data,
+    },
+    /// The step's action will not succeed: a business failure, or its retries ran out.
+    StepFailed {
+        step: String,
+        attempt: u32,
+        reason: String,
+    },
+    /// One attempt failed with a retryable error.
+    AttemptFailed {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+        error: String,
+    },
+    /// One attempt got no reply in time; its action may or may not have run.
+    AttemptTimedOut {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+    },
+    /// The next attempt is due at `due_at`.
+    RetryScheduled {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    },
+    /// The saga passed its deadline before its point of no return.
+    DeadlineExceeded,
+    /// An operator asked to abort; compensation begins as soon as no pivot is in flight.
+    AbortRequested {
+        reason: String,
+    },
+    /// Compensation of the completed steps begins (or resumes after a late success).
+    CompensationStarted {
+        reason: String,
+    },
+    /// The step's compensation committed (or an operator marked it compensated).
+    StepCompensated {
+        step: String,
+        attempt: u32,
+        #[serde(default)]
+        manual: bool,
+    },
+    /// A compensation could not be done; the saga waits for an operator.
+    CompensationFailed {
+        step: String,
+        reason: String,
+    },
+    /// An operator asked to retry the failed compensation with a fresh budget.
+    CompensationRetryRequested {
+        step: String,
+    },
+    SagaCompleted,
+    SagaCompensated,
+}
+
+impl SagaEvent {
+    /// The `type` tag, as it appears in JSON and in the routing key on the events exchange.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SagaEvent::SagaStarted { .. } => "saga_started",
+            SagaEvent::CommandSent { .. } => "command_sent",
+            SagaEvent::StepCompleted { .. } => "step_completed",
+            SagaEvent::StepFailed { .. } => "step_failed",
+            SagaEvent::AttemptFailed { .. } => "attempt_failed",
+            SagaEvent::AttemptTimedOut { .. } => "attempt_timed_out",
+            SagaEvent::RetryScheduled { .. } => "retry_scheduled",
+            SagaEvent::DeadlineExceeded => "deadline_exceeded",
+            SagaEvent::AbortRequested { .. } => "abort_requested",
+            SagaEvent::CompensationStarted { .. } => "compensation_started",
+            SagaEvent::StepCompensated { .. } => "step_compensated",
+            SagaEvent::CompensationFailed { .. } => "compensation_failed",
+            SagaEvent::CompensationRetryRequested { .. } => "compensation_retry_requested",
+            SagaEvent::SagaCompleted => "saga_completed",
+            SagaEvent::SagaCompensated => "saga_compensated",
+        }
+    }
+}
+
+/// One recorded event with its place in the saga's log, as published on the events exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EventEnvelope {
+    pub saga_id: Uuid,
+    pub saga_name: String,
+    /// Position in the saga's log, from 1, without gaps.
+    pub seq: u64,
+    pub recorded_at: DateTime<Utc>,
+    pub event: SagaEvent,
+}
+
+/// The status of a saga. Stable: API clients and dashboards depend on these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Executing steps forward.
+    Running,
+    /// Undoing completed steps in reverse order.
+    Compensating,
+    /// Every step succeeded. Final.
+    Completed,
+    /// Every completed step was undone. Final.
+    Compensated,
+    /// A compensation could not be done; waits for an operator.
+    CompensationFailed,
+}
+
+impl SagaStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated => "compensated",
+            SagaStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+
+    /// No further move without an operator.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::CompensationFailed
+        )
+    }
+}
+
+impl std::str::FromStr for SagaStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "running" => SagaStatus::Running,
+            "compensating" => SagaStatus::Compensating,
+            "completed" => SagaStatus::Completed,
+            "compensated" => SagaStatus::Compensated,
+            "compensation_failed" => SagaStatus::CompensationFailed,
+            other => return Err(format!("unknown saga status `{other}`")),
+        })
+    }
+}
