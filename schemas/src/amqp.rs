@@ -74,6 +74,14 @@ pub struct OutgoingMessage {
     pub headers: Vec<(String, HeaderValue)>,
     /// JSON text of the message.
     pub body: String,
+    /// Whether the broker must route it to a queue (else the publish fails). Commands and
+    /// replies must arrive; lifecycle events go to whoever subscribed, possibly no one.
+    #[serde(default = "yes")]
+    pub mandatory: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn json(value: &impl serde::Serialize) -> String {
@@ -119,6 +127,7 @@ impl OutgoingMessage {
             reply_to: Some(reply_to.into()),
             headers,
             body: json(cmd),
+            mandatory: true,
         }
     }
 
@@ -147,6 +156,7 @@ impl OutgoingMessage {
             reply_to: None,
             headers,
             body: json(reply),
+            mandatory: true,
         }
     }
 
@@ -166,6 +176,7 @@ impl OutgoingMessage {
             reply_to: None,
             headers,
             body: json(envelope),
+            mandatory: false,
         }
     }
 }

@@ -22,6 +22,10 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print one saga as a Mermaid flowchart: its steps, failures and compensations.
     Graph(GraphArgs),
+    /// Run the orchestrator: drive sagas over RabbitMQ, serve the HTTP API.
+    Run(RunArgs),
+    /// Rebuild the read model (the `sagas` table) from the event log alone.
+    Rebuild(RebuildArgs),
 }
 
 impl Command {
@@ -29,6 +33,8 @@ impl Command {
         match self {
             Command::Validate(args) => commands::validate::run(args),
             Command::Graph(args) => commands::graph::run(args),
+            Command::Run(args) => commands::run::run(args),
+            Command::Rebuild(args) => commands::rebuild::run(args),
         }
     }
 }
@@ -48,6 +54,40 @@ pub struct GraphArgs {
     /// The saga to draw.
     #[arg(long, value_name = "NAME")]
     pub saga: String,
+}
+
+/// Where the saga state lives. SQLite (a file in the working directory) is the embedded
+/// default; use PostgreSQL in production.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The saga definition file.
+    #[arg(long, env = "SAGA_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+    /// The RabbitMQ broker.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// `sqlite://FILE?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Address of the HTTP API.
+    #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http: std::net::SocketAddr,
+    /// Connection name shown in the RabbitMQ management UI (default: orchestrator@HOST:PID).
+    #[arg(long, env = "CONNECTION_NAME")]
+    pub connection_name: Option<String>,
+    /// Unacknowledged replies the orchestrator may hold at once.
+    #[arg(long, env = "PREFETCH", default_value_t = 256)]
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// The database whose read model to rebuild.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
 }
 
 #[cfg(test)]

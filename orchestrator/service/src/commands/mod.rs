@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
 pub mod graph;
+pub mod rebuild;
+pub mod run;
 pub mod validate;

@@ -1,0 +1,546 @@
+//! `saga-bench`: runs N sagas of a K-step definition against no-op participants with C in
+//! flight, and in the same run measures the raw broker round trip (a persistent, confirmed
+//! publish, consumed, answered the same way, acked) at the same concurrency, so the ratio of
+//! the two means something on a noisy machine.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures_util::StreamExt;
+use orchestrator::runtime::Runtime;
+use orchestrator::service::{ServiceConfig, serve_runtime};
+use orchestrator::store::Store;
+use saga_amqp::lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use saga_amqp::lapin::types::FieldTable;
+use saga_amqp::{OutgoingMessage, Publisher};
+use saga_engine::Definitions;
+use saga_participant::sea_orm::{ConnectionTrait, Database};
+use saga_participant::{Participant, SdkConfig, success};
+use saga_schemas::{EventEnvelope, SagaEvent};
+use serde_json::json;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "saga-bench",
+    about = "Saga throughput and latency against the raw broker round trip"
+)]
+struct Args {
+    /// Sagas to run (after a short warm-up).
+    #[arg(long, default_value_t = 2000)]
+    sagas: usize,
+    /// Steps per saga, one no-op participant each.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Sagas (and raw round trips) in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// The broker. Use a vhost of its own: the benchmark declares the usual topology there.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// `postgres://...` (a fresh database is created on that server and dropped afterwards), or
+    /// empty for SQLite files in a temporary directory.
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "")]
+    database_url: String,
+    /// Unacknowledged commands each participant handles at once.
+    #[arg(long, default_value_t = 64)]
+    participant_prefetch: u16,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orchestrator::telemetry::init();
+    let args = Args::parse();
+    if args.sagas == 0 || args.steps == 0 || args.concurrency == 0 {
+        bail!("--sagas, --steps and --concurrency must be at least 1");
+    }
+    let databases = Databases::create(&args.database_url, args.steps).await?;
+    let shutdown = CancellationToken::new();
+    let result = run(&args, &databases, shutdown.clone()).await;
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    databases.drop_all().await;
+    result
+}
+
+async fn run(
+    args: &Args,
+    databases: &Databases,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let saga = format!("bench-k{}", args.steps);
+    let definitions = Definitions::parse("bench.yaml", &definition_yaml(&saga, args.steps))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let participants: Vec<String> = (0..args.steps).map(|i| format!("bench-p{i}")).collect();
+
+    // Topology first, so the completion subscription has an exchange to bind to.
+    let conn = saga_amqp::connect(&args.amqp_url, "saga-bench driver").await?;
+    let channel = conn.create_channel().await?;
+    let names: Vec<&str> = participants.iter().map(String::as_str).collect();
+    saga_amqp::declare_orchestrator_topology(&channel, &names).await?;
+
+    let store = Store::connect(&databases.orchestrator).await?;
+    let runtime = Runtime::new(definitions, store)?;
+    let config = ServiceConfig {
+        amqp_url: args.amqp_url.clone(),
+        database_url: databases.orchestrator.clone(),
+        http: "127.0.0.1:0".parse()?,
+        connection_name: "saga-bench orchestrator".into(),
+        prefetch: 256,
+    };
+    let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
+    for (i, name) in participants.iter().enumerate() {
+        let participant = Participant::new(name.clone())
+            .action("work", |_, _| Box::pin(async { Ok(success(json!({}))) }))
+            .compensation("undo", |_, _| Box::pin(async { Ok(success(json!({}))) }));
+        let mut sdk = SdkConfig::new(name);
+        sdk.amqp_url = args.amqp_url.clone();
+        sdk.database_url = databases.participants[i].0.clone();
+        sdk.database_schema = databases.participants[i].1.clone();
+        sdk.prefetch = args.participant_prefetch;
+        tokio::spawn(participant.run(sdk, shutdown.clone()));
+    }
+
+    let warmup = (args.sagas / 10).clamp(args.concurrency.min(args.sagas), 200);
+    let tracker = Tracker::subscribe(&channel, &saga).await?;
+    drive(&runtime, &tracker, &saga, warmup, args.concurrency).await?;
+    let measured = drive(&runtime, &tracker, &saga, args.sagas, args.concurrency).await?;
+    shutdown.cancel();
+    service.await.ok();
+
+    let raw = raw_round_trips(
+        &args.amqp_url,
+        args.sagas * args.steps,
+        args.concurrency,
+        args.participant_prefetch,
+    )
+    .await?;
+
+    let sagas_per_s = args.sagas as f64 / measured.elapsed.as_secs_f64();
+    let steps_per_s = sagas_per_s * args.steps as f64;
+    let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
+    println!(
+        "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}",
+        args.sagas,
+        args.steps,
+        args.concurrency,
+        databases.kind,
+        redact(&args.amqp_url)
+    );
+    println!("  sagas/s            {sagas_per_s:>10.1}");
+    println!("  steps/s            {steps_per_s:>10.1}");
+    println!(
+        "  saga latency       p50 {:>7.1} ms   p99 {:>7.1} ms",
+        ms(percentile(&measured.latencies, 50.0)),
+        ms(percentile(&measured.latencies, 99.0))
+    );
+    println!(
+        "  raw round trips/s  {raw_per_s:>10.1}   (persistent, confirmed both ways, {} in flight)",
+        args.concurrency
+    );
+    println!(
+        "  raw round trip     p50 {:>7.1} ms   p99 {:>7.1} ms",
+        ms(percentile(&raw.latencies, 50.0)),
+        ms(percentile(&raw.latencies, 99.0))
+    );
+    println!(
+        "  ratio steps/s : raw round trips/s = {:.2}",
+        steps_per_s / raw_per_s
+    );
+    if measured.not_completed > 0 {
+        bail!("{} sagas did not complete", measured.not_completed);
+    }
+    Ok(())
+}
+
+fn definition_yaml(saga: &str, steps: usize) -> String {
+    let mut yaml = format!("sagas:\n  - name: {saga}\n    steps:\n");
+    for i in 0..steps {
+        yaml += &format!(
+            "      - name: step-{i}\n        participant: bench-p{i}\n        action: work\n        compensation: undo\n        timeout: 60s\n"
+        );
+    }
+    yaml
+}
+
+struct Measured {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    not_completed: usize,
+}
+
+/// Completion times of sagas, from the events exchange.
+#[derive(Clone)]
+struct Tracker {
+    inner: Arc<Mutex<TrackerState>>,
+    done: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    started: HashMap<Uuid, Instant>,
+    /// Finished before `start` returned to us.
+    early: HashMap<Uuid, (Instant, bool)>,
+    finished: Vec<(Duration, bool)>,
+}
+
+impl Tracker {
+    async fn subscribe(channel: &saga_amqp::lapin::Channel, saga: &str) -> anyhow::Result<Self> {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for kind in ["saga_completed", "saga_compensated", "compensation_failed"] {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    saga_schemas::amqp::EVENTS_EXCHANGE.into(),
+                    format!("{saga}.{kind}").into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "saga-bench tracker".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let tracker = Tracker {
+            inner: Arc::default(),
+            done: Arc::new(Semaphore::new(0)),
+        };
+        let t = tracker.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let now = Instant::now();
+                let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&delivery.data) else {
+                    continue;
+                };
+                let completed = matches!(envelope.event, SagaEvent::SagaCompleted);
+                let mut state = t.inner.lock().expect("tracker lock");
+                match state.started.remove(&envelope.saga_id) {
+                    Some(start) => state.finished.push((now - start, completed)),
+                    None => {
+                        state.early.insert(envelope.saga_id, (now, completed));
+                        continue;
+                    }
+                }
+                drop(state);
+                t.done.add_permits(1);
+            }
+        });
+        Ok(tracker)
+    }
+
+    fn started(&self, id: Uuid, at: Instant) {
+        let mut state = self.inner.lock().expect("tracker lock");
+        match state.early.remove(&id) {
+            Some((end, completed)) => {
+                state.finished.push((end - at, completed));
+                drop(state);
+                self.done.add_permits(1);
+            }
+            None => {
+                state.started.insert(id, at);
+            }
+        }
+    }
+}
+
+async fn drive(
+    runtime: &Runtime,
+    tracker: &Tracker,
+    saga: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Measured> {
+    tracker.inner.lock().expect("tracker lock").finished.clear();
+    let begin = Instant::now();
+    let mut in_flight = 0usize;
+    for i in 0..n {
+        if in_flight == concurrency {
+            tracker.done.acquire().await?.forget();
+            in_flight -= 1;
+        }
+        let at = Instant::now();
+        let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
+        let started = runtime
+            .start(saga, input, None)
+            .await
+            .context("start a saga")?;
+        tracker.started(started.saga_id, at);
+        in_flight += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while in_flight > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, tracker.done.acquire()).await {
+            Ok(permit) => permit?.forget(),
+            Err(_) => break,
+        }
+        in_flight -= 1;
+    }
+    let elapsed = begin.elapsed();
+    let finished = std::mem::take(&mut tracker.inner.lock().expect("tracker lock").finished);
+    let not_completed = in_flight + finished.iter().filter(|(_, completed)| !completed).count();
+    Ok(Measured {
+        elapsed,
+        latencies: finished.into_iter().map(|(d, _)| d).collect(),
+        not_completed,
+    })
+}
+
+struct RawResult {
+    count: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// Request and reply through two durable queues, persistent and confirmed both ways, the
+/// responder acking each request after its reply is confirmed: the broker cost of one step.
+async fn raw_round_trips(
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    prefetch: u16,
+) -> anyhow::Result<RawResult> {
+    const REQUESTS: &str = "saga-bench.raw.requests";
+    const REPLIES: &str = "saga-bench.raw.replies";
+    let driver = saga_amqp::connect(url, "saga-bench raw driver").await?;
+    let responder = saga_amqp::connect(url, "saga-bench raw responder").await?;
+    let setup = driver.create_channel().await?;
+    for queue in [REQUESTS, REPLIES] {
+        setup
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        setup.queue_purge(queue.into(), Default::default()).await?;
+    }
+
+    // Responder: consume a request, publish the reply (confirmed), ack the request.
+    let responder_publisher = Publisher::open(&responder).await?;
+    let (_rc, mut requests) =
+        saga_amqp::open_consumer(&responder, REQUESTS, "raw responder", prefetch).await?;
+    let respond = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = requests.next().await {
+            let publisher = responder_publisher.clone();
+            tokio::spawn(async move {
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .and_then(|m| Uuid::parse_str(m.as_str()).ok())
+                    .unwrap_or_default();
+                if publisher.publish(&message(REPLIES, id)).await.is_ok() {
+                    saga_amqp::ack(&delivery).await.ok();
+                }
+            });
+        }
+    });
+
+    // Driver: replies are matched to their waiting request by message id.
+    let waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>> = Arc::default();
+    let (_dc, mut replies) = saga_amqp::open_consumer(
+        &driver,
+        REPLIES,
+        "raw driver",
+        prefetch.max(concurrency as u16),
+    )
+    .await?;
+    let w = waiting.clone();
+    let collect = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = replies.next().await {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|m| Uuid::parse_str(m.as_str()).ok())
+                .unwrap_or_default();
+            saga_amqp::ack(&delivery).await.ok();
+            if let Some(tx) = w.lock().expect("waiting lock").remove(&id) {
+                tx.send(()).ok();
+            }
+        }
+    });
+    let publisher = Publisher::open(&driver).await?;
+    let per_worker = count.div_ceil(concurrency);
+    let begin = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let publisher = publisher.clone();
+        let waiting = waiting.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_worker);
+            for _ in 0..per_worker {
+                let id = Uuid::new_v4();
+                let (tx, rx) = oneshot::channel();
+                waiting.lock().expect("waiting lock").insert(id, tx);
+                let at = Instant::now();
+                publisher.publish(&message(REQUESTS, id)).await?;
+                tokio::time::timeout(Duration::from_secs(30), rx).await??;
+                latencies.push(at.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(per_worker * concurrency);
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = begin.elapsed();
+    respond.abort();
+    collect.abort();
+    for queue in [REQUESTS, REPLIES] {
+        setup
+            .queue_delete(queue.into(), Default::default())
+            .await
+            .ok();
+    }
+    driver.close(200, "done".into()).await.ok();
+    responder.close(200, "done".into()).await.ok();
+    Ok(RawResult {
+        count: latencies.len(),
+        elapsed,
+        latencies,
+    })
+}
+
+fn message(queue: &str, id: Uuid) -> OutgoingMessage {
+    OutgoingMessage {
+        exchange: String::new(),
+        routing_key: queue.into(),
+        message_id: id,
+        correlation_id: Some(id),
+        message_type: "saga-bench.raw".into(),
+        reply_to: None,
+        headers: Vec::new(),
+        // About the size of a step command.
+        body: json!({"payload": "x".repeat(300)}).to_string(),
+        mandatory: true,
+    }
+}
+
+/// The orchestrator's and each participant's database (URL, optional schema).
+struct Databases {
+    kind: String,
+    orchestrator: String,
+    participants: Vec<(String, Option<String>)>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Directory(std::path::PathBuf),
+    Postgres { admin_url: String, database: String },
+}
+
+impl Databases {
+    async fn create(url: &str, steps: usize) -> anyhow::Result<Self> {
+        if url.is_empty() || url.starts_with("sqlite:") {
+            let dir = std::env::temp_dir().join(format!("saga-bench-{}", Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir)?;
+            let file = |name: &str| {
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.join(format!("{name}.db")).display()
+                )
+            };
+            return Ok(Databases {
+                kind: "sqlite (one file per service)".into(),
+                orchestrator: file("orchestrator"),
+                participants: (0..steps).map(|i| (file(&format!("p{i}")), None)).collect(),
+                cleanup: Cleanup::Directory(dir),
+            });
+        }
+        let database = format!("saga_bench_{}", Uuid::new_v4().simple());
+        let admin = Database::connect(url)
+            .await
+            .context("connect to PostgreSQL")?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {database}"))
+            .await?;
+        admin.close().await.ok();
+        let (base, _) = url
+            .rsplit_once('/')
+            .context("a PostgreSQL URL ends in /DATABASE")?;
+        let own = format!("{base}/{database}");
+        Ok(Databases {
+            kind: "postgresql (schema per participant)".into(),
+            orchestrator: own.clone(),
+            participants: (0..steps)
+                .map(|i| (own.clone(), Some(format!("bench_p{i}"))))
+                .collect(),
+            cleanup: Cleanup::Postgres {
+                admin_url: url.to_owned(),
+                database,
+            },
+        })
+    }
+
+    async fn drop_all(&self) {
+        match &self.cleanup {
+            Cleanup::Directory(dir) => {
+                std::fs::remove_dir_all(dir).ok();
+            }
+            Cleanup::Postgres {
+                admin_url,
+                database,
+            } => {
+                if let Ok(admin) = Database::connect(admin_url).await {
+                    admin
+                        .execute_unprepared(&format!(
+                            "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
+                        ))
+                        .await
+                        .ok();
+                }
+            }
+        }
+    }
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn redact(url: &str) -> String {
+    orchestrator::service::redact(url)
+}

@@ -1,0 +1,49 @@
+//! `orchestrator run`: the service.
+
+use anyhow::Context;
+use orchestrator::service::{self, ServiceConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::cli::RunArgs;
+use crate::definitions;
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    orchestrator::telemetry::init();
+    let definitions = definitions::load(std::slice::from_ref(&args.config))?;
+    let connection_name = args
+        .connection_name
+        .unwrap_or_else(|| service::default_connection_name("orchestrator"));
+    let config = ServiceConfig {
+        amqp_url: args.amqp_url,
+        database_url: args.database_url,
+        http: args.http,
+        connection_name,
+        prefetch: args.prefetch,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        info!(sagas = definitions.sagas.len(), config = %args.config.display(), "starting");
+        service::serve(definitions, config, shutdown).await
+    })
+}
+
+/// SIGTERM or Ctrl-C: stop consuming, let in-flight work commit, then exit.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.ok();
+    info!("shutdown requested");
+    shutdown.cancel();
+}

@@ -1,0 +1,18 @@
+//! The saga orchestrator service: the IO around the pure engine (`saga-engine`).
+//!
+//! - [`runtime`]: load state, decide, commit — the one place a saga moves;
+//! - [`store`]: the event log, read model, outbox, inbox and timers in SQL (sea-orm);
+//! - [`relay`]: publishes committed outbox rows with publisher confirms;
+//! - [`consumers`]: the replies and start queues;
+//! - [`timers`]: fires due step timeouts, retries and deadlines;
+//! - [`api`]: the HTTP API;
+//! - [`service`]: wires them together for `orchestrator run`.
+
+pub mod api;
+pub mod consumers;
+pub mod relay;
+pub mod runtime;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod timers;

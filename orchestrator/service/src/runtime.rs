@@ -1,0 +1,394 @@
+//! The decision loop around the pure engine: load state, decide, commit everything the
+//! decision implies in one transaction. Every input to a saga (start, reply, timer, operator
+//! command) goes through here, so this is the one place where a saga moves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use saga_engine::{
+    Decision, Definitions, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, decide,
+};
+use saga_schemas::amqp::{OutgoingMessage, REPLIES_QUEUE};
+use saga_schemas::{Data, EventEnvelope, SagaEvent};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::store::{Commit, Store, StoreError};
+
+/// How often a decision is retried when another writer advanced the saga first.
+const CONFLICT_RETRIES: usize = 8;
+
+/// Namespace of event message ids: one stable id per (saga, seq).
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x8b1e_4d2c_7a3f_4e9b_a6c1_5d2e_3f4a_5b6c);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no saga named `{0}` is defined")]
+    UnknownSaga(String),
+    #[error("the input does not match the saga's input_schema: {0}")]
+    InvalidInput(String),
+    #[error("no saga with id {0}")]
+    NotFound(Uuid),
+    #[error("saga {saga_id} runs `{name}`, which is no longer defined")]
+    DefinitionGone { saga_id: Uuid, name: String },
+    #[error("the saga kept changing under us; try again")]
+    Contended,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One input for one saga, with what must be recorded alongside it.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub saga_id: Uuid,
+    pub input: Input,
+    /// The message id of the reply that carried it, recorded in the inbox.
+    pub inbox_id: Option<Uuid>,
+    /// The timer that fired, deleted in the same transaction.
+    pub fired_timer: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub saga_id: Uuid,
+    /// False when an earlier request with the same idempotency key started it.
+    pub created: bool,
+}
+
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    definitions: Definitions,
+    input_validators: HashMap<String, jsonschema::Validator>,
+    store: Store,
+    relay_wake: Notify,
+}
+
+impl Runtime {
+    pub fn new(definitions: Definitions, store: Store) -> Result<Self, RuntimeError> {
+        let mut input_validators = HashMap::new();
+        for saga in &definitions.sagas {
+            if let Some(schema) = &saga.input_schema {
+                let validator = jsonschema::validator_for(schema).map_err(|e| {
+                    RuntimeError::InvalidInput(format!(
+                        "saga `{}`: input_schema is not a valid JSON Schema: {e}",
+                        saga.name
+                    ))
+                })?;
+                input_validators.insert(saga.name.clone(), validator);
+            }
+        }
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                definitions,
+                input_validators,
+                store,
+                relay_wake: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn definitions(&self) -> &Definitions {
+        &self.inner.definitions
+    }
+
+    /// Woken after every commit that wrote outbox rows.
+    pub fn relay_wake(&self) -> &Notify {
+        &self.inner.relay_wake
+    }
+
+    fn definition(&self, name: &str) -> Option<&SagaDefinition> {
+        self.inner.definitions.get(name)
+    }
+
+    /// Starts a saga, or returns the one an earlier request with the same key started.
+    pub async fn start(
+        &self,
+        name: &str,
+        input: Data,
+        idempotency_key: Option<String>,
+    ) -> Result<Started, RuntimeError> {
+        let def = self
+            .definition(name)
+            .ok_or_else(|| RuntimeError::UnknownSaga(name.to_owned()))?;
+        if let Some(validator) = self.inner.input_validators.get(name) {
+            let value = serde_json::Value::Object(input.clone());
+            let problems: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| {
+                    let path = e.instance_path().to_string();
+                    if path.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{path}: {e}")
+                    }
+                })
+                .collect();
+            if !problems.is_empty() {
+                return Err(RuntimeError::InvalidInput(problems.join("; ")));
+            }
+        }
+        if let Some(key) = &idempotency_key
+            && let Some(saga_id) = self.inner.store.saga_by_idempotency_key(name, key).await?
+        {
+            return Ok(Started {
+                saga_id,
+                created: false,
+            });
+        }
+        let saga_id = Uuid::new_v4();
+        let now = Utc::now();
+        let decision = decide(
+            def,
+            None,
+            &Input::Start {
+                saga_id,
+                input,
+                business_key: None,
+            },
+            now,
+        );
+        let work = Work {
+            saga_id,
+            input: Input::Start {
+                saga_id,
+                input: Data::new(),
+                business_key: None,
+            },
+            inbox_id: None,
+            fired_timer: None,
+        };
+        let mut commit = self.commit_for(Some(def), &work, 0, &decision, now);
+        commit.idempotency_key = idempotency_key.clone();
+        match self.inner.store.commit(std::slice::from_ref(&commit)).await {
+            Ok(outbox) => {
+                info!(%saga_id, saga = name, "saga started");
+                self.after_commit(std::slice::from_ref(&commit), outbox);
+                Ok(Started {
+                    saga_id,
+                    created: true,
+                })
+            }
+            Err(e) if matches!(e.error, StoreError::Duplicate) => {
+                // A concurrent request with the same key won the race.
+                let key = idempotency_key.expect("only keyed starts can be duplicates");
+                let saga_id = self
+                    .inner
+                    .store
+                    .saga_by_idempotency_key(name, &key)
+                    .await?
+                    .ok_or(RuntimeError::Contended)?;
+                Ok(Started {
+                    saga_id,
+                    created: false,
+                })
+            }
+            Err(e) => Err(e.error.into()),
+        }
+    }
+
+    /// An operator command on one saga.
+    pub async fn operate(
+        &self,
+        saga_id: Uuid,
+        command: OperatorCommand,
+    ) -> Result<Outcome, RuntimeError> {
+        if self.inner.store.load(saga_id).await?.is_none() {
+            return Err(RuntimeError::NotFound(saga_id));
+        }
+        let work = Work {
+            saga_id,
+            input: Input::Operator(command),
+            inbox_id: None,
+            fired_timer: None,
+        };
+        self.handle_one(&work).await
+    }
+
+    /// Decides and commits a batch of inputs in ONE transaction (group commit). When that
+    /// transaction fails (a concurrent writer, a duplicate), each input is retried alone.
+    pub async fn handle(&self, batch: &[Work]) -> Vec<Result<Outcome, RuntimeError>> {
+        if batch.len() == 1 {
+            return vec![self.handle_one(&batch[0]).await];
+        }
+        match self.try_batch(batch).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(error) => {
+                debug!(%error, size = batch.len(), "group commit failed; handling one by one");
+                let mut results = Vec::with_capacity(batch.len());
+                for work in batch {
+                    results.push(self.handle_one(work).await);
+                }
+                results
+            }
+        }
+    }
+
+    async fn try_batch(&self, batch: &[Work]) -> Result<Vec<Outcome>, RuntimeError> {
+        let ids: Vec<Uuid> = batch.iter().map(|w| w.saga_id).collect();
+        let mut states = self.inner.store.load_many(&ids).await?;
+        let now = Utc::now();
+        let mut commits: Vec<Commit> = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // Several inputs for one saga in a batch: each decides on the state the previous one
+        // left, and its commit expects that version, so the store accepts them in order.
+        for work in batch {
+            let state = states.get(&work.saga_id);
+            let (decision, def) = self.decide_for(work, state, now)?;
+            let expected = state.map_or(0, |s| s.version);
+            commits.push(self.commit_for(def, work, expected, &decision, now));
+            outcomes.push(decision.outcome);
+            if let Some(state) = decision.state {
+                states.insert(work.saga_id, state);
+            }
+        }
+        let outbox = self
+            .inner
+            .store
+            .commit(&commits)
+            .await
+            .map_err(|e| RuntimeError::Store(e.error))?;
+        self.after_commit(&commits, outbox);
+        Ok(outcomes)
+    }
+
+    async fn handle_one(&self, work: &Work) -> Result<Outcome, RuntimeError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let state = self.inner.store.load(work.saga_id).await?;
+            let now = Utc::now();
+            let (decision, def) = self.decide_for(work, state.as_ref(), now)?;
+            let expected = state.as_ref().map_or(0, |s| s.version);
+            let commit = self.commit_for(def, work, expected, &decision, now);
+            match self.inner.store.commit(std::slice::from_ref(&commit)).await {
+                Ok(outbox) => {
+                    self.after_commit(std::slice::from_ref(&commit), outbox);
+                    return Ok(decision.outcome);
+                }
+                Err(e) => match e.error {
+                    StoreError::Conflict => continue,
+                    // Already handled by this or another orchestrator.
+                    StoreError::Duplicate => {
+                        return Ok(Outcome::Ignored("duplicate message".into()));
+                    }
+                    other => return Err(other.into()),
+                },
+            }
+        }
+        Err(RuntimeError::Contended)
+    }
+
+    fn decide_for<'a>(
+        &'a self,
+        work: &Work,
+        state: Option<&SagaState>,
+        now: DateTime<Utc>,
+    ) -> Result<(Decision, Option<&'a SagaDefinition>), RuntimeError> {
+        let Some(state) = state else {
+            let decision = Decision {
+                outcome: Outcome::Ignored("unknown saga".into()),
+                events: Vec::new(),
+                commands: Vec::new(),
+                timers: Vec::new(),
+                state: None,
+            };
+            return Ok((decision, None));
+        };
+        let def =
+            self.definition(&state.saga_name)
+                .ok_or_else(|| RuntimeError::DefinitionGone {
+                    saga_id: work.saga_id,
+                    name: state.saga_name.clone(),
+                })?;
+        if def.version != state.definition_version {
+            warn!(saga_id = %work.saga_id, started_with = %state.definition_version, now = %def.version,
+                "the saga's definition changed since it started; continuing with the current one");
+        }
+        let decision = decide(def, Some(state), &work.input, now);
+        match &decision.outcome {
+            Outcome::Applied => {
+                debug!(saga_id = %work.saga_id, events = ?decision.events.iter().map(SagaEvent::kind).collect::<Vec<_>>(), "decided")
+            }
+            Outcome::Ignored(why) => debug!(saga_id = %work.saga_id, why, "input ignored"),
+            Outcome::Rejected(why) => {
+                info!(saga_id = %work.saga_id, why, "operator command rejected")
+            }
+        }
+        Ok((decision, Some(def)))
+    }
+
+    /// What a decision writes: its events, the new state, commands and lifecycle events in the
+    /// outbox, timer changes, and the record that `work` was handled.
+    fn commit_for(
+        &self,
+        def: Option<&SagaDefinition>,
+        work: &Work,
+        expected_version: u64,
+        decision: &Decision,
+        now: DateTime<Utc>,
+    ) -> Commit {
+        let saga_id = work.saga_id;
+        let mut commit = Commit {
+            expected_version,
+            inbox_id: work.inbox_id,
+            fired_timer: work.fired_timer.clone(),
+            ..Commit::empty(saga_id, now)
+        };
+        let Some(def) = def else {
+            return commit;
+        };
+        for command in &decision.commands {
+            let participant = def
+                .step(&command.step)
+                .map(|(_, s)| s.participant.as_str())
+                .unwrap_or_default();
+            commit.outbox.push(OutgoingMessage::command(
+                command,
+                participant,
+                REPLIES_QUEUE,
+            ));
+        }
+        for (seq, event) in (expected_version + 1..).zip(&decision.events) {
+            let envelope = EventEnvelope {
+                saga_id,
+                saga_name: def.name.clone(),
+                seq,
+                recorded_at: now,
+                event: event.clone(),
+            };
+            let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{saga_id}/{seq}").as_bytes());
+            commit.outbox.push(OutgoingMessage::event(&envelope, id));
+        }
+        commit.events = decision.events.clone();
+        commit.state = decision.state.clone();
+        commit.timers = decision.timers.clone();
+        commit
+    }
+
+    fn after_commit(&self, commits: &[Commit], outbox_rows: usize) {
+        for commit in commits {
+            for event in &commit.events {
+                match event {
+                    SagaEvent::SagaCompleted
+                    | SagaEvent::SagaCompensated
+                    | SagaEvent::CompensationFailed { .. }
+                    | SagaEvent::CompensationStarted { .. } => {
+                        info!(saga_id = %commit.saga_id, event = event.kind(), "saga {}", event.kind().replace('_', " "))
+                    }
+                    _ => debug!(saga_id = %commit.saga_id, event = event.kind(), "recorded"),
+                }
+            }
+        }
+        if outbox_rows > 0 {
+            self.inner.relay_wake.notify_one();
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Schema migrations (sea-orm-migration), applied by `Store::connect`.
+//!
+//! Each migration is written against its own identifiers, not the entities, so it keeps
+//! meaning the same thing when the entities change later. Every statement is idempotent
+//! (`IF NOT EXISTS`) and `Store::connect` runs the migrator inside one transaction, holding
+//! an advisory lock on PostgreSQL, so several processes starting at once are safe.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001CreateTables)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum SagaEvents {
+    Table,
+    SagaId,
+    Seq,
+    EventType,
+    Payload,
+    RecordedAt,
+}
+
+#[derive(DeriveIden)]
+enum Sagas {
+    Table,
+    Id,
+    Name,
+    Status,
+    BusinessKey,
+    IdempotencyKey,
+    DefinitionVersion,
+    CurrentStep,
+    Data,
+    State,
+    Version,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Outbox {
+    Table,
+    Id,
+    SagaId,
+    Message,
+    CreatedAt,
+    SentAt,
+}
+
+#[derive(DeriveIden)]
+enum Inbox {
+    Table,
+    MessageId,
+    SagaId,
+    ReceivedAt,
+}
+
+#[derive(DeriveIden)]
+enum Timers {
+    Table,
+    SagaId,
+    TimerKey,
+    DueAt,
+    Timer,
+}
+
+struct M0001CreateTables;
+
+impl MigrationName for M0001CreateTables {
+    fn name(&self) -> &str {
+        "m0001_create_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001CreateTables {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaEvents::Table)
+                    .if_not_exists()
+                    .col(uuid(SagaEvents::SagaId))
+                    .col(big_integer(SagaEvents::Seq))
+                    .col(text(SagaEvents::EventType))
+                    .col(text(SagaEvents::Payload))
+                    .col(timestamp_with_time_zone(SagaEvents::RecordedAt))
+                    .primary_key(Index::create().col(SagaEvents::SagaId).col(SagaEvents::Seq))
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(Sagas::Table)
+                    .if_not_exists()
+                    .col(uuid(Sagas::Id).primary_key())
+                    .col(text(Sagas::Name))
+                    .col(text(Sagas::Status))
+                    .col(text_null(Sagas::BusinessKey))
+                    .col(text_null(Sagas::IdempotencyKey))
+                    .col(text(Sagas::DefinitionVersion))
+                    .col(text_null(Sagas::CurrentStep))
+                    .col(text(Sagas::Data))
+                    .col(text(Sagas::State))
+                    .col(big_integer(Sagas::Version))
+                    .col(timestamp_with_time_zone(Sagas::CreatedAt))
+                    .col(timestamp_with_time_zone(Sagas::UpdatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        // NULL keys are distinct on both backends: sagas without a key never collide.
+        manager
+            .create_index(
+                Index::create()
+                    .name("sagas_name_idempotency_key")
+                    .table(Sagas::Table)
+                    .col(Sagas::Name)
+                    .col(Sagas::IdempotencyKey)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        // Keyset paging, newest first: ORDER BY created_at DESC, id DESC.
+        manager
+            .create_index(
+                Index::create()
+                    .name("sagas_created_at_id")
+                    .table(Sagas::Table)
+                    .col((Sagas::CreatedAt, IndexOrder::Desc))
+                    .col((Sagas::Id, IndexOrder::Desc))
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        // Status filters (in-flight sagas, a status page), also paged newest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("sagas_status_created_at_id")
+                    .table(Sagas::Table)
+                    .col(Sagas::Status)
+                    .col((Sagas::CreatedAt, IndexOrder::Desc))
+                    .col((Sagas::Id, IndexOrder::Desc))
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(Outbox::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(Outbox::Id))
+                    .col(uuid(Outbox::SagaId))
+                    .col(text(Outbox::Message))
+                    .col(timestamp_with_time_zone(Outbox::CreatedAt))
+                    .col(timestamp_with_time_zone_null(Outbox::SentAt))
+                    .to_owned(),
+            )
+            .await?;
+        // Partial index: the relay only ever looks for unsent rows, oldest first. sea-query
+        // has no builder for a partial index; this text is valid on both backends.
+        manager
+            .get_connection()
+            .execute_unprepared(
+                r#"CREATE INDEX IF NOT EXISTS "outbox_unsent" ON "outbox" ("id") WHERE "sent_at" IS NULL"#,
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(Inbox::Table)
+                    .if_not_exists()
+                    .col(uuid(Inbox::MessageId).primary_key())
+                    .col(uuid(Inbox::SagaId))
+                    .col(timestamp_with_time_zone(Inbox::ReceivedAt))
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(Timers::Table)
+                    .if_not_exists()
+                    .col(uuid(Timers::SagaId))
+                    .col(text(Timers::TimerKey))
+                    .col(timestamp_with_time_zone(Timers::DueAt))
+                    .col(text(Timers::Timer))
+                    .primary_key(Index::create().col(Timers::SagaId).col(Timers::TimerKey))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("timers_due_at")
+                    .table(Timers::Table)
+                    .col(Timers::DueAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            Timers::Table.into_iden(),
+            Inbox::Table.into_iden(),
+            Outbox::Table.into_iden(),
+            Sagas::Table.into_iden(),
+            SagaEvents::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! What every example binary shares: its command line (each flag also read from the
+//! environment), logging, and shutdown on SIGTERM or ctrl-c.
+
+use clap::{Args, ValueEnum};
+use saga_participant::{CancellationToken, SdkConfig};
+use tracing_subscriber::EnvFilter;
+
+/// The flags every example binary takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// The service's own database: `sqlite://<file>?mode=rwc` or `postgres://...`
+    /// [default: sqlite://<service>.db?mode=rwc].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL only: keep the service's tables in this schema (created if missing).
+    #[arg(long, env = "DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+    /// Commands handled at once (unacknowledged messages in flight).
+    #[arg(long, env = "PREFETCH", default_value_t = saga_participant::DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// The AMQP connection name shown in the management UI [default: <service>@<host>:<pid>].
+    #[arg(long, env = "CONNECTION_NAME")]
+    pub connection_name: Option<String>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Print the service's books (its tables) as JSON on stdout and exit, without connecting to
+    /// the broker.
+    #[arg(long)]
+    pub report: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl CommonArgs {
+    /// The SDK's configuration for `service`, with its defaults filled in.
+    pub fn sdk_config(&self, service: &str) -> SdkConfig {
+        SdkConfig {
+            amqp_url: self.amqp_url.clone(),
+            database_url: self.database_url(service),
+            database_schema: self.database_schema.clone().filter(|s| !s.is_empty()),
+            prefetch: self.prefetch,
+            connection_name: self.connection_name.clone().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The database URL, or `sqlite://<service>.db?mode=rwc`.
+    pub fn database_url(&self, service: &str) -> String {
+        self.database_url
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| saga_participant::default_database_url(service))
+    }
+}
+
+/// Logs to stderr: `RUST_LOG` (default `info`, with `sqlx` at `warn`), text or JSON lines.
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("sqlx=warn".parse().expect("a valid directive"))
+        .add_directive("sea_orm=warn".parse().expect("a valid directive"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// A token cancelled on SIGTERM or ctrl-c (SIGINT).
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("cannot listen for SIGTERM");
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+            tracing::info!("ctrl-c: shutting down");
+        }
+        cancel.cancel();
+    });
+    token
+}
+
+/// The body of every example binary: `--report` prints the books, otherwise the participant
+/// runs until SIGTERM or ctrl-c.
+pub async fn main(
+    service: crate::books::Service,
+    common: &CommonArgs,
+    participant: saga_participant::Participant,
+) -> anyhow::Result<()> {
+    if common.report {
+        let db = saga_participant::connect_database(
+            &common.database_url(service.name()),
+            common.database_schema.as_deref().filter(|s| !s.is_empty()),
+        )
+        .await?;
+        let books = crate::books::read(service, &db).await?;
+        println!("{}", serde_json::to_string_pretty(&books)?);
+        return Ok(());
+    }
+    init_tracing(common.log_format);
+    let shutdown = shutdown_on_signal();
+    participant
+        .run(common.sdk_config(service.name()), shutdown)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

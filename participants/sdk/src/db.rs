@@ -1,0 +1,130 @@
+//! The participant's own database: connecting (SQLite or PostgreSQL with a schema of its own)
+//! and the SDK's de-duplication table, `saga_inbox`.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Schema,
+};
+
+/// Opens the participant's database.
+///
+/// - `sqlite://<file>?mode=rwc`: WAL journal, a busy timeout, and one pooled connection (SQLite
+///   has one writer at a time anyway, so handlers queue for it instead of failing with `BUSY`).
+/// - `postgres://...`: with `schema`, the schema is created if missing and every pooled
+///   connection gets `search_path` set to it, so each participant keeps its tables apart even in
+///   a shared database. Without `schema`, the server's default search path applies.
+pub async fn connect(url: &str, schema: Option<&str>) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(60));
+    if url.starts_with("sqlite:") {
+        if schema.is_some() {
+            tracing::warn!("DATABASE_SCHEMA is ignored for SQLite");
+        }
+        options
+            .max_connections(1)
+            .min_connections(1)
+            .map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(30))
+                    .create_if_missing(true)
+            });
+        return Database::connect(options).await;
+    }
+    if let Some(schema) = schema {
+        check_schema_name(schema)?;
+        create_schema(url, schema).await?;
+        options.set_schema_search_path(schema.to_owned());
+    }
+    options.max_connections(16);
+    Database::connect(options).await
+}
+
+fn check_schema_name(schema: &str) -> Result<(), DbErr> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(DbErr::Custom(format!(
+            "invalid database schema name {schema:?}: use letters, digits and `_`"
+        )))
+    }
+}
+
+async fn create_schema(url: &str, schema: &str) -> Result<(), DbErr> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options.sqlx_logging(false).max_connections(1);
+    let db = Database::connect(options).await?;
+    let result = db
+        .execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .await;
+    if let Err(err) = result {
+        // Two processes creating the same schema at once: one of them gets a unique
+        // violation on pg_namespace although the schema now exists.
+        let exists = db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                [schema.into()],
+            ))
+            .await?
+            .is_some();
+        if !exists {
+            return Err(err);
+        }
+    }
+    db.close().await
+}
+
+/// Creates the SDK's own tables if they do not exist yet. Run by
+/// [`Participant::run`](crate::Participant::run) at start-up; idempotent.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    let schema = Schema::new(db.get_database_backend());
+    let mut table = schema.create_table_from_entity(inbox::Entity);
+    table.if_not_exists();
+    db.execute(&table).await?;
+    Ok(())
+}
+
+/// The de-duplication record of every command handled: one row per (saga, step, direction),
+/// written in the same transaction as the handler's own writes.
+pub mod inbox {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "saga_inbox")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub saga_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub step: String,
+        /// `execute` or `compensate`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub direction: String,
+        /// The action (or compensation) name of the command handled.
+        pub action: String,
+        /// `message_id` of the command that was handled first.
+        pub message_id: String,
+        /// Its attempt number.
+        pub attempt: i32,
+        /// The outcome given, as the JSON of [`saga_schemas::Outcome`]; every later copy of the
+        /// command gets it again.
+        pub outcome: Json,
+        pub handled_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

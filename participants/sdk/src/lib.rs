@@ -1,0 +1,293 @@
+//! The participant SDK: a service that takes part in sagas writes one handler per action and
+//! per compensation; the SDK does the rest of the participant's duties from
+//! `schemas/README.md` ("Writing a participant").
+//!
+//! ```no_run
+//! use saga_participant::sea_orm::ConnectionTrait;
+//! use saga_participant::{CancellationToken, CommandExt, Participant, SdkConfig, failure, success};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Charge { amount: i64 }
+//!
+//! # async fn example() -> Result<(), saga_participant::Error> {
+//! Participant::new("payments")
+//!     .migrations(|db| Box::pin(async move {
+//!         db.execute_unprepared("CREATE TABLE IF NOT EXISTS charges (saga_id TEXT, amount BIGINT)")
+//!             .await?;
+//!         Ok(())
+//!     }))
+//!     .action("charge", |cmd, tx| Box::pin(async move {
+//!         let Ok(charge) = cmd.data_as::<Charge>() else {
+//!             return Ok(failure("no amount"));
+//!         };
+//!         if charge.amount > 100_000 {
+//!             return Ok(failure("card declined")); // a business failure: final
+//!         }
+//!         // Write through `tx`; `?` on a database error makes a retryable error.
+//!         tx.execute_unprepared("INSERT INTO charges VALUES ('..', 0)").await?;
+//!         Ok(success(serde_json::json!({ "payment_id": "P-1" })))
+//!     }))
+//!     .compensation("refund", |cmd, _tx| Box::pin(async move {
+//!         let _payment = cmd.action_output.as_ref().and_then(|o| o.get("payment_id"));
+//!         Ok(success(()))
+//!     }))
+//!     .run(SdkConfig::new("payments"), CancellationToken::new())
+//!     .await
+//! # }
+//! ```
+//!
+//! What the SDK guarantees:
+//!
+//! - It declares its own queue topology (`saga.commands.<name>` and its `.dlq`) at start, so the
+//!   participant can start before the orchestrator, and consumes it with manual acks and a
+//!   bounded prefetch, handling up to `prefetch` commands concurrently.
+//! - **Exactly one effect per (saga, step, direction).** Each handled command is recorded in the
+//!   table `saga_inbox` in the same transaction as the handler's writes. A redelivery or a retry
+//!   (any attempt) of a recorded command does not run the handler again and gets the recorded
+//!   outcome. Retryable errors roll back and are not recorded. Commands for the same saga step
+//!   are serialised (SQLite: one writer; PostgreSQL: an advisory lock per saga step), and the
+//!   inbox's primary key catches anything else.
+//! - **Null compensation.** A compensation whose action never ran here (or failed) succeeds
+//!   without running the handler, and is recorded; the action arriving later is refused with
+//!   the failure `compensated before executed`.
+//! - **Business failures change nothing**: the handler's writes are rolled back (a savepoint)
+//!   and only the failure is recorded.
+//! - It acks a command only after its reply was confirmed by the broker. A message it cannot use
+//!   (bad JSON, missing or unsupported `x-schema-version`, no `reply_to`, unknown action) goes
+//!   to the dead-letter queue with the reason in `x-dead-letter-reason`.
+//! - It reconnects after the broker restarts, and on shutdown (the [`CancellationToken`]) stops
+//!   consuming, lets in-flight commands finish, and returns.
+//! - Every log line about a command carries `saga_id` (a tracing span per command).
+
+mod db;
+mod handler;
+mod process;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sea_orm::{DatabaseConnection, DatabaseTransaction};
+
+pub use db::{connect as connect_database, inbox, migrate as migrate_sdk_tables};
+pub use handler::{
+    CommandExt, Handler, HandlerError, HandlerFuture, MigrationFuture, Migrations, failure, success,
+};
+pub use process::COMPENSATED_BEFORE_EXECUTED;
+pub use saga_schemas::{Data, Direction, Outcome, StepCommand, StepReply};
+pub use sea_orm;
+pub use tokio_util::sync::CancellationToken;
+
+/// Default AMQP URL: a local broker, default vhost.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Default prefetch: unacknowledged commands in flight at once.
+pub const DEFAULT_PREFETCH: u16 = 32;
+
+/// Where the participant connects, and how much it takes on at once.
+#[derive(Debug, Clone)]
+pub struct SdkConfig {
+    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: String,
+    /// The participant's own database: `sqlite://<file>?mode=rwc` or `postgres://...`.
+    pub database_url: String,
+    /// PostgreSQL only: a schema of the participant's own, created if missing and set as the
+    /// `search_path` of every pooled connection.
+    pub database_schema: Option<String>,
+    /// Unacknowledged commands in flight at once (the AMQP prefetch), handled concurrently.
+    pub prefetch: u16,
+    /// The connection name shown in the management UI; `None` for `<participant>@<host>:<pid>`.
+    pub connection_name: Option<String>,
+}
+
+impl SdkConfig {
+    /// The defaults for `participant`: a local broker, SQLite file `<participant>.db` in the
+    /// working directory, prefetch 32.
+    pub fn new(participant: &str) -> Self {
+        SdkConfig {
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            database_url: default_database_url(participant),
+            database_schema: None,
+            prefetch: DEFAULT_PREFETCH,
+            connection_name: None,
+        }
+    }
+}
+
+/// `sqlite://<participant>.db?mode=rwc`.
+pub fn default_database_url(participant: &str) -> String {
+    format!("sqlite://{participant}.db?mode=rwc")
+}
+
+/// `<participant>@<hostname>:<pid>`.
+pub fn default_connection_name(participant: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{participant}@{host}:{}", std::process::id())
+}
+
+/// Why [`Participant::run`] stopped before its shutdown token was cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The participant is set up wrongly (a bad name, no handlers, a bad prefetch).
+    #[error("invalid participant configuration: {0}")]
+    Config(String),
+    /// The database could not be opened or migrated at start-up.
+    #[error("database error at start-up")]
+    Database(#[from] sea_orm::DbErr),
+    /// The broker could not be used in a way that reconnecting does not fix.
+    #[error("AMQP error")]
+    Amqp(#[from] saga_amqp::AmqpError),
+}
+
+/// A participant: a name, handlers, and start-up migrations. Build it, then [`run`](Self::run).
+pub struct Participant {
+    name: String,
+    actions: BTreeMap<String, Arc<dyn Handler>>,
+    compensations: BTreeMap<String, Arc<dyn Handler>>,
+    migrations: Vec<Arc<dyn Migrations>>,
+}
+
+impl Participant {
+    /// A participant consuming `saga.commands.<name>`; `name` is the `participant` of its steps
+    /// in the orchestrator's definition file.
+    pub fn new(name: impl Into<String>) -> Self {
+        Participant {
+            name: name.into(),
+            actions: BTreeMap::new(),
+            compensations: BTreeMap::new(),
+            migrations: Vec::new(),
+        }
+    }
+
+    /// The participant's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Handles commands with `direction: execute` and `action: <name>`, with a closure
+    /// `|cmd, tx| Box::pin(async move { ... })` (see [`Handler`]).
+    pub fn action<F>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: for<'a> Fn(&'a StepCommand, &'a DatabaseTransaction) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.action_handler(name, handler)
+    }
+
+    /// Like [`action`](Self::action), with any [`Handler`] implementation.
+    pub fn action_handler(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
+        self.actions.insert(name.into(), Arc::new(handler));
+        self
+    }
+
+    /// Handles commands with `direction: compensate` and `action: <name>` (the step's
+    /// `compensation` in the definition file). `cmd.action_output` holds what the action
+    /// returned. It runs only if the action succeeded here; otherwise the SDK answers with a
+    /// null compensation itself.
+    pub fn compensation<F>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: for<'a> Fn(&'a StepCommand, &'a DatabaseTransaction) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.compensation_handler(name, handler)
+    }
+
+    /// Like [`compensation`](Self::compensation), with any [`Handler`] implementation.
+    pub fn compensation_handler(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
+        self.compensations.insert(name.into(), Arc::new(handler));
+        self
+    }
+
+    /// Adds a start-up hook creating the participant's own tables (run after the SDK's own, in
+    /// the order added, on every start: make it idempotent).
+    ///
+    /// ```ignore
+    /// .migrations(|db| Box::pin(async move {
+    ///     db.execute_unprepared("CREATE TABLE IF NOT EXISTS ...").await?;
+    ///     Ok(())
+    /// }))
+    /// ```
+    pub fn migrations<F>(self, migrations: F) -> Self
+    where
+        F: for<'a> Fn(&'a DatabaseConnection) -> MigrationFuture<'a> + Send + Sync + 'static,
+    {
+        self.migrations_with(migrations)
+    }
+
+    /// Like [`migrations`](Self::migrations), with any [`Migrations`] implementation (e.g. a
+    /// wrapper around a `sea-orm-migration` migrator).
+    pub fn migrations_with(mut self, migrations: impl Migrations) -> Self {
+        self.migrations.push(Arc::new(migrations));
+        self
+    }
+
+    /// The action names and compensation names this participant handles.
+    pub fn handled_actions(&self) -> (Vec<&str>, Vec<&str>) {
+        (
+            self.actions.keys().map(String::as_str).collect(),
+            self.compensations.keys().map(String::as_str).collect(),
+        )
+    }
+
+    /// Opens and migrates the database, then consumes commands until `shutdown` is cancelled,
+    /// reconnecting to the broker whenever the connection is lost. Returns `Ok(())` after a
+    /// clean shutdown (in-flight commands finished), or an error that reconnecting cannot fix.
+    pub async fn run(self, config: SdkConfig, shutdown: CancellationToken) -> Result<(), Error> {
+        self.validate(&config)?;
+        let db = db::connect(&config.database_url, config.database_schema.as_deref()).await?;
+        db::migrate(&db).await?;
+        for migrations in &self.migrations {
+            migrations.migrate(&db).await?;
+        }
+        tracing::info!(
+            participant = %self.name,
+            actions = ?self.actions.keys().collect::<Vec<_>>(),
+            compensations = ?self.compensations.keys().collect::<Vec<_>>(),
+            "database ready"
+        );
+        let result = worker::run(Arc::new(self), db.clone(), config, shutdown).await;
+        if let Err(err) = db.close().await {
+            tracing::warn!(error = %err, "closing the database");
+        }
+        result
+    }
+
+    fn validate(&self, config: &SdkConfig) -> Result<(), Error> {
+        let name_ok = !self.name.is_empty()
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return Err(Error::Config(format!(
+                "participant name {:?}: use letters, digits, `.`, `_` and `-`",
+                self.name
+            )));
+        }
+        if self.actions.is_empty() && self.compensations.is_empty() {
+            return Err(Error::Config(format!(
+                "participant {} has no handlers",
+                self.name
+            )));
+        }
+        if config.prefetch == 0 {
+            return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn handler(&self, direction: Direction, action: &str) -> Option<&Arc<dyn Handler>> {
+        match direction {
+            Direction::Execute => self.actions.get(action),
+            Direction::Compensate => self.compensations.get(action),
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The AMQP side: consuming the participant's queue, one task per delivery, replies with
+//! publisher confirms, acks after them, dead-letters, reconnects, graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use saga_amqp::lapin::message::Delivery;
+use saga_amqp::lapin::options::BasicCancelOptions;
+use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
+use saga_schemas::amqp::{REPLIES_QUEUE, command_queue, header};
+use saga_schemas::{StepCommand, StepReply};
+use sea_orm::DatabaseConnection;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::process::{Handled, process};
+use crate::{Error, Participant, SdkConfig, default_connection_name};
+
+/// How long to wait before handing back a command whose reply could not be published while the
+/// channel stayed open (e.g. its `reply_to` queue does not exist), so it does not loop hot.
+const REPUBLISH_DELAY: Duration = Duration::from_secs(1);
+
+struct Context {
+    participant: Arc<Participant>,
+    db: DatabaseConnection,
+    queue: String,
+}
+
+pub(crate) async fn run(
+    participant: Arc<Participant>,
+    db: DatabaseConnection,
+    config: SdkConfig,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let connection_name = config
+        .connection_name
+        .clone()
+        .unwrap_or_else(|| default_connection_name(participant.name()));
+    let ctx = Arc::new(Context {
+        queue: command_queue(participant.name()),
+        participant,
+        db,
+    });
+    // Tasks handling deliveries outlive a lost connection (their database work finishes; the
+    // reply or ack then fails and the broker redelivers), and shutdown waits for all of them.
+    let tasks = TaskTracker::new();
+    let result = saga_amqp::supervise(
+        &config.amqp_url,
+        &connection_name,
+        shutdown.clone(),
+        |conn| {
+            session(
+                conn,
+                ctx.clone(),
+                config.prefetch,
+                connection_name.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+            )
+        },
+    )
+    .await;
+    tasks.close();
+    if !tasks.is_empty() {
+        tracing::info!(in_flight = tasks.len(), "waiting for in-flight commands");
+    }
+    tasks.wait().await;
+    result.map_err(Error::from)
+}
+
+async fn session(
+    conn: saga_amqp::lapin::Connection,
+    ctx: Arc<Context>,
+    prefetch: u16,
+    consumer_tag: String,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) -> Result<(), AmqpError> {
+    let name = ctx.participant.name();
+    let setup = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::amqp("opening the set-up channel", e))?;
+    saga_amqp::declare_participant_topology(&setup, name).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+
+    let publisher = Publisher::open(&conn).await?.with_app_id(name)?;
+    let (channel, mut consumer) =
+        saga_amqp::open_consumer(&conn, &ctx.queue, &consumer_tag, prefetch).await?;
+    tracing::info!(queue = %ctx.queue, prefetch, "consuming commands");
+
+    // A task that finds the connection unusable reports it here, ending the session.
+    let (failed, mut failures) = mpsc::channel::<AmqpError>(1);
+    let session_tasks = TaskTracker::new();
+    let ended = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            Some(error) = failures.recv() => break Err(error),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let task = handle_delivery(ctx.clone(), publisher.clone(), delivery, failed.clone());
+                    tasks.spawn(session_tasks.track_future(task));
+                }
+                Some(Err(error)) => break Err(AmqpError::amqp(format!("consuming {}", ctx.queue), error)),
+                None => break Err(AmqpError::ConnectionLost(format!("the broker cancelled the consumer of {}", ctx.queue))),
+            },
+        }
+    };
+    ended?;
+
+    // Shutdown: no new deliveries; those received but not started go back to the queue when the
+    // channel closes; those being handled finish, reply and ack.
+    tracing::info!(
+        in_flight = session_tasks.len(),
+        "shutting down: no more commands taken"
+    );
+    if let Err(error) = channel
+        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+        .await
+    {
+        tracing::warn!(error = %error, "cancelling the consumer");
+    }
+    session_tasks.close();
+    tokio::select! {
+        () = session_tasks.wait() => {}
+        Some(error) = failures.recv() => {
+            tracing::warn!(error = %error, "an AMQP error during shutdown");
+        }
+    }
+    session_tasks.wait().await;
+    let _ = channel.close(200, "shutting down".into()).await;
+    let _ = publisher.channel().close(200, "shutting down".into()).await;
+    let _ = conn.close(200, "shutting down".into()).await;
+    Ok(())
+}
+
+/// Handles one delivery to the end: decode (or dead-letter), handle, reply, ack.
+async fn handle_delivery(
+    ctx: Arc<Context>,
+    publisher: Publisher,
+    delivery: Delivery,
+    failed: mpsc::Sender<AmqpError>,
+) {
+    let header_saga_id = saga_amqp::header_str(&delivery, header::SAGA_ID)
+        .unwrap_or("")
+        .to_owned();
+    let result = match check(&ctx, &delivery) {
+        Ok((cmd, reply_to)) => {
+            let span = tracing::info_span!(
+                "command",
+                saga_id = %cmd.saga_id,
+                step = %cmd.step,
+                direction = cmd.direction.as_str(),
+                action = %cmd.action,
+                attempt = cmd.attempt,
+            );
+            answer(&ctx, &publisher, &delivery, cmd, reply_to)
+                .instrument(span)
+                .await
+        }
+        Err(reason) => {
+            let span = tracing::warn_span!("dead_letter", saga_id = %header_saga_id);
+            async {
+                tracing::warn!(
+                    delivery_tag = delivery.delivery_tag,
+                    message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+                    %reason,
+                    "dead-lettering a message"
+                );
+                saga_amqp::dead_letter(&publisher, &delivery, &ctx.queue, &reason).await
+            }
+            .instrument(span)
+            .await
+        }
+    };
+    if let Err(error) = result {
+        // The channel or connection is gone (or the broker would not take a dead letter): end
+        // the session so it is rebuilt; unacked deliveries come back.
+        let _ = failed.try_send(error);
+    }
+}
+
+/// Checks and decodes a delivery; `Err` is the reason to dead-letter it.
+fn check(ctx: &Context, delivery: &Delivery) -> Result<(StepCommand, String), String> {
+    let cmd: StepCommand =
+        saga_amqp::decode(delivery).map_err(|e| format!("cannot decode the command: {e}"))?;
+    let reply_to = delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .ok_or_else(|| {
+            format!(
+                "the command has no reply_to property (expected e.g. {REPLIES_QUEUE:?}): nobody to answer"
+            )
+        })?;
+    if reply_to.is_empty() {
+        return Err("the command has an empty reply_to property: nobody to answer".into());
+    }
+    if ctx
+        .participant
+        .handler(cmd.direction, &cmd.action)
+        .is_none()
+    {
+        let (actions, compensations) = ctx.participant.handled_actions();
+        let known = match cmd.direction {
+            saga_schemas::Direction::Execute => actions,
+            saga_schemas::Direction::Compensate => compensations,
+        };
+        return Err(format!(
+            "unknown {} action {:?} for participant {} (it handles: {})",
+            cmd.direction.as_str(),
+            cmd.action,
+            ctx.participant.name(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ));
+    }
+    Ok((cmd, reply_to))
+}
+
+/// Handles a valid command, publishes the reply with a confirm, then acks.
+async fn answer(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    cmd: StepCommand,
+    reply_to: String,
+) -> Result<(), AmqpError> {
+    let handler = ctx
+        .participant
+        .handler(cmd.direction, &cmd.action)
+        .expect("checked before")
+        .clone();
+    let handled = process(&ctx.db, &cmd, handler.as_ref()).await;
+    let recorded = matches!(handled, Handled::Recorded(_));
+    let outcome = handled.outcome();
+    let status = match &outcome {
+        saga_schemas::Outcome::Success { .. } => "success",
+        saga_schemas::Outcome::Failure { .. } => "failure",
+        saga_schemas::Outcome::RetryableError { .. } => "retryable_error",
+    };
+    let reply = StepReply {
+        message_id: uuid::Uuid::new_v4(),
+        in_reply_to: cmd.message_id,
+        saga_id: cmd.saga_id,
+        step: cmd.step.clone(),
+        direction: cmd.direction,
+        attempt: cmd.attempt,
+        outcome,
+    };
+    let message = OutgoingMessage::reply(&reply, &cmd.saga_name, &cmd.action, &reply_to);
+    match publisher.publish(&message).await {
+        Ok(()) => {
+            saga_amqp::ack(delivery).await?;
+            tracing::info!(status, recorded, reply_to = %reply_to, "replied");
+            Ok(())
+        }
+        Err(error) if publisher.is_open() => {
+            // The broker refused the reply (no such reply queue, or a nack) but the channel is
+            // fine: hand the command back after a pause; its outcome is recorded, so the
+            // redelivery sends the same answer.
+            tracing::error!(error = %error, reply_to = %reply_to, "the reply was not accepted; the command will be redelivered");
+            tokio::time::sleep(REPUBLISH_DELAY).await;
+            saga_amqp::nack(delivery, true).await
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "the reply could not be published; the command will be redelivered");
+            Err(error)
+        }
+    }
+}

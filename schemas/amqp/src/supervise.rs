@@ -1,0 +1,164 @@
+//! Connecting, and keeping a session alive across lost connections.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{Connection, ConnectionProperties, ConnectionStatus};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    AmqpError,
+    error::{chain, redact_url},
+};
+
+/// First wait before reconnecting.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest wait before reconnecting.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session that ran this long before failing starts the backoff afresh.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How often a running session's connection is checked (besides lapin's connection events).
+const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Opens a connection to `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; `amqps` is not
+/// supported: no TLS backend is compiled in) with the client-provided name `connection_name`,
+/// shown in the management UI. lapin's automatic recovery stays off: see [`supervise`].
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    Connection::connect(url, properties)
+        .await
+        .map_err(|source| AmqpError::Connect {
+            url: redact_url(url),
+            source,
+        })
+}
+
+/// Runs `session(conn)` on a fresh connection named `connection_name`, again and again:
+/// whenever the connection cannot be opened, the session returns an error, or the connection
+/// drops under it (the session future is then dropped), it logs a warning, waits (200 ms,
+/// doubling up to 5 s; back to 200 ms after a session that ran at least 10 s) and starts
+/// again with a new connection, so the session rebuilds its channels and consumers.
+///
+/// Returns `Ok(())` when the session returns `Ok(())` (a clean shutdown), or when `shutdown`
+/// is cancelled while connecting, waiting, or as a session ends. A running session is not
+/// interrupted by `shutdown`: it should watch the token itself, finish its work and return
+/// `Ok(())`. Returns an error only for a URL lapin cannot parse.
+///
+/// Dropping a session mid-flight is safe with manual acks: whatever it had not acked is
+/// delivered again.
+pub async fn supervise<F, Fut>(
+    url: &str,
+    connection_name: &str,
+    shutdown: CancellationToken,
+    mut session: F,
+) -> Result<(), AmqpError>
+where
+    F: FnMut(Connection) -> Fut,
+    Fut: Future<Output = Result<(), AmqpError>>,
+{
+    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+        return Err(AmqpError::Invalid(format!(
+            "cannot parse the AMQP URL {}: {e}",
+            redact_url(url)
+        )));
+    }
+    let mut delay = FIRST_BACKOFF;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let connected = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            connected = connect(url, connection_name) => connected,
+        };
+        let failure = match connected {
+            Err(error) => error,
+            Ok(conn) => {
+                let started = Instant::now();
+                let status = conn.status().clone();
+                let events = conn.events_listener();
+                tracing::info!(connection = connection_name, "connected to the broker");
+                let ended = tokio::select! {
+                    result = session(conn) => result,
+                    reason = connection_lost(status, events) => Err(AmqpError::ConnectionLost(reason)),
+                };
+                match ended {
+                    Ok(()) => {
+                        tracing::info!(connection = connection_name, "AMQP session ended cleanly");
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        if shutdown.is_cancelled() {
+                            tracing::info!(
+                                connection = connection_name,
+                                error = %chain(&error),
+                                "AMQP session ended during shutdown"
+                            );
+                            return Ok(());
+                        }
+                        if started.elapsed() >= HEALTHY_SESSION {
+                            delay = FIRST_BACKOFF;
+                        }
+                        error
+                    }
+                }
+            }
+        };
+        tracing::warn!(
+            connection = connection_name,
+            error = %chain(&failure),
+            retry_in = ?delay,
+            "AMQP session failed; reconnecting"
+        );
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Resolves when the connection is no longer open, with a description of why.
+async fn connection_lost(
+    status: ConnectionStatus,
+    events: impl futures_util::Stream<Item = lapin::Event> + Send + 'static,
+) -> String {
+    let mut events = std::pin::pin!(events);
+    let mut last_error = None;
+    let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if !status.connected() {
+            let state = if status.errored() {
+                "failed"
+            } else if status.closed() {
+                "closed"
+            } else if status.closing() {
+                "closing"
+            } else if status.reconnecting() {
+                "reconnecting"
+            } else {
+                "not connected"
+            };
+            return match last_error {
+                Some(error) => format!("the connection is {state}: {error}"),
+                None => format!("the connection is {state}"),
+            };
+        }
+        tokio::select! {
+            event = events.next() => match event {
+                // A channel-level error is reported here too: only the status tells.
+                Some(lapin::Event::Error(error)) => last_error = Some(chain(&error)),
+                Some(_) => {}
+                // The connection is gone; poll the status to say so.
+                None => tokio::time::sleep(CHECK_INTERVAL).await,
+            },
+            _ = tick.tick() => {}
+        }
+    }
+}
