@@ -112,6 +112,9 @@ pub enum SagaEvent {
         attempt: u32,
         message_id: Uuid,
         timeout_at: DateTime<Utc>,
+        /// When the command was decided (absent in logs written before it was added).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_at: Option<DateTime<Utc>>,
     },
     /// The step's action committed.
     StepCompleted {

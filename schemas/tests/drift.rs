@@ -241,6 +241,7 @@ fn all_events() -> Vec<SagaEvent> {
             attempt: 1,
             message_id: Uuid::new_v4(),
             timeout_at: at(23, 589),
+            sent_at: Some(at(13, 589)),
         },
         SagaEvent::StepCompleted {
             step: "charge_payment".into(),

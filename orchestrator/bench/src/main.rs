@@ -96,6 +96,7 @@ async fn run(
         http: "127.0.0.1:0".parse()?,
         connection_name: "saga-bench orchestrator".into(),
         prefetch: 256,
+        long_running_threshold: Duration::from_secs(300),
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
     for (i, name) in participants.iter().enumerate() {

@@ -308,6 +308,7 @@ impl Ctx<'_> {
             attempt,
             message_id,
             timeout_at,
+            sent_at: Some(self.now),
         });
         self.commands.push(StepCommand {
             message_id,

@@ -63,6 +63,9 @@ pub struct StepState {
     pub compensation_failed: bool,
     pub output: Option<Data>,
     pub last_error: Option<String>,
+    /// When the action's first attempt was sent.
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// A step's status as shown to people (API, read model).
@@ -92,6 +95,7 @@ impl StepState {
             compensation_failed: false,
             output: None,
             last_error: None,
+            started_at: None,
         }
     }
 
@@ -204,9 +208,14 @@ impl SagaState {
                 step,
                 direction,
                 attempt,
+                sent_at,
                 ..
             } => {
-                let attempts = self.step_mut(step).attempts_mut(*direction);
+                let s = self.step_mut(step);
+                if *direction == Direction::Execute && s.started_at.is_none() {
+                    s.started_at = *sent_at;
+                }
+                let attempts = s.attempts_mut(*direction);
                 attempts.sent = *attempt;
                 attempts.in_flight = Some(*attempt);
                 attempts.retry_due = None;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{ListFilter, RecordedEvent, SagaRow};
 
@@ -30,6 +31,7 @@ pub struct ApiState {
     pub runtime: Runtime,
     /// True while the orchestrator holds a broker connection.
     pub broker_connected: Arc<AtomicBool>,
+    pub metrics: Metrics,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -41,6 +43,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/sagas/{saga}/mark-compensated", post(mark_compensated))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -423,4 +426,12 @@ async fn ready(State(state): State<ApiState>) -> Response {
         Json(json!({ "database": database, "broker": broker })),
     )
         .into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render(state.runtime.store(), state.runtime.definitions())
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

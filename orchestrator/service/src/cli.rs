@@ -81,6 +81,9 @@ pub struct RunArgs {
     /// Unacknowledged replies the orchestrator may hold at once.
     #[arg(long, env = "PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
+    /// Sagas in flight for longer than this are counted in the `saga_long_running` metric.
+    #[arg(long, env = "LONG_RUNNING_THRESHOLD", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub long_running_threshold: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

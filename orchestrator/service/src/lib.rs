@@ -6,10 +6,12 @@
 //! - [`consumers`]: the replies and start queues;
 //! - [`timers`]: fires due step timeouts, retries and deadlines;
 //! - [`api`]: the HTTP API;
+//! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`service`]: wires them together for `orchestrator run`.
 
 pub mod api;
 pub mod consumers;
+pub mod metrics;
 pub mod relay;
 pub mod runtime;
 pub mod service;

@@ -375,6 +375,9 @@ impl Runtime {
 
     fn after_commit(&self, commits: &[Commit], outbox_rows: usize) {
         for commit in commits {
+            if let Some(state) = &commit.state {
+                crate::metrics::record(&commit.events, state, commit.now);
+            }
             for event in &commit.events {
                 match event {
                     SagaEvent::SagaCompleted

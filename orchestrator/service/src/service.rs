@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{self, ApiState};
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::Store;
 use crate::{consumers, relay, timers};
@@ -24,6 +25,8 @@ pub struct ServiceConfig {
     /// Shown in the RabbitMQ management UI.
     pub connection_name: String,
     pub prefetch: u16,
+    /// Sagas in flight longer than this show in the `saga_long_running` gauge.
+    pub long_running_threshold: std::time::Duration,
 }
 
 /// A running orchestrator; `serve` returns when `shutdown` is cancelled and everything has
@@ -66,6 +69,7 @@ pub async fn serve_runtime(
     let app = api::router(ApiState {
         runtime: runtime.clone(),
         broker_connected: broker_connected.clone(),
+        metrics: Metrics::install(config.long_running_threshold),
     });
     let http = tokio::spawn({
         let shutdown = shutdown.clone();

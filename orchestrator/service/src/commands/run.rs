@@ -20,6 +20,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         http: args.http,
         connection_name,
         prefetch: args.prefetch,
+        long_running_threshold: args.long_running_threshold,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

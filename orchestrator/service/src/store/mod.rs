@@ -627,6 +627,42 @@ impl Store {
             .await?)
     }
 
+    /// Sagas still moving on their own (running or compensating), per saga name; with
+    /// `started_before`, only those started before it (the long-running ones).
+    pub async fn in_flight_by_name(
+        &self,
+        started_before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut query = sagas::Entity::find()
+            .select_only()
+            .column(sagas::Column::Name)
+            .column_as(sagas::Column::Id.count(), "count")
+            .filter(sagas::Column::Status.is_in([
+                SagaStatus::Running.as_str(),
+                SagaStatus::Compensating.as_str(),
+            ]));
+        if let Some(before) = started_before {
+            query = query.filter(sagas::Column::CreatedAt.lt(before));
+        }
+        let rows: Vec<(String, i64)> = query
+            .group_by(sagas::Column::Name)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, count)| (name, count.max(0) as u64))
+            .collect())
+    }
+
+    /// Timers whose time has come and that no orchestrator has fired yet.
+    pub async fn overdue_timer_count(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(timers::Entity::find()
+            .filter(timers::Column::DueAt.lte(now))
+            .count(&self.db)
+            .await?)
+    }
+
     /// Rebuilds every `sagas` row (snapshot and version included) from `saga_events` alone,
     /// by folding each saga's log; deletes rows whose saga has no events. `created_at` is the
     /// first event's `recorded_at`, `updated_at` the last one's; an existing row keeps its
