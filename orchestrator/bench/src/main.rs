@@ -281,18 +281,31 @@ async fn drive(
     tracker.inner.lock().expect("tracker lock").finished.clear();
     let begin = Instant::now();
     let mut in_flight = 0usize;
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..n {
         if in_flight == concurrency {
             tracker.done.acquire().await?.forget();
             in_flight -= 1;
         }
-        let at = Instant::now();
-        let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
-        let started = runtime
-            .start(saga, input, None)
-            .await
-            .context("start a saga")?;
-        tracker.started(started.saga_id, at);
+        // Starts run concurrently, as requests from many clients would.
+        let (runtime, tracker, saga, failed) = (
+            runtime.clone(),
+            tracker.clone(),
+            saga.to_owned(),
+            failed.clone(),
+        );
+        tokio::spawn(async move {
+            let at = Instant::now();
+            let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
+            match runtime.start(&saga, input, None).await {
+                Ok(started) => tracker.started(started.saga_id, at),
+                Err(error) => {
+                    tracing::error!(%error, "cannot start a saga");
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracker.done.add_permits(1);
+                }
+            }
+        });
         in_flight += 1;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -306,7 +319,9 @@ async fn drive(
     }
     let elapsed = begin.elapsed();
     let finished = std::mem::take(&mut tracker.inner.lock().expect("tracker lock").finished);
-    let not_completed = in_flight + finished.iter().filter(|(_, completed)| !completed).count();
+    let not_completed = in_flight
+        + failed.load(std::sync::atomic::Ordering::Relaxed)
+        + finished.iter().filter(|(_, completed)| !completed).count();
     Ok(Measured {
         elapsed,
         latencies: finished.into_iter().map(|(d, _)| d).collect(),

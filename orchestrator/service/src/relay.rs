@@ -2,7 +2,9 @@
 //! at once, and marks them sent. A crash between publish and mark re-sends them: receivers
 //! de-duplicate by message id.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
 
 use saga_amqp::{AmqpError, Publisher};
 use tokio_util::sync::CancellationToken;
@@ -14,6 +16,9 @@ use crate::runtime::Runtime;
 const BATCH: u64 = 256;
 /// How often to look for rows nobody woke us for (another process wrote them, or a retry).
 const POLL: Duration = Duration::from_millis(500);
+/// Sent rows are kept this long (to inspect what went out), then deleted.
+const KEEP_SENT: Duration = Duration::from_secs(600);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs until `shutdown`; returns an error when the broker connection is lost.
 pub async fn run(
@@ -22,9 +27,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AmqpError> {
     let mut failures = 0u32;
+    let mut last_prune = Instant::now();
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            let before = Utc::now() - KEEP_SENT;
+            match runtime.store().prune_outbox(before).await {
+                Ok(0) => {}
+                Ok(pruned) => debug!(pruned, "deleted old sent outbox rows"),
+                Err(error) => warn!(%error, "cannot prune the outbox"),
+            }
         }
         let batch = match runtime.store().outbox_batch(BATCH).await {
             Ok(batch) => batch,
