@@ -27,12 +27,12 @@ pub async fn replies(
     prefetch: u16,
     shutdown: CancellationToken,
 ) -> Result<(), AmqpError> {
-    let (_channel, mut consumer) =
+    let (channel, mut consumer) =
         saga_amqp::open_consumer(conn, REPLIES_QUEUE, "orchestrator-replies", prefetch).await?;
     loop {
         let first = tokio::select! {
             next = consumer.next() => next,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return close(&channel).await,
         };
         let Some(first) = first else {
             return Err(AmqpError::ConnectionLost(format!(
@@ -113,6 +113,12 @@ async fn handle_replies(
     Ok(())
 }
 
+/// Closes a consumer's channel on shutdown, so the connection closes without orphans.
+async fn close(channel: &saga_amqp::lapin::Channel) -> Result<(), AmqpError> {
+    channel.close(200, "shutting down".into()).await.ok();
+    Ok(())
+}
+
 /// The answer to a start message that named a `reply_to` queue.
 fn start_reply(reply_to: &str, started: &Started) -> OutgoingMessage {
     let body = json!({"saga_id": started.saga_id, "created": started.created});
@@ -150,12 +156,12 @@ pub async fn starts(
     prefetch: u16,
     shutdown: CancellationToken,
 ) -> Result<(), AmqpError> {
-    let (_channel, mut consumer) =
+    let (channel, mut consumer) =
         saga_amqp::open_consumer(conn, START_QUEUE, "orchestrator-start", prefetch).await?;
     loop {
         let next = tokio::select! {
             next = consumer.next() => next,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return close(&channel).await,
         };
         let Some(delivery) = next else {
             return Err(AmqpError::ConnectionLost(format!(

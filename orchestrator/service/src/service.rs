@@ -131,6 +131,7 @@ async fn session(
     let names: Vec<&str> = participants.iter().map(String::as_str).collect();
     saga_amqp::declare_orchestrator_topology(&channel, &names).await?;
     let relay_publisher = Publisher::open(&conn).await?;
+    let relay_channel_owner = relay_publisher.clone();
     let dead_letters = Publisher::open(&conn).await?;
     connected.store(true, Ordering::Relaxed);
     info!("connected to the broker; topology declared");
@@ -152,6 +153,14 @@ async fn session(
         ),
     );
     if shutdown.is_cancelled() {
+        for publisher in [&dead_letters, &relay_channel_owner] {
+            publisher
+                .channel()
+                .close(200, "shutting down".into())
+                .await
+                .ok();
+        }
+        channel.close(200, "shutting down".into()).await.ok();
         conn.close(200, "shutting down".into()).await.ok();
     }
     result.map(drop)
