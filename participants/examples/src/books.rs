@@ -1,6 +1,6 @@
 //! Reading each service's books (its own tables), for reports and end-to-end tests.
 //!
-//! ```ignore
+//! ```text
 //! let db = saga_participant::connect_database("sqlite://payments.db?mode=rwc", None).await?;
 //! let payments = saga_examples::books::payments(&db).await?;
 //! ```

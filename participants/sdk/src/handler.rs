@@ -27,7 +27,7 @@ pub type HandlerFuture<'a> =
 ///
 /// Any `Fn(&StepCommand, &DatabaseTransaction) -> HandlerFuture` closure is a handler:
 ///
-/// ```ignore
+/// ```text
 /// |cmd, tx| Box::pin(async move {
 ///     tx.execute_unprepared("...").await?;
 ///     Ok(saga_participant::success(serde_json::json!({ "payment_id": "P-1" })))

@@ -209,7 +209,7 @@ impl Participant {
     /// Adds a start-up hook creating the participant's own tables (run after the SDK's own, in
     /// the order added, on every start: make it idempotent).
     ///
-    /// ```ignore
+    /// ```text
     /// .migrations(|db| Box::pin(async move {
     ///     db.execute_unprepared("CREATE TABLE IF NOT EXISTS ...").await?;
     ///     Ok(())
