@@ -14,6 +14,8 @@ pub mod amqp;
 pub mod bins;
 pub mod checkout;
 pub mod env;
+pub mod management;
+pub mod prometheus;
 pub mod system;
 
 pub use amqp::{Amqp, dead_letter_reason};
@@ -26,7 +28,7 @@ pub use system::{
 /// Declares, for each `async fn scenario(backend: Backend)` named, a module with two tests,
 /// `scenario::sqlite` and `scenario::postgres`.
 ///
-/// ```ignore
+/// ```text
 /// async fn completes(backend: Backend) { ... }
 /// saga_system::on_both_backends!(completes);
 /// ```

@@ -370,6 +370,17 @@ impl System {
         }
     }
 
+    /// The AMQP connection name `service` runs with (its `CONNECTION_NAME`, shown in the
+    /// management UI): `<service>@<system id>`, unless [`Options::env`] sets another.
+    pub fn connection_name(&self, service: &str) -> String {
+        self.opts
+            .env
+            .get(service)
+            .and_then(|env| env.get("CONNECTION_NAME"))
+            .cloned()
+            .unwrap_or_else(|| format!("{service}@{}", self.id))
+    }
+
     /// The log file of `service`.
     pub fn log_path(&self, service: &str) -> PathBuf {
         self.dir.join(format!("{service}.log"))
@@ -399,7 +410,7 @@ impl System {
         command
             .env("AMQP_URL", &self.amqp_url)
             .env("DATABASE_URL", self.database_url(service))
-            .env("CONNECTION_NAME", format!("{service}@{}", self.id))
+            .env("CONNECTION_NAME", self.connection_name(service))
             .env(
                 "RUST_LOG",
                 "info,sqlx=warn,sea_orm=warn,lapin=warn,amq_protocol=warn",

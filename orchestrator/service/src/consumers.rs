@@ -75,7 +75,9 @@ async fn handle_replies(
                 pending.push(delivery);
             }
             Err(error) => {
-                warn!(reason = %error, "dead-lettering an unreadable reply");
+                let saga_id =
+                    saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or("unknown");
+                warn!(saga_id, reason = %error, "dead-lettering an unreadable reply");
                 saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &error.to_string())
                     .await?;
             }
@@ -100,7 +102,8 @@ async fn handle_replies(
     for ((w, delivery), result) in fresh.iter().zip(fresh_deliveries).zip(results) {
         match result {
             Ok(_) => saga_amqp::ack(&delivery).await?,
-            Err(RuntimeError::DefinitionGone { .. }) => {
+            Err(error @ RuntimeError::DefinitionGone { .. }) => {
+                warn!(saga_id = %w.saga_id, %error, "dead-lettering a reply");
                 let reason = result_reason(&w.saga_id, "its saga's definition is no longer loaded");
                 saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
             }
@@ -172,7 +175,9 @@ pub async fn starts(
         let start = match saga_amqp::decode::<StartSaga>(&delivery) {
             Ok(start) => start,
             Err(error) => {
-                warn!(reason = %error, "dead-lettering an unreadable start message");
+                let saga_id =
+                    saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or("none yet");
+                warn!(saga_id, reason = %error, "dead-lettering an unreadable start message");
                 saga_amqp::dead_letter(publisher, &delivery, START_QUEUE, &error.to_string())
                     .await?;
                 continue;

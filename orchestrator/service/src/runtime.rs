@@ -384,7 +384,7 @@ impl Runtime {
                     | SagaEvent::SagaCompensated
                     | SagaEvent::CompensationFailed { .. }
                     | SagaEvent::CompensationStarted { .. } => {
-                        info!(saga_id = %commit.saga_id, event = event.kind(), "saga {}", event.kind().replace('_', " "))
+                        info!(saga_id = %commit.saga_id, event = event.kind(), "{}", event.kind().replace('_', " "))
                     }
                     _ => debug!(saga_id = %commit.saga_id, event = event.kind(), "recorded"),
                 }

@@ -74,6 +74,7 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
             .json()
+            .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .init(),

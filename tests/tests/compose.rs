@@ -1,0 +1,1026 @@
+//! The container set-up, checked without a Docker engine.
+//!
+//! - `docker-compose.yml` against the binaries it runs: each service built from the Dockerfile
+//!   runs a real binary, with flags and environment variables that binary really takes (read
+//!   from its own `--help`: clap's `[env: NAME=...]` annotations).
+//! - The wiring: published port = `HTTP_ADDR` port, the mounted definitions = `SAGA_CONFIG`, URLs
+//!   pointing at the compose services with the database's credentials, `service_healthy`
+//!   dependencies on checked services, a schema of its own for each participant.
+//! - The file as a real compose implementation reads it: `docker-compose config -q`.
+//! - The Dockerfile's runtime stage ships every binary the compose file runs, as a non-root
+//!   user, with a health check.
+//!
+//! The binaries must be built (`cargo build --bins`; `cargo test --workspace` builds them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use marked_yaml::Span;
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, Node};
+use saga_system::bins;
+
+const COMPOSE_FILE: &str = "docker-compose.yml";
+const DOCKERFILE: &str = "Dockerfile";
+
+/// Environment variables a binary reads outside clap, so absent from its `--help`: the
+/// orchestrator's log format (`telemetry.rs`), and every binary's log filter. Each is still
+/// checked against the binary: its name must appear in the executable.
+const READ_OUTSIDE_CLAP: &[(&str, &str)] = &[
+    ("orchestrator", "LOG_FORMAT"),
+    ("orchestrator", "RUST_LOG"),
+    ("orders", "RUST_LOG"),
+    ("inventory", "RUST_LOG"),
+    ("payments", "RUST_LOG"),
+    ("shipping", "RUST_LOG"),
+];
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn compose_services_run_real_binaries_with_settings_they_accept() {
+    let compose = Compose::load();
+    let mut problems = Vec::new();
+    let mut helps: BTreeMap<Vec<String>, Help> = BTreeMap::new();
+    for service in compose.built() {
+        let Some((binary, rest)) = service.command.split_first() else {
+            problems.push(format!(
+                "{}: service `{}` is built from the Dockerfile but sets no `command` (a list \
+                 naming one of the binaries: {})",
+                service.at,
+                service.name,
+                bins::BINARIES.join(", ")
+            ));
+            continue;
+        };
+        if !bins::BINARIES.contains(&binary.as_str()) {
+            problems.push(format!(
+                "{}: service `{}` runs `{binary}`, which is none of the binaries the workspace \
+                 builds: {}",
+                service.at,
+                service.name,
+                bins::BINARIES.join(", ")
+            ));
+            continue;
+        }
+        // The subcommand path (`orchestrator run`): the words before the first flag.
+        let words: Vec<String> = rest
+            .iter()
+            .take_while(|word| !word.starts_with('-'))
+            .cloned()
+            .collect();
+        let mut key = vec![binary.clone()];
+        key.extend(words.iter().cloned());
+        let help = helps.entry(key).or_insert_with(|| Help::of(binary, &words));
+
+        for flag in rest.iter().filter(|word| word.starts_with("--")) {
+            let name = flag.split('=').next().unwrap_or(flag);
+            if !help.flags.contains(name) {
+                problems.push(format!(
+                    "{}: service `{}` passes `{name}`, which `{}` does not take; it takes: {}",
+                    service.at,
+                    service.name,
+                    help.command,
+                    join(&help.flags)
+                ));
+            }
+        }
+        for EnvVar { name, at, .. } in &service.environment {
+            if help.env.contains(name) {
+                continue;
+            }
+            let outside_clap = READ_OUTSIDE_CLAP
+                .iter()
+                .any(|(b, var)| b == binary && var == name);
+            if outside_clap && executable_mentions(&help.path, name) {
+                continue;
+            }
+            problems.push(format!(
+                "{at}: service `{}` sets {name}, which `{}` does not read; it reads: {}",
+                service.name,
+                help.command,
+                join(&help.env)
+            ));
+        }
+    }
+    if compose.built().next().is_none() {
+        problems.push(format!(
+            "{COMPOSE_FILE}: no service is built from the {DOCKERFILE}"
+        ));
+    }
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn compose_wiring_is_consistent() {
+    let compose = Compose::load();
+    let mut problems = Vec::new();
+
+    // The broker and the database, recognised by their images, with health checks.
+    let rabbitmq = compose.by_image("rabbitmq");
+    let postgres = compose.by_image("postgres");
+    for (what, service, tool) in [
+        ("RabbitMQ", rabbitmq, "rabbitmq-diagnostics"),
+        ("PostgreSQL", postgres, "pg_isready"),
+    ] {
+        match service {
+            None => problems.push(format!("{COMPOSE_FILE}: no {what} service")),
+            Some(service) => match &service.healthcheck {
+                Some(check) if !check.disabled && check.test.iter().any(|w| w.contains(tool)) => {}
+                _ => problems.push(format!(
+                    "{}: service `{}` ({what}) needs a health check with `{tool}`, so others \
+                     can wait for it with `service_healthy`",
+                    service.at, service.name
+                )),
+            },
+        }
+    }
+
+    // Every `service_healthy` dependency has a health check to wait for.
+    for service in &compose.services {
+        for (dependency, condition) in &service.depends_on {
+            let Some(target) = compose.service(dependency) else {
+                problems.push(format!(
+                    "{}: service `{}` depends on `{dependency}`, which is not a service",
+                    service.at, service.name
+                ));
+                continue;
+            };
+            if condition.as_deref() == Some("service_healthy")
+                && target.healthcheck.as_ref().is_none_or(|h| h.disabled)
+            {
+                problems.push(format!(
+                    "{}: service `{}` waits for `{dependency}` to be healthy, but it has no \
+                     health check",
+                    service.at, service.name
+                ));
+            }
+        }
+    }
+
+    let orchestrators: Vec<&Service> = compose
+        .built()
+        .filter(|s| s.binary() == Some("orchestrator"))
+        .collect();
+    if orchestrators.len() != 1 {
+        problems.push(format!(
+            "{COMPOSE_FILE}: expected one service running `orchestrator run`, found {}",
+            orchestrators.len()
+        ));
+    }
+    let mut schemas: BTreeMap<String, &str> = BTreeMap::new();
+    let mut connection_names: BTreeMap<String, &str> = BTreeMap::new();
+
+    for service in compose.built() {
+        let at = &service.at;
+        let name = &service.name;
+
+        // The image this file checks is the one the service runs.
+        if service.build_context.as_deref() != Some(".")
+            || service.dockerfile.as_deref() != Some(DOCKERFILE)
+        {
+            problems.push(format!(
+                "{at}: service `{name}` should be built from `{DOCKERFILE}` in `.`, found \
+                 context {:?} and dockerfile {:?}",
+                service.build_context, service.dockerfile
+            ));
+        }
+        if service.restart.as_deref() != Some("unless-stopped") {
+            problems.push(format!(
+                "{at}: service `{name}` should have `restart: unless-stopped`"
+            ));
+        }
+
+        // Start once the broker and the database answer, not merely once their containers run.
+        for dependency in [rabbitmq, postgres].into_iter().flatten() {
+            let found = match service.depends_on.get(&dependency.name) {
+                Some(Some(condition)) if condition == "service_healthy" => continue,
+                Some(Some(condition)) => format!("`condition: {condition}`"),
+                Some(None) => "no condition (it would only wait for the container)".to_owned(),
+                None => "no dependency".to_owned(),
+            };
+            problems.push(format!(
+                "{at}: service `{name}` should depend on `{}` with `condition: \
+                 service_healthy`, found {found}",
+                dependency.name
+            ));
+        }
+
+        // The URLs name the compose services, with the database's own credentials.
+        match (service.env("AMQP_URL"), rabbitmq) {
+            (None, _) => problems.push(format!("{at}: service `{name}` sets no AMQP_URL")),
+            (Some(url), Some(rabbitmq)) => {
+                let url = Url::parse(url);
+                if !rabbitmq.answers_to(&url.host) || url.port.unwrap_or(5672) != 5672 {
+                    problems.push(format!(
+                        "{at}: service `{name}`: AMQP_URL should point at `{}:5672`, found \
+                         `{}:{}`",
+                        rabbitmq.name,
+                        url.host,
+                        url.port.unwrap_or(5672)
+                    ));
+                }
+            }
+            (Some(_), None) => {}
+        }
+        match (service.env("DATABASE_URL"), postgres) {
+            (None, _) => problems.push(format!("{at}: service `{name}` sets no DATABASE_URL")),
+            (Some(raw), Some(postgres)) => {
+                let url = Url::parse(raw);
+                let user = postgres.env("POSTGRES_USER").unwrap_or("postgres");
+                let expected = Url {
+                    scheme: "postgres".into(),
+                    user: user.into(),
+                    password: postgres.env("POSTGRES_PASSWORD").unwrap_or("").into(),
+                    host: url.host.clone(),
+                    port: Some(5432),
+                    path: postgres.env("POSTGRES_DB").unwrap_or(user).into(),
+                };
+                let found = Url {
+                    port: Some(url.port.unwrap_or(5432)),
+                    scheme: url.scheme.replace("postgresql", "postgres"),
+                    ..url.clone()
+                };
+                if found != expected || !postgres.answers_to(&url.host) {
+                    problems.push(format!(
+                        "{at}: service `{name}`: DATABASE_URL `{raw}` should be \
+                         postgres://{user}:<POSTGRES_PASSWORD>@{}:5432/{}",
+                        postgres.name, expected.path
+                    ));
+                }
+            }
+            (Some(_), None) => {}
+        }
+        if let Some(connection) = service.env("CONNECTION_NAME")
+            && let Some(other) = connection_names.insert(connection.into(), name)
+        {
+            problems.push(format!(
+                "{at}: services `{other}` and `{name}` share CONNECTION_NAME `{connection}`: \
+                 the management UI could not tell them apart"
+            ));
+        }
+
+        if service.binary() == Some("orchestrator") {
+            check_orchestrator(service, &mut problems);
+        } else {
+            // A participant: tables in a schema of its own in the shared database.
+            match service.env("DATABASE_SCHEMA") {
+                None if service
+                    .env("DATABASE_URL")
+                    .is_some_and(|u| u.starts_with("postgres")) =>
+                {
+                    problems.push(format!(
+                        "{at}: participant `{name}` shares the database without a \
+                         DATABASE_SCHEMA of its own"
+                    ))
+                }
+                None => {}
+                Some(schema) => {
+                    if let Some(other) = schemas.insert(schema.into(), name) {
+                        problems.push(format!(
+                            "{at}: participants `{other}` and `{name}` share DATABASE_SCHEMA \
+                             `{schema}`: their tables would collide"
+                        ));
+                    }
+                }
+            }
+            // The image's health check asks the orchestrator's HTTP port, which participants
+            // do not have: inherited, it would mark them unhealthy forever.
+            if !service.healthcheck.as_ref().is_some_and(|h| h.disabled) {
+                problems.push(format!(
+                    "{at}: participant `{name}` serves no HTTP: set `healthcheck: {{disable: \
+                     true}}` instead of inheriting the image's /healthz check"
+                ));
+            }
+        }
+    }
+    assert_no_problems(&problems);
+}
+
+/// The orchestrator's HTTP address, published port, health check and saga definitions.
+fn check_orchestrator(service: &Service, problems: &mut Vec<String>) {
+    let at = &service.at;
+    let name = &service.name;
+    match service.env("HTTP_ADDR").map(str::parse::<SocketAddr>) {
+        None => problems.push(format!(
+            "{at}: service `{name}` sets no HTTP_ADDR: the default, 127.0.0.1:8080, is \
+             unreachable from outside the container"
+        )),
+        Some(Err(e)) => problems.push(format!("{at}: service `{name}`: HTTP_ADDR: {e}")),
+        Some(Ok(addr)) => {
+            if !addr.ip().is_unspecified() {
+                problems.push(format!(
+                    "{at}: service `{name}`: HTTP_ADDR {addr} is unreachable from outside the \
+                     container: listen on 0.0.0.0:{}",
+                    addr.port()
+                ));
+            }
+            let port = addr.port();
+            if !service
+                .ports
+                .iter()
+                .any(|p| container_port(p) == Some(port))
+            {
+                problems.push(format!(
+                    "{at}: service `{name}` listens on port {port} (HTTP_ADDR) but publishes \
+                     {:?}",
+                    service.ports
+                ));
+            }
+            match &service.healthcheck {
+                Some(check)
+                    if !check.disabled
+                        && check
+                            .test
+                            .iter()
+                            .any(|w| w.contains(&format!(":{port}/healthz"))) => {}
+                _ => problems.push(format!(
+                    "{at}: service `{name}` needs a health check asking \
+                     http://127.0.0.1:{port}/healthz"
+                )),
+            }
+            let exposed = Dockerfile::load().runtime().expose();
+            if !exposed.contains(&port) {
+                problems.push(format!(
+                    "{DOCKERFILE}: the runtime stage should `EXPOSE {port}`, the orchestrator's \
+                     port; it exposes {exposed:?}"
+                ));
+            }
+        }
+    }
+
+    // The definitions: SAGA_CONFIG is where a read-only bind mount of a real, valid file lands.
+    let Some(config) = service.env("SAGA_CONFIG") else {
+        problems.push(format!("{at}: service `{name}` sets no SAGA_CONFIG"));
+        return;
+    };
+    let mount = service.volumes.iter().find_map(|volume| {
+        let parts: Vec<&str> = volume.split(':').collect();
+        (parts.len() >= 2 && parts[1] == config).then_some(parts)
+    });
+    let Some(mount) = mount else {
+        problems.push(format!(
+            "{at}: service `{name}`: SAGA_CONFIG is {config}, but no volume is mounted there \
+             (volumes: {:?})",
+            service.volumes
+        ));
+        return;
+    };
+    if mount
+        .get(2)
+        .is_none_or(|mode| !mode.split(',').any(|m| m == "ro"))
+    {
+        problems.push(format!(
+            "{at}: service `{name}`: mount the saga definitions read-only (`{}:{}:ro`)",
+            mount[0], mount[1]
+        ));
+    }
+    let source = root().join(mount[0]);
+    if !source.is_file() {
+        problems.push(format!(
+            "{at}: service `{name}` mounts {}, which is not a file",
+            source.display()
+        ));
+        return;
+    }
+    let orchestrator = binary("orchestrator");
+    let validate = Command::new(&orchestrator)
+        .arg("validate")
+        .arg(&source)
+        .env_clear()
+        .output()
+        .expect("cannot run `orchestrator validate`");
+    if !validate.status.success() {
+        problems.push(format!(
+            "{at}: service `{name}` mounts {}, which `orchestrator validate` rejects:\n{}{}",
+            source.display(),
+            String::from_utf8_lossy(&validate.stdout),
+            String::from_utf8_lossy(&validate.stderr)
+        ));
+    }
+}
+
+#[test]
+fn docker_compose_accepts_the_file() {
+    // Compose v1 (`docker-compose`, Debian's package), or else the v2 plugin (`docker
+    // compose`): either parses and validates the file without an engine.
+    let (program, mut command) = match Command::new("docker-compose").arg("version").output() {
+        Ok(_) => ("docker-compose", Command::new("docker-compose")),
+        Err(_) if has_compose_plugin() => {
+            let mut command = Command::new("docker");
+            command.arg("compose");
+            ("docker compose", command)
+        }
+        Err(e) => panic!(
+            "`docker-compose` is not installed ({e}), and this test validates {COMPOSE_FILE} with \
+             it (no Docker engine needed). Install it: `apt-get update && apt-get install -y \
+             docker-compose` (.ci/run does), or the Docker Compose v2 plugin (`docker compose`)"
+        ),
+    };
+    let output = command
+        .args(["-f", COMPOSE_FILE, "config", "-q"])
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
+    assert!(
+        output.status.success(),
+        "`{program} -f {COMPOSE_FILE} config -q` rejects the file ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn has_compose_plugin() -> bool {
+    Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn dockerfile_runtime_stage_ships_what_compose_runs() {
+    let compose = Compose::load();
+    let dockerfile = Dockerfile::load();
+    let mut problems = Vec::new();
+    let used: BTreeSet<&str> = compose.built().filter_map(Service::binary).collect();
+
+    if dockerfile
+        .instructions
+        .iter()
+        .any(|i| i.keyword == "RUN" && i.args.contains("--mount="))
+        && !dockerfile.syntax_directive
+    {
+        problems.push(format!(
+            "{DOCKERFILE}: `RUN --mount` needs `# syntax=docker/dockerfile:1` on the first line"
+        ));
+    }
+
+    let runtime = dockerfile.runtime();
+    let copies: Vec<(&str, Vec<&str>)> = runtime
+        .instructions
+        .iter()
+        .filter(|i| i.keyword == "COPY")
+        .filter_map(|i| {
+            let words: Vec<&str> = i.args.split_whitespace().collect();
+            let from = words.iter().find_map(|w| w.strip_prefix("--from="))?;
+            let paths: Vec<&str> = words
+                .iter()
+                .filter(|w| !w.starts_with("--"))
+                .copied()
+                .collect();
+            let (_, sources) = paths.split_last()?;
+            Some((from, sources.to_vec()))
+        })
+        .collect();
+    for binary in &used {
+        let copied_from = copies.iter().find(|(_, sources)| {
+            sources
+                .iter()
+                .any(|s| Path::new(s).file_name().is_some_and(|f| f == *binary))
+        });
+        let Some((from, _)) = copied_from else {
+            problems.push(format!(
+                "{DOCKERFILE}: the runtime stage `{}` does not copy the `{binary}` binary that \
+                 {COMPOSE_FILE} runs (`COPY --from=<builder> .../{binary} ...`)",
+                runtime.name
+            ));
+            continue;
+        };
+        // ... and the stage it comes from builds it.
+        let Some(builder) = dockerfile.stages.iter().find(|s| s.name == *from) else {
+            problems.push(format!(
+                "{DOCKERFILE}: `COPY --from={from}`: no stage is named `{from}`"
+            ));
+            continue;
+        };
+        let builds = builder.instructions.iter().any(|i| {
+            let words: Vec<&str> = i.args.split_whitespace().collect();
+            i.keyword == "RUN"
+                && i.args.contains("cargo build")
+                && (words.contains(&"--bins")
+                    || words.windows(2).any(|w| w[0] == "--bin" && w[1] == *binary)
+                    || words.contains(&format!("--bin={binary}").as_str()))
+        });
+        if !builds {
+            problems.push(format!(
+                "{DOCKERFILE}: stage `{from}` has no `cargo build` of `{binary}` (`--bins` or \
+                 `--bin {binary}`)"
+            ));
+        }
+    }
+
+    match runtime.last("USER") {
+        None => problems.push(format!(
+            "{DOCKERFILE}: the runtime stage sets no USER: the binaries would run as root"
+        )),
+        Some(user) => {
+            let user = user.split(':').next().unwrap_or_default();
+            if user == "root" || user == "0" {
+                problems.push(format!(
+                    "{DOCKERFILE}: the runtime stage runs as `{user}`: use a non-root user"
+                ));
+            }
+        }
+    }
+    match runtime.last("HEALTHCHECK") {
+        None => problems.push(format!(
+            "{DOCKERFILE}: the runtime stage has no HEALTHCHECK"
+        )),
+        Some(check) if !check.contains("/healthz") => problems.push(format!(
+            "{DOCKERFILE}: the HEALTHCHECK should ask the orchestrator's /healthz: {check}"
+        )),
+        Some(_) => {}
+    }
+    assert_no_problems(&problems);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binaries.
+
+/// The path of a workspace binary, or a failure saying how to build it.
+fn binary(name: &str) -> PathBuf {
+    bins::find(name).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// What a (sub)command's `--help` says it takes.
+struct Help {
+    /// `orchestrator run`, for messages.
+    command: String,
+    path: PathBuf,
+    /// `--long` flags.
+    flags: BTreeSet<String>,
+    /// Variables from clap's `[env: NAME=...]`.
+    env: BTreeSet<String>,
+}
+
+impl Help {
+    fn of(binary_name: &str, subcommands: &[String]) -> Help {
+        let path = binary(binary_name);
+        let command = std::iter::once(binary_name)
+            .chain(subcommands.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ");
+        // Without the test's environment: clap prints set variables' values in the help.
+        let output = Command::new(&path)
+            .args(subcommands)
+            .arg("--help")
+            .env_clear()
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `{command} --help`: {e}"));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "`{command} --help` failed ({}): is `{command}` a command?\n{text}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env: BTreeSet<String> = text
+            .split("[env: ")
+            .skip(1)
+            .filter_map(|rest| rest.split(['=', ']']).next())
+            .map(str::to_owned)
+            .collect();
+        let flags: BTreeSet<String> = text
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|word| word.starts_with("--") && word.len() > 2)
+            .map(|word| {
+                word.trim_end_matches(|c: char| !(c.is_alphanumeric() || c == '-'))
+                    .split(['=', '<', '['])
+                    .next()
+                    .unwrap_or(word)
+                    .to_owned()
+            })
+            .collect();
+        assert!(
+            !env.is_empty(),
+            "`{command} --help` names no environment variable (`[env: NAME=]`): has the help \
+             format changed?\n{text}"
+        );
+        Help {
+            command,
+            path,
+            flags,
+            env,
+        }
+    }
+}
+
+/// Whether `name` appears in the executable: a variable read with `std::env::var("NAME")` is
+/// there as a string.
+fn executable_mentions(path: &Path, name: &str) -> bool {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let needle = name.as_bytes();
+    let first = needle[0];
+    let mut from = 0;
+    while let Some(offset) = bytes[from..].iter().position(|&b| b == first) {
+        let start = from + offset;
+        if bytes[start..].starts_with(needle) {
+            return true;
+        }
+        from = start + 1;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.yml, as far as these tests read it.
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+struct Compose {
+    services: Vec<Service>,
+}
+
+struct Service {
+    name: String,
+    /// `docker-compose.yml:LINE:COLUMN` of the service, for messages.
+    at: String,
+    image: Option<String>,
+    hostname: Option<String>,
+    built: bool,
+    build_context: Option<String>,
+    dockerfile: Option<String>,
+    command: Vec<String>,
+    environment: Vec<EnvVar>,
+    ports: Vec<String>,
+    volumes: Vec<String>,
+    /// Dependency → its condition (`None`: the short list form).
+    depends_on: BTreeMap<String, Option<String>>,
+    healthcheck: Option<Healthcheck>,
+    restart: Option<String>,
+}
+
+struct EnvVar {
+    name: String,
+    value: String,
+    /// Where it is set, for messages.
+    at: String,
+}
+
+struct Healthcheck {
+    test: Vec<String>,
+    disabled: bool,
+}
+
+impl Compose {
+    fn load() -> Compose {
+        let path = root().join(COMPOSE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let node = marked_yaml::parse_yaml(0, &text)
+            .unwrap_or_else(|e| panic!("{COMPOSE_FILE} is not valid YAML: {e}"));
+        let top = node
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{COMPOSE_FILE}: the top level is not a mapping"));
+        let services = top
+            .get_mapping("services")
+            .unwrap_or_else(|| panic!("{COMPOSE_FILE}: no `services` mapping"));
+        Compose {
+            services: services
+                .iter()
+                .map(|(name, node)| Service::parse(name, node))
+                .collect(),
+        }
+    }
+
+    /// The services built from the Dockerfile.
+    fn built(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().filter(|s| s.built)
+    }
+
+    fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The service running an image of this repository (`rabbitmq:...`).
+    fn by_image(&self, repository: &str) -> Option<&Service> {
+        self.services.iter().find(|s| {
+            s.image
+                .as_deref()
+                .is_some_and(|i| i.split(':').next() == Some(repository))
+        })
+    }
+}
+
+impl Service {
+    fn parse(key: &MarkedScalarNode, node: &Node) -> Service {
+        let name = key.as_str();
+        let at = at(key.span());
+        let map = node
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{at}: service `{name}` is not a mapping"));
+        let scalar = |key: &str| map.get_scalar(key).map(|s| s.as_str().to_owned());
+        let (built, build_context, dockerfile) = match map.get_node("build") {
+            None => (false, None, None),
+            Some(Node::Scalar(context)) => (
+                true,
+                Some(context.as_str().to_owned()),
+                Some(DOCKERFILE.to_owned()),
+            ),
+            Some(Node::Mapping(build)) => (
+                true,
+                build.get_scalar("context").map(|s| s.as_str().to_owned()),
+                Some(
+                    build
+                        .get_scalar("dockerfile")
+                        .map_or(DOCKERFILE, |s| s.as_str())
+                        .to_owned(),
+                ),
+            ),
+            Some(other) => panic!(
+                "{}: `build` is neither a path nor a mapping",
+                self::at(other.span())
+            ),
+        };
+        let command = match map.get_node("command") {
+            None => Vec::new(),
+            Some(Node::Scalar(s)) => s.as_str().split_whitespace().map(str::to_owned).collect(),
+            Some(other) => strings(other),
+        };
+        let environment = match map.get_node("environment") {
+            None => Vec::new(),
+            Some(Node::Mapping(env)) => env
+                .iter()
+                .map(|(k, v)| EnvVar {
+                    name: k.as_str().to_owned(),
+                    value: v.as_scalar().map_or("", |s| s.as_str()).to_owned(),
+                    at: self::at(k.span()),
+                })
+                .collect(),
+            Some(other) => scalars(other)
+                .into_iter()
+                .map(|entry| {
+                    let (name, value) = entry.as_str().split_once('=').unwrap_or((entry, ""));
+                    EnvVar {
+                        name: name.to_owned(),
+                        value: value.to_owned(),
+                        at: self::at(entry.span()),
+                    }
+                })
+                .collect(),
+        };
+        let depends_on = match map.get_node("depends_on") {
+            None => BTreeMap::new(),
+            Some(Node::Mapping(deps)) => deps
+                .iter()
+                .map(|(k, v)| {
+                    let condition = v
+                        .as_mapping()
+                        .and_then(|m| m.get_scalar("condition"))
+                        .map(|c| c.as_str().to_owned());
+                    (k.as_str().to_owned(), condition)
+                })
+                .collect(),
+            Some(other) => strings(other).into_iter().map(|d| (d, None)).collect(),
+        };
+        let healthcheck = map.get_mapping("healthcheck").map(healthcheck);
+        Service {
+            name: name.to_owned(),
+            at,
+            image: scalar("image"),
+            hostname: scalar("hostname"),
+            built,
+            build_context,
+            dockerfile,
+            command,
+            environment,
+            ports: map.get_node("ports").map(strings).unwrap_or_default(),
+            volumes: map.get_node("volumes").map(strings).unwrap_or_default(),
+            depends_on,
+            healthcheck,
+            restart: scalar("restart"),
+        }
+    }
+
+    /// The binary the command runs.
+    fn binary(&self) -> Option<&str> {
+        self.command.first().map(String::as_str)
+    }
+
+    fn env(&self, name: &str) -> Option<&str> {
+        self.environment
+            .iter()
+            .find(|var| var.name == name)
+            .map(|var| var.value.as_str())
+    }
+
+    /// Whether other containers reach this service under `host`.
+    fn answers_to(&self, host: &str) -> bool {
+        host == self.name || self.hostname.as_deref() == Some(host)
+    }
+}
+
+fn healthcheck(map: &MarkedMappingNode) -> Healthcheck {
+    let test = match map.get_node("test") {
+        None => Vec::new(),
+        Some(Node::Scalar(s)) => vec![s.as_str().to_owned()],
+        Some(other) => strings(other),
+    };
+    let disabled = map
+        .get_scalar("disable")
+        .is_some_and(|d| d.as_bool() == Some(true))
+        || test.first().is_some_and(|t| t == "NONE");
+    Healthcheck { test, disabled }
+}
+
+/// A sequence of scalars (the short syntax of `ports`, `volumes`, `command`...).
+fn strings(node: &Node) -> Vec<String> {
+    scalars(node)
+        .into_iter()
+        .map(|s| s.as_str().to_owned())
+        .collect()
+}
+
+fn scalars(node: &Node) -> Vec<&MarkedScalarNode> {
+    let Some(sequence) = node.as_sequence() else {
+        panic!("{}: expected a list", at(node.span()));
+    };
+    sequence
+        .iter()
+        .map(|item| match item {
+            Node::Scalar(s) => s,
+            other => panic!(
+                "{}: expected a string (these tests read the short syntax only)",
+                at(other.span())
+            ),
+        })
+        .collect()
+}
+
+/// `docker-compose.yml:LINE:COLUMN`.
+fn at(span: &Span) -> String {
+    match span.start() {
+        Some(mark) => format!("{COMPOSE_FILE}:{}:{}", mark.line(), mark.column()),
+        None => COMPOSE_FILE.to_owned(),
+    }
+}
+
+/// The container port of a short-syntax port mapping: `8080`, `8080:8080`,
+/// `127.0.0.1:8080:8080/tcp`.
+fn container_port(mapping: &str) -> Option<u16> {
+    let mapping = mapping.split('/').next()?;
+    mapping.rsplit(':').next()?.parse().ok()
+}
+
+/// `scheme://user:password@host:port/path`, enough for the URLs in the compose file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Url {
+    scheme: String,
+    user: String,
+    password: String,
+    host: String,
+    port: Option<u16>,
+    path: String,
+}
+
+impl Url {
+    fn parse(url: &str) -> Url {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (credentials, host_port) = authority.rsplit_once('@').unwrap_or(("", authority));
+        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+        let (host, port) = match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()),
+            None => (host_port, None),
+        };
+        Url {
+            scheme: scheme.to_owned(),
+            user: user.to_owned(),
+            password: password.to_owned(),
+            host: host.to_owned(),
+            port,
+            path: path.split('?').next().unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Dockerfile, as far as these tests read it: instructions (continuation lines joined,
+// comments dropped) grouped by stage.
+
+struct Dockerfile {
+    /// `# syntax=...` on the first line.
+    syntax_directive: bool,
+    instructions: Vec<Instruction>,
+    stages: Vec<Stage>,
+}
+
+struct Stage {
+    name: String,
+    instructions: Vec<Instruction>,
+}
+
+#[derive(Clone)]
+struct Instruction {
+    keyword: String,
+    args: String,
+}
+
+impl Dockerfile {
+    fn load() -> Dockerfile {
+        let path = root().join(DOCKERFILE);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let syntax_directive = text
+            .lines()
+            .next()
+            .is_some_and(|l| l.trim_start_matches(['#', ' ']).starts_with("syntax="));
+        let mut instructions = Vec::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+                continue;
+            }
+            match trimmed.strip_suffix('\\') {
+                Some(part) => {
+                    current.push_str(part);
+                    current.push(' ');
+                }
+                None => {
+                    current.push_str(trimmed);
+                    let (keyword, args) = current
+                        .split_once(char::is_whitespace)
+                        .unwrap_or((&current, ""));
+                    instructions.push(Instruction {
+                        keyword: keyword.to_ascii_uppercase(),
+                        args: args.trim().to_owned(),
+                    });
+                    current.clear();
+                }
+            }
+        }
+        let mut stages: Vec<Stage> = Vec::new();
+        for instruction in &instructions {
+            if instruction.keyword == "FROM" {
+                let words: Vec<&str> = instruction.args.split_whitespace().collect();
+                let name = match words.iter().position(|w| w.eq_ignore_ascii_case("as")) {
+                    Some(i) => words.get(i + 1).copied().unwrap_or_default(),
+                    None => words.last().copied().unwrap_or_default(),
+                };
+                stages.push(Stage {
+                    name: name.to_owned(),
+                    instructions: Vec::new(),
+                });
+            } else if let Some(stage) = stages.last_mut() {
+                stage.instructions.push(instruction.clone());
+            }
+        }
+        assert!(!stages.is_empty(), "{DOCKERFILE}: no FROM");
+        Dockerfile {
+            syntax_directive,
+            instructions,
+            stages,
+        }
+    }
+
+    /// The final stage: the image that runs.
+    fn runtime(&self) -> &Stage {
+        self.stages.last().expect("at least one stage")
+    }
+}
+
+impl Stage {
+    /// The arguments of the stage's last `keyword` instruction (the one that counts).
+    fn last(&self, keyword: &str) -> Option<&str> {
+        self.instructions
+            .iter()
+            .rev()
+            .find(|i| i.keyword == keyword)
+            .map(|i| i.args.as_str())
+    }
+
+    /// The ports of its EXPOSE instructions.
+    fn expose(&self) -> Vec<u16> {
+        self.instructions
+            .iter()
+            .filter(|i| i.keyword == "EXPOSE")
+            .flat_map(|i| i.args.split_whitespace())
+            .filter_map(|p| p.split('/').next()?.parse().ok())
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn join(names: &BTreeSet<String>) -> String {
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}",
+        problems.len(),
+        problems.join("\n- ")
+    );
+}
