@@ -111,7 +111,10 @@ async fn run(
         tokio::spawn(participant.run(sdk, shutdown.clone()));
     }
 
-    let warmup = (args.sagas / 10).clamp(args.concurrency.min(args.sagas), 200);
+    // Enough to fill the pipeline once, before the measured run.
+    let warmup = (args.sagas / 10)
+        .clamp(1, 200)
+        .max(args.concurrency.min(args.sagas));
     let tracker = Tracker::subscribe(&channel, &saga).await?;
     drive(&runtime, &tracker, &saga, warmup, args.concurrency).await?;
     let measured = drive(&runtime, &tracker, &saga, args.sagas, args.concurrency).await?;
