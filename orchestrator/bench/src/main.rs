@@ -138,7 +138,7 @@ async fn run(
         args.steps,
         args.concurrency,
         databases.kind,
-        redact(&args.amqp_url)
+        saga_amqp::redact_url(&args.amqp_url)
     );
     println!("  sagas/s            {sagas_per_s:>10.1}");
     println!("  steps/s            {steps_per_s:>10.1}");
@@ -558,8 +558,4 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn redact(url: &str) -> String {
-    orchestrator::service::redact(url)
 }

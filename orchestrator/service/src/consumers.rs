@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use saga_amqp::lapin::message::Delivery;
+use saga_amqp::lapin::{Channel, Consumer};
 use saga_amqp::{AmqpError, Publisher};
 use saga_engine::Input;
 use saga_schemas::amqp::{
@@ -29,17 +30,9 @@ pub async fn replies(
 ) -> Result<(), AmqpError> {
     let (channel, mut consumer) =
         saga_amqp::open_consumer(conn, REPLIES_QUEUE, "orchestrator-replies", prefetch).await?;
-    loop {
-        let first = tokio::select! {
-            next = consumer.next() => next,
-            _ = shutdown.cancelled() => return close(&channel).await,
-        };
-        let Some(first) = first else {
-            return Err(AmqpError::ConnectionLost(format!(
-                "the broker cancelled the consumer of {REPLIES_QUEUE}"
-            )));
-        };
-        let mut deliveries = vec![first?];
+    while let Some(first) = next_delivery(&mut consumer, &channel, REPLIES_QUEUE, &shutdown).await?
+    {
+        let mut deliveries = vec![first];
         // Group commit: take whatever else has already arrived, without waiting for more.
         while deliveries.len() < MAX_BATCH {
             match consumer.next().now_or_never() {
@@ -49,6 +42,7 @@ pub async fn replies(
         }
         handle_replies(&runtime, publisher, deliveries).await?;
     }
+    Ok(())
 }
 
 async fn handle_replies(
@@ -116,10 +110,27 @@ async fn handle_replies(
     Ok(())
 }
 
-/// Closes a consumer's channel on shutdown, so the connection closes without orphans.
-async fn close(channel: &saga_amqp::lapin::Channel) -> Result<(), AmqpError> {
-    channel.close(200, "shutting down".into()).await.ok();
-    Ok(())
+/// The next delivery, or `None` once `shutdown` is cancelled (the channel is closed then, so the
+/// connection closes without orphans).
+async fn next_delivery(
+    consumer: &mut Consumer,
+    channel: &Channel,
+    queue: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Delivery>, AmqpError> {
+    let next = tokio::select! {
+        next = consumer.next() => next,
+        _ = shutdown.cancelled() => {
+            channel.close(200, "shutting down".into()).await.ok();
+            return Ok(None);
+        }
+    };
+    match next {
+        Some(delivery) => Ok(Some(delivery?)),
+        None => Err(AmqpError::ConnectionLost(format!(
+            "the broker cancelled the consumer of {queue}"
+        ))),
+    }
 }
 
 /// The answer to a start message that named a `reply_to` queue.
@@ -161,17 +172,9 @@ pub async fn starts(
 ) -> Result<(), AmqpError> {
     let (channel, mut consumer) =
         saga_amqp::open_consumer(conn, START_QUEUE, "orchestrator-start", prefetch).await?;
-    loop {
-        let next = tokio::select! {
-            next = consumer.next() => next,
-            _ = shutdown.cancelled() => return close(&channel).await,
-        };
-        let Some(delivery) = next else {
-            return Err(AmqpError::ConnectionLost(format!(
-                "the broker cancelled the consumer of {START_QUEUE}"
-            )));
-        };
-        let delivery = delivery?;
+    while let Some(delivery) =
+        next_delivery(&mut consumer, &channel, START_QUEUE, &shutdown).await?
+    {
         let start = match saga_amqp::decode::<StartSaga>(&delivery) {
             Ok(start) => start,
             Err(error) => {
@@ -207,4 +210,5 @@ pub async fn starts(
             }
         }
     }
+    Ok(())
 }

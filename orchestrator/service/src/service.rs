@@ -41,7 +41,7 @@ pub async fn serve(
         .with_context(|| {
             format!(
                 "cannot open the database at {}",
-                redact(&config.database_url)
+                saga_amqp::redact_url(&config.database_url)
             )
         })?;
     info!(
@@ -164,32 +164,4 @@ async fn session(
         conn.close(200, "shutting down".into()).await.ok();
     }
     result.map(drop)
-}
-
-/// A database URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// `<service>@<host>:<pid>`: which service and which instance, in the management UI.
-pub fn default_connection_name(service: &str) -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{service}@{host}:{}", std::process::id())
 }

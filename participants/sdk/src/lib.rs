@@ -119,15 +119,7 @@ pub fn default_database_url(participant: &str) -> String {
 }
 
 /// `<participant>@<hostname>:<pid>`.
-pub fn default_connection_name(participant: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{participant}@{host}:{}", std::process::id())
-}
+pub use saga_amqp::default_connection_name;
 
 /// Why [`Participant::run`] stopped before its shutdown token was cancelled.
 #[derive(Debug, thiserror::Error)]

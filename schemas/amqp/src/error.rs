@@ -79,8 +79,8 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// `url` with the password replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
+/// `url` (AMQP or any other) with the password replaced by `***`, for logs and messages.
+pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };

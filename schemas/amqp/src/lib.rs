@@ -22,13 +22,13 @@ mod receive;
 mod supervise;
 mod topology;
 
-pub use error::AmqpError;
+pub use error::{AmqpError, redact_url};
 pub use publish::{Publisher, properties};
 pub use receive::{
     DecodeError, Received, ack, dead_letter, decode, decode_or_dead_letter, header_int, header_str,
     nack, open_consumer,
 };
-pub use supervise::{connect, supervise};
+pub use supervise::{connect, default_connection_name, supervise};
 pub use topology::{
     declare_dead_letter_exchange, declare_orchestrator_topology, declare_participant_topology,
     declare_queue_with_dead_letter, queue_arguments,

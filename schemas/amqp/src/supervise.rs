@@ -162,3 +162,15 @@ async fn connection_lost(
         }
     }
 }
+
+/// `<service>@<host>:<pid>`: which service and which instance, as the management UI shows
+/// a connection.
+pub fn default_connection_name(service: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{service}@{host}:{}", std::process::id())
+}

@@ -127,19 +127,6 @@ async fn main() -> ExitCode {
     }
 }
 
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
@@ -169,7 +156,7 @@ async fn run() -> anyhow::Result<bool> {
             };
             eprintln!(
                 "No RabbitMQ broker answered at {} ({why}).",
-                redact(&amqp_url)
+                saga_amqp::redact_url(&amqp_url)
             );
             eprintln!("Point the demo at one:");
             eprintln!(
@@ -206,7 +193,7 @@ async fn run() -> anyhow::Result<bool> {
             .env("shipping", "SHIPPING_FAILURE_RATE", SHIPPING_FAILURE_RATE)
     };
     println!("Saga orchestrator demo");
-    println!("  broker     {}", redact(&amqp_url));
+    println!("  broker     {}", saga_amqp::redact_url(&amqp_url));
     println!("  state      SQLite files and logs in {}", dir.display());
     println!("  binaries   {}", saga_system::bins::bin_dir()?.display());
     let mut system = System::launch(&env, opts).await?;

@@ -13,7 +13,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let definitions = definitions::load(std::slice::from_ref(&args.config))?;
     let connection_name = args
         .connection_name
-        .unwrap_or_else(|| service::default_connection_name("orchestrator"));
+        .unwrap_or_else(|| saga_amqp::default_connection_name("orchestrator"));
     let config = ServiceConfig {
         amqp_url: args.amqp_url,
         database_url: args.database_url,
