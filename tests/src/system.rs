@@ -479,6 +479,37 @@ impl System {
         self.spawn_with(ORCHESTRATOR, command)
     }
 
+    /// Starts a second orchestrator process on the same database and vhost (as `name`, with a
+    /// connection name of its own) and returns its HTTP URL once it is ready.
+    pub async fn start_another_orchestrator(&mut self, name: &str) -> String {
+        let result = async {
+            let port = free_port()?;
+            let mut command = self.command(ORCHESTRATOR)?;
+            command
+                .arg("run")
+                .arg("--config")
+                .arg(&self.config)
+                .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .env("CONNECTION_NAME", format!("{name}@{}", self.id));
+            self.spawn_with(name, command)?;
+            let url = format!("http://127.0.0.1:{port}");
+            let started = Instant::now();
+            loop {
+                self.check_alive(name)?;
+                let ready = self.client.get(format!("{url}/readyz")).send().await;
+                if ready.is_ok_and(|r| r.status().is_success()) {
+                    return anyhow::Ok(url);
+                }
+                if started.elapsed() > READY_TIMEOUT {
+                    bail!("{name} was not ready within {READY_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        .await;
+        result.unwrap_or_else(|e| panic!("starting {name}: {e:#}"))
+    }
+
     /// Fails with the log when `service` has exited.
     fn check_alive(&mut self, service: &str) -> anyhow::Result<()> {
         let Some(proc) = self.procs.get_mut(service) else {
