@@ -116,6 +116,32 @@ impl Management {
         )
     }
 
+    /// Closes every client connection to `vhost`, as a broker restart or a network cut would
+    /// (`DELETE /api/connections/{name}`); returns how many it closed.
+    pub async fn close_connections(&self, vhost: &str) -> anyhow::Result<usize> {
+        let connections = self.connections(vhost).await?;
+        for connection in &connections {
+            let name = connection["name"]
+                .as_str()
+                .context("a connection without a name")?;
+            let url = format!("{}/api/connections/{}", self.url, encode_segment(name));
+            let response = Self::http()?
+                .delete(&url)
+                .basic_auth(&self.user, Some(&self.password))
+                .header("X-Reason", "a test cuts the connection")
+                .send()
+                .await
+                .with_context(|| format!("DELETE {url}"))?;
+            // 404: it closed by itself meanwhile.
+            if !response.status().is_success()
+                && response.status() != reqwest::StatusCode::NOT_FOUND
+            {
+                bail!("DELETE {url}: {}", response.status());
+            }
+        }
+        Ok(connections.len())
+    }
+
     /// "Get messages" of the management UI: up to `count` messages of `queue`, handed back to
     /// the queue afterwards (`ackmode: ack_requeue_true`), payloads as text where they are.
     pub async fn peek_messages(
