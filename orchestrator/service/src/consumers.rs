@@ -82,7 +82,11 @@ async fn handle_replies(
     }
     // Replies already handled (a redelivery after a crash before the ack) need no decision.
     let ids: Vec<_> = work.iter().filter_map(|w| w.inbox_id).collect();
-    let seen = runtime.store().seen(&ids).await.unwrap_or_default();
+    let seen = runtime.store().seen(&ids).await.unwrap_or_else(|error| {
+        // Deciding them again is safe: the inbox makes a duplicate commit fail.
+        warn!(%error, "cannot read the inbox; deciding every reply of the batch");
+        Default::default()
+    });
     let (mut fresh, mut fresh_deliveries) = (Vec::new(), Vec::new());
     for (w, delivery) in work.into_iter().zip(pending) {
         if w.inbox_id.is_some_and(|id| seen.contains(&id)) {

@@ -349,7 +349,7 @@ impl Runtime {
             let participant = def
                 .step(&command.step)
                 .map(|(_, s)| s.participant.as_str())
-                .unwrap_or_default();
+                .expect("the engine only sends commands for steps of the definition");
             commit.outbox.push(OutgoingMessage::command(
                 command,
                 participant,
