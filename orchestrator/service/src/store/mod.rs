@@ -480,17 +480,6 @@ impl Store {
             .collect()
     }
 
-    /// Deletes one timer outside any commit (a timer whose saga vanished).
-    pub async fn delete_timer(&self, saga_id: Uuid, key: &str) -> Result<(), StoreError> {
-        let _lock = self.write_lock().await;
-        timers::Entity::delete_many()
-            .filter(timers::Column::SagaId.eq(saga_id))
-            .filter(timers::Column::TimerKey.eq(key))
-            .exec(&self.db)
-            .await?;
-        Ok(())
-    }
-
     pub async fn timer_count(&self) -> Result<u64, StoreError> {
         Ok(timers::Entity::find().count(&self.db).await?)
     }
