@@ -28,9 +28,12 @@ pub mod message_type {
     pub const STEP_COMMAND: &str = "saga.step_command";
     pub const STEP_REPLY: &str = "saga.step_reply";
     pub const EVENT: &str = "saga.event";
-    /// The orchestrator's answer to a start message that set `reply_to`:
-    /// `{"saga_id": "...", "created": true}`.
+    /// The orchestrator's answer to a start message that set `reply_to`: a
+    /// [`crate::SagaStartedReply`].
     pub const SAGA_STARTED: &str = "saga.started";
+    /// The orchestrator's answer to a start message it refused, when it set `reply_to`: a
+    /// [`crate::StartRejected`].
+    pub const START_REJECTED: &str = "saga.start_rejected";
 }
 
 /// Header keys.
@@ -78,6 +81,11 @@ pub struct OutgoingMessage {
     /// replies must arrive; lifecycle events go to whoever subscribed, possibly no one.
     #[serde(default = "yes")]
     pub mandatory: bool,
+    /// The broker may drop the message if no consumer took it by then (the AMQP `expiration`
+    /// property, computed at publish time). A re-asked command supersedes its earlier attempt,
+    /// so the queue of a participant that is down holds a bounded number per step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discard_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn yes() -> bool {
@@ -102,8 +110,14 @@ fn common_headers(saga_id: uuid::Uuid) -> Vec<(String, HeaderValue)> {
 }
 
 impl OutgoingMessage {
-    /// A step command, routed to its participant's queue; replies go to `reply_to`.
-    pub fn command(cmd: &crate::StepCommand, participant: &str, reply_to: &str) -> Self {
+    /// A step command, routed to its participant's queue; replies go to `reply_to`. The broker
+    /// may drop it unconsumed after `discard_after` (the moment its attempt is superseded).
+    pub fn command(
+        cmd: &crate::StepCommand,
+        participant: &str,
+        reply_to: &str,
+        discard_after: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Self {
         let mut headers = common_headers(cmd.saga_id);
         headers.extend([
             (
@@ -128,6 +142,7 @@ impl OutgoingMessage {
             headers,
             body: json(cmd),
             mandatory: true,
+            discard_after,
         }
     }
 
@@ -157,6 +172,7 @@ impl OutgoingMessage {
             headers,
             body: json(reply),
             mandatory: true,
+            discard_after: None,
         }
     }
 
@@ -177,6 +193,7 @@ impl OutgoingMessage {
             headers,
             body: json(envelope),
             mandatory: false,
+            discard_after: None,
         }
     }
 }

@@ -75,15 +75,25 @@ pub struct StepSpec {
     /// `compensatable` (the default), `pivot` or `retriable`.
     #[serde(default)]
     pub kind: StepKindSpec,
-    /// How long one attempt waits for its reply (e.g. `5s`). Default `30s`.
+    /// How long one attempt waits for its reply before the step is asked again (e.g. `5s`).
+    /// Default `30s`. Each further silence doubles the wait, up to `1m` (or `timeout` if
+    /// longer). Silence never fails a step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: Option<String>,
-    /// Retries of the action after a retryable error or a timeout. Default: one attempt.
+    /// How long after the step's first attempt the participant may still start the action
+    /// (e.g. `1m`); a later command is refused with the failure `expired`, and the saga is
+    /// compensated. Never later than the saga's `deadline`. Default `5m`. Not on retriable
+    /// steps, which must always run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub expiry: Option<String>,
+    /// Retries of the action after a `retryable_error` reply. Default: 3 attempts. Retriable
+    /// steps retry without bound and take only `backoff` and `max_backoff`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
-    /// Retries of the compensation before the saga waits for an operator. Default: 5 attempts,
-    /// backoff `500ms` up to `30s`.
+    /// Retries of the compensation after a `retryable_error` reply, before the saga waits for
+    /// an operator. Default: 5 attempts, backoff `500ms` up to `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation_retry: Option<RetrySpec>,
 }
@@ -105,7 +115,8 @@ pub enum StepKindSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
-    /// Attempts in all, the first included (at least 1).
+    /// Attempts answered with a `retryable_error` before the step gives up (at least 1).
+    /// Silences (timeouts) do not count: they are asked again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_attempts: Option<i64>,

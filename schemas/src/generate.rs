@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use schemars::schema_for;
 use serde_json::{Map, Value, json};
 
-use crate::{EventEnvelope, SCHEMA_VERSION, StartSaga, StepCommand, StepReply, amqp, definition};
+use crate::{
+    EventEnvelope, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepCommand,
+    StepReply, amqp, definition,
+};
 
 /// The command that rewrites the committed schema files from the types.
 pub const REGENERATE_COMMAND: &str = "cargo run -p saga-schemas --bin generate-schemas";
@@ -32,6 +35,22 @@ pub fn json_schemas() -> Vec<(&'static str, Value)> {
                 schema_for!(StartSaga),
                 "start-saga",
                 Some(amqp::message_type::START_SAGA),
+            ),
+        ),
+        (
+            "saga-started.schema.json",
+            annotate(
+                schema_for!(SagaStartedReply),
+                "saga-started",
+                Some(amqp::message_type::SAGA_STARTED),
+            ),
+        ),
+        (
+            "start-rejected.schema.json",
+            annotate(
+                schema_for!(StartRejected),
+                "start-rejected",
+                Some(amqp::message_type::START_REJECTED),
             ),
         ),
         (

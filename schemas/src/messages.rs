@@ -22,6 +22,36 @@ pub struct StartSaga {
     pub idempotency_key: Option<String>,
 }
 
+/// The orchestrator's answer to a [`StartSaga`] that named a `reply_to` queue: the saga it
+/// started, or the one an earlier request with the same idempotency key started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SagaStartedReply {
+    pub saga_id: Uuid,
+    /// False when an earlier request with the same idempotency key started it.
+    pub created: bool,
+}
+
+/// The orchestrator's answer to a [`StartSaga`] it will not start (the request is also
+/// dead-lettered with the same reason).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StartRejected {
+    /// The saga name the request asked for.
+    pub saga: String,
+    pub reason: RejectionReason,
+    /// Details for people: which rule of `input_schema` failed, for example.
+    pub detail: String,
+}
+
+/// Why a start request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionReason {
+    /// No saga of that name is defined.
+    UnknownSaga,
+    /// The input does not match the saga's `input_schema`.
+    InvalidInput,
+}
+
 /// Whether a command runs a step's action or undoes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -56,10 +86,22 @@ pub struct StepCommand {
     pub attempt: u32,
     /// The saga data: the start input with every completed step's output merged in.
     pub data: Data,
-    /// On a compensation: the output this step's own action returned, if it returned one.
+    /// On a compensation: the output this step's own action returned, if the orchestrator
+    /// recorded one. Absent when the action's reply never arrived (it timed out, or the saga
+    /// was stopped while it was in flight): the participant then finds what to undo in its own
+    /// records, keyed by (`saga_id`, `step`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_output: Option<Data>,
+    /// On an action: the participant must not start it after this instant. A command that
+    /// arrives later is refused with `failure` and the reason [`EXPIRED`], and that refusal is
+    /// recorded, so every later attempt of the step gets the same answer. Absent on
+    /// compensations and on retriable steps, which must always run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
+
+/// The `failure` reason of an action refused because its command expired.
+pub const EXPIRED: &str = "expired";
 
 /// A participant's answer to one [`StepCommand`], sent to the replies queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -115,12 +157,17 @@ pub enum SagaEvent {
         /// When the command was decided (absent in logs written before it was added).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sent_at: Option<DateTime<Utc>>,
+        /// The command's `expires_at` (actions before the point of no return).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<DateTime<Utc>>,
     },
-    /// The step's action committed.
+    /// The step's action committed (or an operator marked it done by hand).
     StepCompleted {
         step: String,
         attempt: u32,
         output: Data,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        manual: bool,
     },
     /// The step's action will not succeed: a business failure, or its retries ran out.
     StepFailed {
@@ -135,7 +182,8 @@ pub enum SagaEvent {
         attempt: u32,
         error: String,
     },
-    /// One attempt got no reply in time; its action may or may not have run.
+    /// One attempt got no reply in time; its action may or may not have run. The step is
+    /// asked again (a new attempt); silence never decides an outcome.
     AttemptTimedOut {
         step: String,
         direction: Direction,
@@ -174,6 +222,16 @@ pub enum SagaEvent {
     CompensationRetryRequested {
         step: String,
     },
+    /// A step past the point of no return failed definitively; the saga waits for an operator
+    /// to retry the step or mark it done.
+    CompletionFailed {
+        step: String,
+        reason: String,
+    },
+    /// An operator asked to retry the step whose failure stopped the saga, with a fresh budget.
+    StepRetryRequested {
+        step: String,
+    },
     SagaCompleted,
     SagaCompensated,
 }
@@ -195,6 +253,8 @@ impl SagaEvent {
             SagaEvent::StepCompensated { .. } => "step_compensated",
             SagaEvent::CompensationFailed { .. } => "compensation_failed",
             SagaEvent::CompensationRetryRequested { .. } => "compensation_retry_requested",
+            SagaEvent::CompletionFailed { .. } => "completion_failed",
+            SagaEvent::StepRetryRequested { .. } => "step_retry_requested",
             SagaEvent::SagaCompleted => "saga_completed",
             SagaEvent::SagaCompensated => "saga_compensated",
         }
@@ -224,8 +284,10 @@ pub enum SagaStatus {
     Completed,
     /// Every completed step was undone. Final.
     Compensated,
-    /// A compensation could not be done; waits for an operator.
+    /// A compensation failed definitively; waits for an operator.
     CompensationFailed,
+    /// A step past the point of no return failed definitively; waits for an operator.
+    CompletionFailed,
 }
 
 impl SagaStatus {
@@ -236,16 +298,32 @@ impl SagaStatus {
             SagaStatus::Completed => "completed",
             SagaStatus::Compensated => "compensated",
             SagaStatus::CompensationFailed => "compensation_failed",
+            SagaStatus::CompletionFailed => "completion_failed",
         }
     }
 
     /// No further move without an operator.
     pub fn is_settled(self) -> bool {
+        !matches!(self, SagaStatus::Running | SagaStatus::Compensating)
+    }
+
+    /// Settled, but waiting for an operator rather than finished.
+    pub fn needs_operator(self) -> bool {
         matches!(
             self,
-            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::CompensationFailed
+            SagaStatus::CompensationFailed | SagaStatus::CompletionFailed
         )
     }
+
+    /// Every status, in lifecycle order.
+    pub const ALL: [SagaStatus; 6] = [
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+        SagaStatus::Completed,
+        SagaStatus::Compensated,
+        SagaStatus::CompensationFailed,
+        SagaStatus::CompletionFailed,
+    ];
 }
 
 impl std::str::FromStr for SagaStatus {
@@ -257,7 +335,20 @@ impl std::str::FromStr for SagaStatus {
             "completed" => SagaStatus::Completed,
             "compensated" => SagaStatus::Compensated,
             "compensation_failed" => SagaStatus::CompensationFailed,
+            "completion_failed" => SagaStatus::CompletionFailed,
             other => return Err(format!("unknown saga status `{other}`")),
         })
+    }
+}
+
+impl std::fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

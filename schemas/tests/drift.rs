@@ -153,6 +153,10 @@ fn command(direction: Direction) -> StepCommand {
             Direction::Execute => None,
             Direction::Compensate => Some(data(json!({"payment_id": "P-9"}))),
         },
+        expires_at: match direction {
+            Direction::Execute => Some(at(14, 0)),
+            Direction::Compensate => None,
+        },
     }
 }
 
@@ -196,7 +200,7 @@ fn reply(outcome: Outcome) -> StepReply {
     }
 }
 
-const EVENT_VARIANTS: usize = 15;
+const EVENT_VARIANTS: usize = 17;
 
 /// Adding a `SagaEvent` variant breaks this match: add it here and to [`all_events`].
 fn event_index(event: &SagaEvent) -> usize {
@@ -216,6 +220,8 @@ fn event_index(event: &SagaEvent) -> usize {
         SagaEvent::CompensationRetryRequested { .. } => 12,
         SagaEvent::SagaCompleted => 13,
         SagaEvent::SagaCompensated => 14,
+        SagaEvent::CompletionFailed { .. } => 15,
+        SagaEvent::StepRetryRequested { .. } => 16,
     }
 }
 
@@ -242,11 +248,19 @@ fn all_events() -> Vec<SagaEvent> {
             message_id: Uuid::new_v4(),
             timeout_at: at(23, 589),
             sent_at: Some(at(13, 589)),
+            expires_at: Some(at(59, 0)),
         },
         SagaEvent::StepCompleted {
             step: "charge_payment".into(),
             attempt: 1,
             output: data(json!({"payment_id": "P-9"})),
+            manual: false,
+        },
+        SagaEvent::StepCompleted {
+            step: "create_shipment".into(),
+            attempt: 4,
+            output: Data::new(),
+            manual: true,
         },
         SagaEvent::StepFailed {
             step: "create_shipment".into(),
@@ -293,6 +307,13 @@ fn all_events() -> Vec<SagaEvent> {
         },
         SagaEvent::CompensationRetryRequested {
             step: "reserve_stock".into(),
+        },
+        SagaEvent::CompletionFailed {
+            step: "create_shipment".into(),
+            reason: "address not deliverable".into(),
+        },
+        SagaEvent::StepRetryRequested {
+            step: "create_shipment".into(),
         },
         SagaEvent::SagaCompleted,
         SagaEvent::SagaCompensated,

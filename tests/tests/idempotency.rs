@@ -103,11 +103,13 @@ async fn duplicate_command_and_reply(backend: Backend) {
         attempt: sent["attempt"].as_u64().unwrap() as u32,
         data,
         action_output: None,
+        expires_at: None,
     };
     amqp.publish(&OutgoingMessage::command(
         &command,
         "shipping",
         REPLIES_QUEUE,
+        None,
     ))
     .await;
 
@@ -171,11 +173,13 @@ async fn duplicate_command_and_reply(backend: Backend) {
         attempt: 1,
         data: input.as_object().cloned().unwrap(),
         action_output: None,
+        expires_at: None,
     };
     amqp.publish(&OutgoingMessage::command(
         &late_command,
         "orders",
         REPLIES_QUEUE,
+        None,
     ))
     .await;
     amqp.publisher

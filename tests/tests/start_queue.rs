@@ -28,6 +28,7 @@ fn start_message(start: &StartSaga, reply_to: &str) -> OutgoingMessage {
         )],
         body: serde_json::to_string(start).unwrap(),
         mandatory: true,
+        discard_after: None,
     }
 }
 

@@ -465,6 +465,7 @@ fn message(queue: &str, id: Uuid) -> OutgoingMessage {
         // About the size of a step command.
         body: json!({"payload": "x".repeat(300)}).to_string(),
         mandatory: true,
+        discard_after: None,
     }
 }
 

@@ -11,9 +11,15 @@ pub use parse::{DefinitionError, DefinitionErrors};
 
 /// Default per-attempt timeout of a step when `timeout` is not given.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default retry policy of a step's action: one attempt, no retry.
+/// Longest wait for one attempt's reply: each silence doubles a step's wait up to this (or up
+/// to the step's `timeout`, when that is longer).
+pub const MAX_REASK_WAIT: Duration = Duration::from_secs(60);
+/// Default time after a step's first attempt during which its action may start.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(5 * 60);
+/// Default retry policy of a step's action: up to 3 attempts answered with a retryable error,
+/// so one transient fault never fails a step.
 pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
-    max_attempts: 1,
+    max_attempts: 3,
     backoff: Duration::from_millis(200),
     max_backoff: Duration::from_secs(5),
 };
@@ -101,13 +107,28 @@ pub struct StepDefinition {
     /// Present exactly when `kind` is [`StepKind::Compensatable`].
     pub compensation: Option<String>,
     pub kind: StepKind,
-    /// How long one attempt may wait for its reply.
+    /// How long the first attempt waits for its reply before the step is asked again.
     pub timeout: Duration,
-    /// Retries of the action after a retryable error or a timeout. Retriable steps ignore
-    /// `max_attempts` and retry until they succeed.
+    /// How long after the first attempt the participant may still start the action; `None` on
+    /// retriable steps, which must always run.
+    pub expiry: Option<Duration>,
+    /// Retries of the action after a retryable error. Retriable steps retry without bound.
     pub retry: RetryPolicy,
-    /// Retries of the compensation before the saga waits for an operator.
+    /// Retries of the compensation after a retryable error, before the saga waits for an
+    /// operator.
     pub compensation_retry: RetryPolicy,
+}
+
+impl StepDefinition {
+    /// How long attempt number `silences + 1` in a row without a reply waits: `timeout`
+    /// doubled on each silence, capped at [`MAX_REASK_WAIT`] (or `timeout` if longer).
+    pub fn wait_after(&self, silences: u32) -> Duration {
+        let cap = self.timeout.max(MAX_REASK_WAIT);
+        self.timeout
+            .checked_mul(1u32 << silences.min(16))
+            .unwrap_or(cap)
+            .min(cap)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

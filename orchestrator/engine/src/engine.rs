@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::definition::{SagaDefinition, StepKind};
-use crate::state::SagaState;
+use crate::state::{SagaState, StepState};
 
 /// Namespace of the deterministic command message ids (UUID v5).
 const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5a6a_0c1d_9e2f_4b7a_8c3d_2e1f_0a9b_8c7d);
@@ -94,6 +94,15 @@ pub enum OperatorCommand {
     RetryCompensation,
     /// The operator undid the step by hand.
     MarkCompensated { step: String },
+    /// Retry the step whose definitive failure past the point of no return stopped the saga,
+    /// with a fresh budget (after the participant's cause was fixed and its record cleared).
+    RetryStep,
+    /// The operator did the failed step by hand; `output` is merged into the saga data.
+    MarkCompleted {
+        step: String,
+        #[serde(default)]
+        output: Data,
+    },
 }
 
 /// Whether the input moved the saga.
@@ -101,9 +110,70 @@ pub enum OperatorCommand {
 pub enum Outcome {
     Applied,
     /// Nothing to do: a duplicate, a stale reply or timer, a reply for an unknown saga.
-    Ignored(String),
+    Ignored(Ignored),
     /// An operator command that does not apply to the saga as it is.
-    Rejected(String),
+    Rejected(Rejection),
+}
+
+/// Why an input changed nothing. Each variant is one rule, so callers and tests can tell them
+/// apart; `Display` says it for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Ignored {
+    #[error("unknown saga")]
+    UnknownSaga,
+    #[error("saga already started")]
+    AlreadyStarted,
+    #[error("step `{step}` is not in the definition")]
+    UnknownStep { step: String },
+    #[error("no command was sent for step `{step}`")]
+    NotSent { step: String },
+    #[error("no {direction} attempt {attempt} was sent for step `{step}`")]
+    NoSuchAttempt {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+    },
+    #[error("step `{step}` already completed")]
+    AlreadyCompleted { step: String },
+    #[error("step `{step}` already failed")]
+    AlreadyFailed { step: String },
+    #[error("step `{step}` already compensated")]
+    AlreadyCompensated { step: String },
+    #[error("a reply for step `{step}` that no longer matters: the saga is {status}")]
+    NotRunning { step: String, status: SagaStatus },
+    #[error("attempt {attempt} of step `{step}` is no longer awaited")]
+    NotAwaited { step: String, attempt: u32 },
+    #[error("attempt {attempt} of step `{step}` belongs to a budget an operator replaced")]
+    EarlierBudget { step: String, attempt: u32 },
+    #[error("retry {attempt} of `{step}` is no longer due")]
+    RetryNotDue { step: String, attempt: u32 },
+    #[error("the deadline no longer applies")]
+    DeadlineNotApplicable,
+    #[error("abort already requested")]
+    AbortAlreadyRequested,
+    #[error("duplicate message")]
+    Duplicate,
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("only a running saga can be aborted; it is {0}")]
+    AbortNotRunning(SagaStatus),
+    #[error("the saga is past its point of no return and must complete")]
+    PastPointOfNoReturn,
+    #[error("no compensation has failed; the saga is {0}")]
+    NoFailedCompensation(SagaStatus),
+    #[error("no step failed past the point of no return; the saga is {0}")]
+    NoFailedStep(SagaStatus),
+    #[error(
+        "step `{step}` has no compensation: reconcile it by hand, then mark it compensated"
+    )]
+    NoCompensation { step: String },
+    #[error("step `{step}` is not the one that failed (`{failed}`)")]
+    NotTheFailedStep { step: String, failed: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,7 +214,7 @@ pub fn decide(
                 input,
                 business_key,
             } => start(def, *saga_id, input, business_key.clone(), now),
-            _ => Decision::without_change(None, Outcome::Ignored("unknown saga".into())),
+            _ => Decision::without_change(None, Outcome::Ignored(Ignored::UnknownSaga)),
         };
     };
     let mut ctx = Ctx {
@@ -156,7 +226,7 @@ pub fn decide(
         timers: Vec::new(),
     };
     let result = match input {
-        Input::Start { .. } => Err(Outcome::Ignored("saga already started".into())),
+        Input::Start { .. } => Err(Outcome::Ignored(Ignored::AlreadyStarted)),
         Input::Reply {
             step,
             direction,
@@ -209,12 +279,12 @@ fn start(
 /// Why an input changes nothing.
 type Verdict = Result<(), Outcome>;
 
-fn ignore(why: impl Into<String>) -> Verdict {
-    Err(Outcome::Ignored(why.into()))
+fn ignore(why: Ignored) -> Verdict {
+    Err(Outcome::Ignored(why))
 }
 
-fn reject(why: impl Into<String>) -> Verdict {
-    Err(Outcome::Rejected(why.into()))
+fn reject(why: Rejection) -> Verdict {
+    Err(Outcome::Rejected(why))
 }
 
 /// A decision under construction: each emitted event is folded at once, so later rules see
@@ -257,15 +327,17 @@ impl Ctx<'_> {
     }
 
     /// Index and state of a step that has had at least one command sent.
-    fn sent_step(&self, name: &str) -> Result<(usize, crate::state::StepState), Outcome> {
-        let (index, _) = self
-            .def
-            .step(name)
-            .ok_or_else(|| Outcome::Ignored(format!("step `{name}` is not in the definition")))?;
-        let step =
-            self.state.step(name).cloned().ok_or_else(|| {
-                Outcome::Ignored(format!("no command was sent for step `{name}`"))
-            })?;
+    fn sent_step(&self, name: &str) -> Result<(usize, StepState), Outcome> {
+        let (index, _) = self.def.step(name).ok_or_else(|| {
+            Outcome::Ignored(Ignored::UnknownStep {
+                step: name.to_owned(),
+            })
+        })?;
+        let step = self.state.step(name).cloned().ok_or_else(|| {
+            Outcome::Ignored(Ignored::NotSent {
+                step: name.to_owned(),
+            })
+        })?;
         Ok((index, step))
     }
 
@@ -280,13 +352,15 @@ impl Ctx<'_> {
         })
     }
 
-    fn pivot_in_flight(&self) -> bool {
+    /// The pivot was asked and its definitive answer is still owed: an attempt awaits its reply,
+    /// or one went unanswered and may yet run. Compensation must wait for it, since a pivot
+    /// that ran cannot be undone.
+    fn pivot_unsettled(&self) -> bool {
         self.def.steps.iter().any(|d| {
             d.kind == StepKind::Pivot
-                && self
-                    .state
-                    .step(&d.name)
-                    .is_some_and(|s| s.action.in_flight.is_some())
+                && self.state.step(&d.name).is_some_and(|s| {
+                    !s.completed && !s.failed && (s.action.in_flight.is_some() || s.maybe_ran)
+                })
         })
     }
 
@@ -294,12 +368,24 @@ impl Ctx<'_> {
         let step = &self.def.steps[index];
         let saga_id = self.state.saga_id;
         let message_id = command_message_id(saga_id, &step.name, direction, attempt);
-        let timeout_at = self.now + step.timeout;
-        let (action, action_output) = match direction {
-            Direction::Execute => (step.action.clone(), None),
+        let state = self.state.step(&step.name);
+        let silences = state.map_or(0, |s| s.attempts(direction).silences);
+        let timeout_at = self.now + step.wait_after(silences);
+        let (action, action_output, expires_at) = match direction {
+            Direction::Execute => {
+                // Fixed at the first attempt, so every attempt carries the same promise.
+                let expires_at = state.and_then(|s| s.expires_at).or_else(|| {
+                    step.expiry.map(|expiry| {
+                        let at = self.now + expiry;
+                        self.state.deadline_at.map_or(at, |deadline| at.min(deadline))
+                    })
+                });
+                (step.action.clone(), None, expires_at)
+            }
             Direction::Compensate => (
                 step.compensation.clone().unwrap_or_default(),
-                self.state.step(&step.name).and_then(|s| s.output.clone()),
+                state.and_then(|s| s.output.clone()),
+                None,
             ),
         };
         self.emit(SagaEvent::CommandSent {
@@ -309,6 +395,7 @@ impl Ctx<'_> {
             message_id,
             timeout_at,
             sent_at: Some(self.now),
+            expires_at,
         });
         self.commands.push(StepCommand {
             message_id,
@@ -320,6 +407,7 @@ impl Ctx<'_> {
             attempt,
             data: self.state.data.clone(),
             action_output,
+            expires_at,
         });
         self.schedule(
             TimerKind::StepTimeout {
@@ -361,10 +449,11 @@ impl Ctx<'_> {
     ) -> Verdict {
         let (index, step) = self.sent_step(name)?;
         if attempt == 0 || attempt > step.attempts(direction).sent {
-            return ignore(format!(
-                "no {} attempt {attempt} was sent for step `{name}`",
-                direction.as_str()
-            ));
+            return ignore(Ignored::NoSuchAttempt {
+                step: name.to_owned(),
+                direction,
+                attempt,
+            });
         }
         match direction {
             Direction::Execute => self.action_reply(index, attempt, outcome),
@@ -372,15 +461,18 @@ impl Ctx<'_> {
         }
     }
 
+    /// A definitive answer (success or failure) counts from any attempt: every attempt asks the
+    /// same question, and the participant answers all of them with its one recorded outcome. A
+    /// retryable error counts only for the attempt being awaited.
     fn action_reply(&mut self, index: usize, attempt: u32, outcome: &ReplyOutcome) -> Verdict {
         let def = &self.def.steps[index];
         let name = def.name.clone();
         let kind = def.kind;
         let step = self.state.step(&name).cloned().expect("sent step");
         if step.completed {
-            return ignore(format!("step `{name}` already completed"));
+            return ignore(Ignored::AlreadyCompleted { step: name });
         }
-        let latest = attempt == step.action.sent;
+        let status = self.state.status;
         match outcome {
             ReplyOutcome::Success { output } => {
                 self.cancel_pending(&name, Direction::Execute);
@@ -388,9 +480,12 @@ impl Ctx<'_> {
                     step: name.clone(),
                     attempt,
                     output: output.clone(),
+                    manual: false,
                 });
-                match self.state.status {
-                    SagaStatus::Running => self.advance(index),
+                match status {
+                    // After a completion failure the step's success (from an earlier attempt)
+                    // resumes the saga.
+                    SagaStatus::Running | SagaStatus::CompletionFailed => self.advance(index),
                     // A success after compensation began: its action ran, so undo it too.
                     SagaStatus::Compensating => self.continue_compensation(),
                     SagaStatus::Compensated => {
@@ -406,68 +501,68 @@ impl Ctx<'_> {
                 }
                 Ok(())
             }
-            _ if self.state.status != SagaStatus::Running => {
-                ignore(format!("step `{name}` failed after compensation began"))
-            }
-            _ if step.failed || !latest => ignore(format!(
-                "stale reply for attempt {attempt} of step `{name}`"
-            )),
-            ReplyOutcome::Failure { reason } if kind != StepKind::Retriable => {
-                self.cancel_pending(&name, Direction::Execute);
-                self.emit(SagaEvent::StepFailed {
-                    step: name.clone(),
+            _ if status != SagaStatus::Running => ignore(Ignored::NotRunning { step: name, status }),
+            _ if step.failed => ignore(Ignored::AlreadyFailed { step: name }),
+            ReplyOutcome::Failure { .. } if attempt <= step.action.budget_start => {
+                ignore(Ignored::EarlierBudget {
+                    step: name,
                     attempt,
-                    reason: reason.clone(),
-                });
-                self.begin_compensation(format!("step `{name}` failed: {reason}"));
-                Ok(())
+                })
             }
             ReplyOutcome::Failure { reason } => {
-                // A retriable step cannot fail for business reasons: retry it regardless.
-                self.retryable_error(
-                    index,
+                self.cancel_pending(&name, Direction::Execute);
+                if kind == StepKind::Retriable {
+                    // Past the point of no return nothing can be undone: an operator decides.
+                    self.emit(SagaEvent::CompletionFailed {
+                        step: name,
+                        reason: reason.clone(),
+                    });
+                } else {
+                    self.emit(SagaEvent::StepFailed {
+                        step: name.clone(),
+                        attempt,
+                        reason: reason.clone(),
+                    });
+                    self.begin_compensation(format!("step `{name}` failed: {reason}"));
+                }
+                Ok(())
+            }
+            ReplyOutcome::RetryableError { .. } if step.action.in_flight != Some(attempt) => {
+                ignore(Ignored::NotAwaited {
+                    step: name,
                     attempt,
-                    format!("business failure from a retriable step: {reason}"),
-                )
+                })
             }
             ReplyOutcome::RetryableError { error } => {
-                self.retryable_error(index, attempt, error.clone())
+                self.cancel_pending(&name, Direction::Execute);
+                self.emit(SagaEvent::AttemptFailed {
+                    step: name,
+                    direction: Direction::Execute,
+                    attempt,
+                    error: error.clone(),
+                });
+                self.retry_or_fail(index, error.clone());
+                Ok(())
             }
         }
     }
 
-    fn retryable_error(&mut self, index: usize, attempt: u32, error: String) -> Verdict {
-        let name = self.step_name(index).to_owned();
-        let in_flight = self.state.step(&name).and_then(|s| s.action.in_flight);
-        if in_flight != Some(attempt) {
-            return ignore(format!(
-                "attempt {attempt} of step `{name}` is no longer awaited"
-            ));
-        }
-        self.cancel_pending(&name, Direction::Execute);
-        self.emit(SagaEvent::AttemptFailed {
-            step: name,
-            direction: Direction::Execute,
-            attempt,
-            error: error.clone(),
-        });
-        self.retry_or_fail(index, error);
-        Ok(())
-    }
-
-    /// After an attempt of an action failed without a final answer.
+    /// After an attempt of an action was answered with a retryable error.
     fn retry_or_fail(&mut self, index: usize, error: String) {
         let def = &self.def.steps[index];
         let name = def.name.clone();
-        let sent = self.state.step(&name).map_or(0, |s| s.action.sent);
+        let step = self.state.step(&name).cloned().expect("sent step");
+        let errors = step.action.errors;
         let stopping = self.state.deadline_exceeded || self.state.abort_requested.is_some();
-        let may_retry = match def.kind {
-            StepKind::Retriable => true,
-            _ => !stopping && sent < def.retry.max_attempts,
-        };
+        // A pivot with an unanswered attempt may still run: only its definitive answer (the
+        // recorded outcome, or the expiry refusal) may end it.
+        let must_hear_back = def.kind == StepKind::Pivot && step.maybe_ran;
+        let may_retry = def.kind == StepKind::Retriable
+            || must_hear_back
+            || (!stopping && errors < def.retry.max_attempts);
         if may_retry {
-            let next = sent + 1;
-            let due_at = self.now + def.retry.delay_before(next);
+            let next = step.action.sent + 1;
+            let due_at = self.now + def.retry.delay_before(errors + 1);
             self.emit(SagaEvent::RetryScheduled {
                 step: name.clone(),
                 direction: Direction::Execute,
@@ -487,11 +582,11 @@ impl Ctx<'_> {
         let reason = if stopping {
             format!("{error}; not retried: the saga is being stopped")
         } else {
-            format!("{error}; gave up after {sent} attempts")
+            format!("{error}; gave up after {errors} retryable errors")
         };
         self.emit(SagaEvent::StepFailed {
             step: name.clone(),
-            attempt: sent,
+            attempt: step.action.sent,
             reason: reason.clone(),
         });
         let why = match &self.state.abort_requested {
@@ -510,11 +605,19 @@ impl Ctx<'_> {
                 .steps
                 .get(next)
                 .is_some_and(|s| s.kind == StepKind::Retriable);
-        if self.state.deadline_at.is_some() && (commits || next == self.def.steps.len()) {
+        if self.state.deadline_at.is_some()
+            && !self.state.deadline_exceeded
+            && (commits || next == self.def.steps.len())
+        {
             self.cancel(TimerKind::Deadline);
         }
         if next < self.def.steps.len() {
-            self.send(next, Direction::Execute, 1);
+            let attempt = self
+                .state
+                .step(&self.def.steps[next].name)
+                .map_or(0, |s| s.action.sent)
+                + 1;
+            self.send(next, Direction::Execute, attempt);
         } else {
             self.emit(SagaEvent::SagaCompleted);
         }
@@ -552,13 +655,8 @@ impl Ctx<'_> {
                     .step(&d.name)
                     .is_some_and(|s| s.may_need_undo() && !s.compensated && !s.compensation_failed)
         });
-        if let Some((index, _)) = owed {
-            let next = self
-                .state
-                .steps
-                .iter()
-                .find(|s| s.name == self.def.steps[index].name);
-            let attempt = next.map_or(0, |s| s.compensation.sent) + 1;
+        if let Some((index, d)) = owed {
+            let attempt = self.state.step(&d.name).map_or(0, |s| s.compensation.sent) + 1;
             self.send(index, Direction::Compensate, attempt);
             return;
         }
@@ -590,16 +688,21 @@ impl Ctx<'_> {
         let name = self.step_name(index).to_owned();
         let step = self.state.step(&name).cloned().expect("sent step");
         if step.compensated {
-            return ignore(format!("step `{name}` already compensated"));
+            return ignore(Ignored::AlreadyCompensated { step: name });
         }
-        let current_budget = attempt > step.compensation.budget_start
-            || self.state.status == SagaStatus::CompensationFailed;
+        let current_budget = attempt > step.compensation.budget_start;
         match outcome {
-            ReplyOutcome::Success { .. } if !current_budget => ignore(format!(
-                "compensation attempt {attempt} of step `{name}` belongs to an earlier budget"
-            )),
+            // Late good news is still good news, even after the budget ran out; but a success
+            // of the compensation of an earlier run of the action does not undo a later one.
+            ReplyOutcome::Success { .. }
+                if !current_budget && self.state.status != SagaStatus::CompensationFailed =>
+            {
+                ignore(Ignored::EarlierBudget {
+                    step: name,
+                    attempt,
+                })
+            }
             ReplyOutcome::Success { .. } => {
-                // Late good news is still good news, even after the budget ran out.
                 self.cancel_pending(&name, Direction::Compensate);
                 self.emit(SagaEvent::StepCompensated {
                     step: name,
@@ -609,9 +712,11 @@ impl Ctx<'_> {
                 self.continue_compensation();
                 Ok(())
             }
-            _ if step.compensation.in_flight != Some(attempt) => ignore(format!(
-                "compensation attempt {attempt} of step `{name}` is no longer awaited"
-            )),
+            _ if step.compensation_failed => ignore(Ignored::AlreadyFailed { step: name }),
+            ReplyOutcome::Failure { .. } if !current_budget => ignore(Ignored::EarlierBudget {
+                step: name,
+                attempt,
+            }),
             ReplyOutcome::Failure { reason } => {
                 self.cancel_pending(&name, Direction::Compensate);
                 self.emit(SagaEvent::CompensationFailed {
@@ -619,6 +724,12 @@ impl Ctx<'_> {
                     reason: reason.clone(),
                 });
                 Ok(())
+            }
+            ReplyOutcome::RetryableError { .. } if step.compensation.in_flight != Some(attempt) => {
+                ignore(Ignored::NotAwaited {
+                    step: name,
+                    attempt,
+                })
             }
             ReplyOutcome::RetryableError { error } => {
                 self.cancel_pending(&name, Direction::Compensate);
@@ -642,9 +753,9 @@ impl Ctx<'_> {
             .step(&name)
             .map(|s| s.compensation.clone())
             .unwrap_or_default();
-        if attempts.used() < def.compensation_retry.max_attempts {
+        if attempts.errors < def.compensation_retry.max_attempts {
             let next = attempts.sent + 1;
-            let due_at = self.now + def.compensation_retry.delay_before(attempts.used() + 1);
+            let due_at = self.now + def.compensation_retry.delay_before(attempts.errors + 1);
             self.emit(SagaEvent::RetryScheduled {
                 step: name.clone(),
                 direction: Direction::Compensate,
@@ -662,7 +773,7 @@ impl Ctx<'_> {
         } else {
             self.emit(SagaEvent::CompensationFailed {
                 step: name,
-                reason: format!("{error}; gave up after {} attempts", attempts.used()),
+                reason: format!("{error}; gave up after {} retryable errors", attempts.errors),
             });
         }
     }
@@ -676,23 +787,19 @@ impl Ctx<'_> {
             } => {
                 let (index, state) = self.sent_step(step)?;
                 if state.attempts(*direction).in_flight != Some(*attempt) {
-                    return ignore(format!(
-                        "attempt {attempt} of `{step}` was already answered"
-                    ));
+                    return ignore(Ignored::NotAwaited {
+                        step: step.clone(),
+                        attempt: *attempt,
+                    });
                 }
+                // Silence is not an answer: ask again. The participant answers a repeated
+                // question with its recorded outcome, so asking is always safe.
                 self.emit(SagaEvent::AttemptTimedOut {
                     step: step.clone(),
                     direction: *direction,
                     attempt: *attempt,
                 });
-                let error = format!(
-                    "no reply within {}",
-                    humantime::format_duration(self.def.steps[index].timeout)
-                );
-                match direction {
-                    Direction::Execute => self.retry_or_fail(index, error),
-                    Direction::Compensate => self.retry_or_fail_compensation(index, error),
-                }
+                self.send(index, *direction, attempt + 1);
                 Ok(())
             }
             TimerKind::Retry {
@@ -710,7 +817,10 @@ impl Ctx<'_> {
                     || *attempt != attempts.sent + 1
                     || self.state.status != expected_status
                 {
-                    return ignore(format!("retry {attempt} of `{step}` is no longer due"));
+                    return ignore(Ignored::RetryNotDue {
+                        step: step.clone(),
+                        attempt: *attempt,
+                    });
                 }
                 self.send(index, *direction, *attempt);
                 Ok(())
@@ -720,11 +830,11 @@ impl Ctx<'_> {
                     || self.committed()
                     || self.state.deadline_exceeded
                 {
-                    return ignore("the deadline no longer applies");
+                    return ignore(Ignored::DeadlineNotApplicable);
                 }
                 self.emit(SagaEvent::DeadlineExceeded);
-                // An in-flight pivot decides: if it succeeds, the saga must finish.
-                if !self.pivot_in_flight() {
+                // An unsettled pivot decides: if it succeeds, the saga must finish.
+                if !self.pivot_unsettled() {
                     self.begin_compensation("saga deadline exceeded".into());
                 }
                 Ok(())
@@ -737,21 +847,18 @@ impl Ctx<'_> {
         match command {
             OperatorCommand::Abort { reason } => {
                 if status != SagaStatus::Running {
-                    return reject(format!(
-                        "only a running saga can be aborted; it is {}",
-                        status.as_str()
-                    ));
+                    return reject(Rejection::AbortNotRunning(status));
                 }
                 if self.committed() {
-                    return reject("the saga is past its point of no return and must complete");
+                    return reject(Rejection::PastPointOfNoReturn);
                 }
                 if self.state.abort_requested.is_some() {
-                    return ignore("abort already requested");
+                    return ignore(Ignored::AbortAlreadyRequested);
                 }
                 self.emit(SagaEvent::AbortRequested {
                     reason: reason.clone(),
                 });
-                if !self.pivot_in_flight() {
+                if !self.pivot_unsettled() {
                     self.begin_compensation(format!("aborted: {reason}"));
                 }
                 Ok(())
@@ -763,9 +870,7 @@ impl Ctx<'_> {
                     .step(&failed)
                     .is_some_and(|(_, d)| d.kind != StepKind::Compensatable);
                 if is_pivot {
-                    return reject(format!(
-                        "step `{failed}` has no compensation: reconcile it by hand, then mark it compensated"
-                    ));
+                    return reject(Rejection::NoCompensation { step: failed });
                 }
                 self.emit(SagaEvent::CompensationRetryRequested { step: failed });
                 self.continue_compensation();
@@ -774,9 +879,10 @@ impl Ctx<'_> {
             OperatorCommand::MarkCompensated { step } => {
                 let failed = self.failed_compensation()?;
                 if *step != failed {
-                    return reject(format!(
-                        "step `{step}` is not the one whose compensation failed (`{failed}`)"
-                    ));
+                    return reject(Rejection::NotTheFailedStep {
+                        step: step.clone(),
+                        failed,
+                    });
                 }
                 let attempt = self.state.step(step).map_or(0, |s| s.compensation.sent);
                 self.emit(SagaEvent::StepCompensated {
@@ -787,14 +893,40 @@ impl Ctx<'_> {
                 self.continue_compensation();
                 Ok(())
             }
+            OperatorCommand::RetryStep => {
+                let (index, failed) = self.failed_completion()?;
+                self.emit(SagaEvent::StepRetryRequested {
+                    step: failed.clone(),
+                });
+                let attempt = self.state.step(&failed).map_or(0, |s| s.action.sent) + 1;
+                self.send(index, Direction::Execute, attempt);
+                Ok(())
+            }
+            OperatorCommand::MarkCompleted { step, output } => {
+                let (index, failed) = self.failed_completion()?;
+                if *step != failed {
+                    return reject(Rejection::NotTheFailedStep {
+                        step: step.clone(),
+                        failed,
+                    });
+                }
+                let attempt = self.state.step(step).map_or(0, |s| s.action.sent);
+                self.emit(SagaEvent::StepCompleted {
+                    step: step.clone(),
+                    attempt,
+                    output: output.clone(),
+                    manual: true,
+                });
+                self.advance(index);
+                Ok(())
+            }
         }
     }
 
     fn failed_compensation(&self) -> Result<String, Outcome> {
         if self.state.status != SagaStatus::CompensationFailed {
-            return Err(Outcome::Rejected(format!(
-                "no compensation has failed; the saga is {}",
-                self.state.status.as_str()
+            return Err(Outcome::Rejected(Rejection::NoFailedCompensation(
+                self.state.status,
             )));
         }
         Ok(self
@@ -804,5 +936,22 @@ impl Ctx<'_> {
             .find(|s| s.compensation_failed)
             .map(|s| s.name.clone())
             .expect("compensation_failed status has a failed step"))
+    }
+
+    /// The step whose definitive failure past the point of no return stopped the saga.
+    fn failed_completion(&self) -> Result<(usize, String), Outcome> {
+        if self.state.status != SagaStatus::CompletionFailed {
+            return Err(Outcome::Rejected(Rejection::NoFailedStep(self.state.status)));
+        }
+        let name = self
+            .state
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.failed && !s.completed)
+            .map(|s| s.name.clone())
+            .expect("completion_failed status has a failed step");
+        let (index, _) = self.def.step(&name).expect("a sent step is defined");
+        Ok((index, name))
     }
 }

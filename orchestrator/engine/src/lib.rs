@@ -9,5 +9,7 @@ pub mod graph;
 pub mod state;
 
 pub use definition::{Definitions, SagaDefinition, StepDefinition, StepKind};
-pub use engine::{Decision, Input, OperatorCommand, Outcome, TimerChange, TimerKind, decide};
+pub use engine::{
+    Decision, Ignored, Input, OperatorCommand, Outcome, Rejection, TimerChange, TimerKind, decide,
+};
 pub use state::SagaState;

@@ -21,6 +21,10 @@ pub struct SagaState {
     pub compensation_reason: Option<String>,
     /// Steps in the order they were first sent, which is definition order.
     pub steps: Vec<StepState>,
+    /// Each settled status the saga reached, with the `seq` of the event that first reached
+    /// it: a saga is counted once per status, however often it comes back to it.
+    #[serde(default)]
+    pub settled_as: Vec<(SagaStatus, u64)>,
     /// Number of events folded: the `seq` of the last one.
     pub version: u64,
 }
@@ -36,13 +40,15 @@ pub struct Attempts {
     pub retry_due: Option<DateTime<Utc>>,
     /// Attempts sent before the current budget began (an operator's retry resets it).
     pub budget_start: u32,
+    /// Attempts of the current budget answered with a retryable error.
+    #[serde(default)]
+    pub errors: u32,
+    /// Attempts in a row that got no reply in time (each one doubles the next wait).
+    #[serde(default)]
+    pub silences: u32,
 }
 
 impl Attempts {
-    pub fn used(&self) -> u32 {
-        self.sent - self.budget_start
-    }
-
     pub fn is_pending(&self) -> bool {
         self.in_flight.is_some() || self.retry_due.is_some()
     }
@@ -66,6 +72,9 @@ pub struct StepState {
     /// When the action's first attempt was sent.
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
+    /// After this the participant refuses to start the action (fixed at the first attempt).
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A step's status as shown to people (API, read model).
@@ -96,6 +105,7 @@ impl StepState {
             output: None,
             last_error: None,
             started_at: None,
+            expires_at: None,
         }
     }
 
@@ -181,6 +191,7 @@ impl SagaState {
             abort_requested: None,
             compensation_reason: None,
             steps: Vec::new(),
+            settled_as: Vec::new(),
             version: 1,
         })
     }
@@ -209,11 +220,13 @@ impl SagaState {
                 direction,
                 attempt,
                 sent_at,
+                expires_at,
                 ..
             } => {
                 let s = self.step_mut(step);
-                if *direction == Direction::Execute && s.started_at.is_none() {
-                    s.started_at = *sent_at;
+                if *direction == Direction::Execute {
+                    s.started_at = s.started_at.or(*sent_at);
+                    s.expires_at = s.expires_at.or(*expires_at);
                 }
                 let attempts = s.attempts_mut(*direction);
                 attempts.sent = *attempt;
@@ -221,13 +234,19 @@ impl SagaState {
                 attempts.retry_due = None;
             }
             SagaEvent::StepCompleted { step, output, .. } => {
+                if self.status == SagaStatus::CompletionFailed {
+                    self.status = SagaStatus::Running;
+                }
                 let s = self.step_mut(step);
                 s.completed = true;
+                s.failed = false;
+                s.action.silences = 0;
                 if s.compensated {
                     // A late success after the step was undone: undo it again, with a fresh
                     // budget, and ignore stray replies to the earlier compensation.
                     s.compensated = false;
                     s.compensation.budget_start = s.compensation.sent;
+                    s.compensation.errors = 0;
                 }
                 s.output = Some(output.clone());
                 s.action.in_flight = None;
@@ -239,6 +258,7 @@ impl SagaState {
             SagaEvent::StepFailed { step, reason, .. } => {
                 let s = self.step_mut(step);
                 s.failed = true;
+                s.action.silences = 0;
                 s.last_error = Some(reason.clone());
                 s.action.in_flight = None;
                 s.action.retry_due = None;
@@ -252,6 +272,8 @@ impl SagaState {
                 let s = self.step_mut(step);
                 s.last_error = Some(error.clone());
                 let attempts = s.attempts_mut(*direction);
+                attempts.errors += 1;
+                attempts.silences = 0;
                 if attempts.in_flight == Some(*attempt) {
                     attempts.in_flight = None;
                 }
@@ -265,8 +287,9 @@ impl SagaState {
                 if *direction == Direction::Execute {
                     s.maybe_ran = true;
                 }
-                s.last_error = Some(format!("attempt {attempt} timed out"));
+                s.last_error = Some(format!("attempt {attempt} got no reply in time"));
                 let attempts = s.attempts_mut(*direction);
+                attempts.silences += 1;
                 if attempts.in_flight == Some(*attempt) {
                     attempts.in_flight = None;
                 }
@@ -295,6 +318,7 @@ impl SagaState {
                 let s = self.step_mut(step);
                 s.compensated = true;
                 s.compensation_failed = false;
+                s.compensation.silences = 0;
                 s.compensation.in_flight = None;
                 s.compensation.retry_due = None;
                 if self.status == SagaStatus::CompensationFailed
@@ -309,16 +333,46 @@ impl SagaState {
                 s.last_error = Some(reason.clone());
                 s.compensation.in_flight = None;
                 s.compensation.retry_due = None;
-                self.status = SagaStatus::CompensationFailed;
+                s.compensation.silences = 0;
+                self.settle(SagaStatus::CompensationFailed);
             }
             SagaEvent::CompensationRetryRequested { step } => {
                 let s = self.step_mut(step);
                 s.compensation_failed = false;
                 s.compensation.budget_start = s.compensation.sent;
+                s.compensation.errors = 0;
                 self.status = SagaStatus::Compensating;
             }
-            SagaEvent::SagaCompleted => self.status = SagaStatus::Completed,
-            SagaEvent::SagaCompensated => self.status = SagaStatus::Compensated,
+            SagaEvent::CompletionFailed { step, reason } => {
+                let s = self.step_mut(step);
+                s.failed = true;
+                s.last_error = Some(reason.clone());
+                s.action.in_flight = None;
+                s.action.retry_due = None;
+                s.action.silences = 0;
+                self.settle(SagaStatus::CompletionFailed);
+            }
+            SagaEvent::StepRetryRequested { step } => {
+                let s = self.step_mut(step);
+                s.failed = false;
+                s.action.budget_start = s.action.sent;
+                s.action.errors = 0;
+                self.status = SagaStatus::Running;
+            }
+            SagaEvent::SagaCompleted => self.settle(SagaStatus::Completed),
+            SagaEvent::SagaCompensated => self.settle(SagaStatus::Compensated),
         }
+    }
+
+    fn settle(&mut self, status: SagaStatus) {
+        self.status = status;
+        if !self.settled_as.iter().any(|(s, _)| *s == status) {
+            self.settled_as.push((status, self.version));
+        }
+    }
+
+    /// Whether the event at `seq` is the first that brought the saga to `status`.
+    pub fn first_settled_at(&self, status: SagaStatus, seq: u64) -> bool {
+        self.settled_as.contains(&(status, seq))
     }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use saga_engine::definition::{
-    DEFAULT_COMPENSATION_RETRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, DefinitionError,
+    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, DefinitionError,
     DefinitionErrors, Definitions, RetryPolicy, SagaDefinition, StepDefinition, StepKind,
 };
 use serde_json::json;
@@ -90,7 +90,7 @@ fn the_example_parses_into_the_expected_values() {
         max_backoff: secs(5),
     };
     let slow_retry = RetryPolicy {
-        max_attempts: 1,
+        max_attempts: DEFAULT_RETRY.max_attempts,
         backoff: ms(500),
         max_backoff: secs(30),
     };
@@ -106,6 +106,7 @@ fn the_example_parses_into_the_expected_values() {
         compensation: compensation.map(Into::into),
         kind,
         timeout: secs(10),
+        expiry: (kind != StepKind::Retriable).then_some(secs(60)),
         retry,
         compensation_retry: DEFAULT_COMPENSATION_RETRY,
     };
@@ -204,6 +205,7 @@ fn defaults_apply_to_every_key_left_out() {
             compensation: Some("undo".into()),
             kind: StepKind::Compensatable,
             timeout: DEFAULT_STEP_TIMEOUT,
+            expiry: Some(DEFAULT_EXPIRY),
             retry: DEFAULT_RETRY,
             compensation_retry: DEFAULT_COMPENSATION_RETRY,
         }]
@@ -813,7 +815,7 @@ fn reports_every_error_in_a_file_in_line_order() {
         participant: shipping
         action: ship
         kind: retriable
-        retry: { max_attempts: 0 }
+        retry: { max_attempts: 2 }
   - name: refund
     steps: []
   - name: checkout

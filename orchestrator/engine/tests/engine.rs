@@ -275,7 +275,7 @@ fn a_timeout_after_the_reply_is_ignored() {
 fn replies_for_unknown_sagas_steps_or_attempts_are_ignored() {
     let def = checkout();
     let d = decide(&def, None, &ok("order", 1, json!({})), t0());
-    assert_eq!(d.outcome, Outcome::Ignored("unknown saga".into()));
+    assert_eq!(d.outcome, Outcome::Ignored(saga_engine::Ignored::UnknownSaga));
     assert!(d.state.is_none());
     let s = given(checkout()).started();
     assert!(s.clone().when(ok("nope", 1, json!({}))).ignored());

@@ -373,9 +373,9 @@ async fn operate(
         Outcome::Applied => (StatusCode::OK, json!({ "saga_id": id, "applied": true })),
         Outcome::Ignored(why) => (
             StatusCode::OK,
-            json!({ "saga_id": id, "applied": false, "reason": why }),
+            json!({ "saga_id": id, "applied": false, "reason": why.to_string() }),
         ),
-        Outcome::Rejected(why) => return Err(ApiError(StatusCode::CONFLICT, why)),
+        Outcome::Rejected(why) => return Err(ApiError(StatusCode::CONFLICT, why.to_string())),
     };
     Ok((status, Json(body)).into_response())
 }

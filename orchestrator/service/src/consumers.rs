@@ -153,6 +153,7 @@ fn start_reply(reply_to: &str, started: &Started) -> OutgoingMessage {
         )],
         body: body.to_string(),
         mandatory: true,
+        discard_after: None,
     }
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use saga_engine::{
-    Decision, Definitions, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, decide,
+    Decision, Definitions, Ignored, Input, OperatorCommand, Outcome, SagaDefinition, SagaState,
+    decide,
 };
 use saga_schemas::amqp::{OutgoingMessage, REPLIES_QUEUE};
 use saga_schemas::{Data, EventEnvelope, SagaEvent};
@@ -277,7 +278,7 @@ impl Runtime {
                     StoreError::Conflict => continue,
                     // Already handled by this or another orchestrator.
                     StoreError::Duplicate => {
-                        return Ok(Outcome::Ignored("duplicate message".into()));
+                        return Ok(Outcome::Ignored(Ignored::Duplicate));
                     }
                     other => return Err(other.into()),
                 },
@@ -294,7 +295,7 @@ impl Runtime {
     ) -> Result<(Decision, Option<&'a SagaDefinition>), RuntimeError> {
         let Some(state) = state else {
             let decision = Decision {
-                outcome: Outcome::Ignored("unknown saga".into()),
+                outcome: Outcome::Ignored(Ignored::UnknownSaga),
                 events: Vec::new(),
                 commands: Vec::new(),
                 timers: Vec::new(),
@@ -317,9 +318,9 @@ impl Runtime {
             Outcome::Applied => {
                 debug!(saga_id = %work.saga_id, events = ?decision.events.iter().map(SagaEvent::kind).collect::<Vec<_>>(), "decided")
             }
-            Outcome::Ignored(why) => debug!(saga_id = %work.saga_id, why, "input ignored"),
+            Outcome::Ignored(why) => debug!(saga_id = %work.saga_id, %why, "input ignored"),
             Outcome::Rejected(why) => {
-                info!(saga_id = %work.saga_id, why, "operator command rejected")
+                info!(saga_id = %work.saga_id, %why, "operator command rejected")
             }
         }
         Ok((decision, Some(def)))
@@ -354,6 +355,7 @@ impl Runtime {
                 command,
                 participant,
                 REPLIES_QUEUE,
+                discard_after(decision, command.message_id),
             ));
         }
         for (seq, event) in (expected_version + 1..).zip(&decision.events) {
@@ -394,4 +396,19 @@ impl Runtime {
             self.inner.relay_wake.notify_one();
         }
     }
+}
+
+/// When the broker may drop a command nobody consumed: twice its attempt's wait after it was
+/// sent. By then the step has been asked again, so at most two attempts of a waiting step are
+/// queued at once, however long its participant is down.
+fn discard_after(decision: &Decision, message_id: Uuid) -> Option<DateTime<Utc>> {
+    decision.events.iter().find_map(|event| match event {
+        SagaEvent::CommandSent {
+            message_id: id,
+            timeout_at,
+            sent_at: Some(sent_at),
+            ..
+        } if *id == message_id => Some(*timeout_at + (*timeout_at - *sent_at)),
+        _ => None,
+    })
 }

@@ -169,6 +169,7 @@ fn step(name: &str, kind: StepKind) -> StepDefinition {
         compensation: (kind == StepKind::Compensatable).then(|| format!("undo_{name}")),
         kind,
         timeout: Duration::from_secs(5),
+        expiry: (kind != StepKind::Retriable).then_some(Duration::from_secs(60)),
         retry: DEFAULT_RETRY,
         compensation_retry: RetryPolicy {
             max_attempts: 2,
@@ -267,7 +268,7 @@ fn commit_of(
             .iter()
             .map(|c| {
                 let (_, step) = def.step(&c.step).expect("a step of the definition");
-                OutgoingMessage::command(c, &step.participant, "saga.replies")
+                OutgoingMessage::command(c, &step.participant, "saga.replies", None)
             })
             .collect(),
         timers: decision.timers.clone(),

@@ -162,9 +162,10 @@ impl Orchestrator {
                 attempt,
                 data: data.clone(),
                 action_output: action_output.clone(),
+                expires_at: None,
             };
             self.publisher
-                .publish(&OutgoingMessage::command(&cmd, participant, REPLY_QUEUE))
+                .publish(&OutgoingMessage::command(&cmd, participant, REPLY_QUEUE, None))
                 .await
                 .unwrap();
             let delivery = tokio::time::timeout(Duration::from_secs(20), self.replies.next())

@@ -50,6 +50,7 @@ fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
         attempt,
         data: data.as_object().unwrap().clone(),
         action_output: None,
+        expires_at: None,
     }
 }
 
@@ -84,7 +85,7 @@ async fn publish_all_confirms_and_the_consumer_gets_properties_and_headers() {
     let commands: Vec<StepCommand> = (1..=50).map(|attempt| command(saga_id, attempt)).collect();
     let messages: Vec<OutgoingMessage> = commands
         .iter()
-        .map(|c| OutgoingMessage::command(c, "payments", REPLIES_QUEUE))
+        .map(|c| OutgoingMessage::command(c, "payments", REPLIES_QUEUE, None))
         .collect();
     let results = publisher.publish_all(&messages).await;
     assert_eq!(results.len(), 50);
@@ -98,6 +99,7 @@ async fn publish_all_confirms_and_the_consumer_gets_properties_and_headers() {
             &single,
             "payments",
             REPLIES_QUEUE,
+            None,
         ))
         .await
         .unwrap();
@@ -157,8 +159,8 @@ async fn an_unroutable_publish_is_an_error() {
     let vhost = TestVhost::new("unroutable");
     let (conn, publisher) = setup(&vhost).await;
     let cmd = command(Uuid::new_v4(), 1);
-    let routable = OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE);
-    let unknown_participant = OutgoingMessage::command(&cmd, "nobody", REPLIES_QUEUE);
+    let routable = OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE, None);
+    let unknown_participant = OutgoingMessage::command(&cmd, "nobody", REPLIES_QUEUE, None);
     let mut no_queue = routable.clone();
     no_queue.exchange = String::new();
     no_queue.routing_key = "no-such-queue".into();
@@ -309,7 +311,7 @@ async fn dead_letter_moves_the_message_and_acks_it() {
     let (conn, publisher) = setup(&vhost).await;
     let cmd = command(Uuid::new_v4(), 3);
     publisher
-        .publish(&OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE))
+        .publish(&OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE, None))
         .await
         .unwrap();
     let (consume_ch, mut consumer) =

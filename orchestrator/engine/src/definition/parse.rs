@@ -18,7 +18,7 @@ use saga_schemas::definition::{
 use serde_json::Value;
 
 use super::{
-    DEFAULT_COMPENSATION_RETRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, Definitions, RetryPolicy,
+    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, Definitions, RetryPolicy,
     SagaDefinition, StepDefinition, StepKind,
 };
 
@@ -652,11 +652,43 @@ impl Cx<'_> {
             );
         }
 
+        if kind == StepKind::Retriable {
+            if spec.expiry.is_some() {
+                self.error(
+                    at,
+                    key_at(map, "expiry"),
+                    "a retriable step must not have `expiry`: it comes after the point of no \
+                     return and must always run",
+                );
+            }
+            if let Some(policy) = spec.retry.as_ref()
+                && policy.max_attempts.is_some()
+            {
+                let retry = map.get_mapping("retry");
+                self.error(
+                    at,
+                    retry
+                        .and_then(|m| key_at(m, "max_attempts"))
+                        .or_else(|| key_at(map, "retry")),
+                    "a retriable step must not have `retry.max_attempts`: it is retried until it \
+                     succeeds (only `backoff` and `max_backoff` apply)",
+                );
+            }
+        }
+
         let timeout = match &spec.timeout {
             Some(text) => self
                 .duration(at, value_at(map, "timeout"), "timeout", text)
                 .unwrap_or(DEFAULT_STEP_TIMEOUT),
             None => DEFAULT_STEP_TIMEOUT,
+        };
+        let expiry = match (&spec.expiry, kind) {
+            (_, StepKind::Retriable) => None,
+            (Some(text), _) => Some(
+                self.duration(at, value_at(map, "expiry"), "expiry", text)
+                    .unwrap_or(DEFAULT_EXPIRY),
+            ),
+            (None, _) => Some(DEFAULT_EXPIRY),
         };
         let retry = self.retry(at, map, "retry", spec.retry.as_ref(), DEFAULT_RETRY);
         let compensation_retry = self.retry(
@@ -677,6 +709,7 @@ impl Cx<'_> {
                 compensation: spec.compensation,
                 kind,
                 timeout,
+                expiry,
                 retry,
                 compensation_retry,
             },

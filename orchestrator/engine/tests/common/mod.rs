@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const EXPIRY: Duration = Duration::from_secs(60);
 
 pub fn step(name: &str, kind: StepKind) -> StepDefinition {
     StepDefinition {
@@ -23,6 +24,7 @@ pub fn step(name: &str, kind: StepKind) -> StepDefinition {
         compensation: (kind == StepKind::Compensatable).then(|| format!("undo_{name}")),
         kind,
         timeout: STEP_TIMEOUT,
+        expiry: (kind != StepKind::Retriable).then_some(EXPIRY),
         retry: DEFAULT_RETRY,
         compensation_retry: RetryPolicy {
             max_attempts: 2,

@@ -472,7 +472,7 @@ impl Client {
 
     /// Publishes a step command to the participant, replies to [`REPLY_QUEUE`].
     pub async fn send(&self, cmd: &StepCommand) {
-        let msg = OutgoingMessage::command(cmd, PARTICIPANT, REPLY_QUEUE);
+        let msg = OutgoingMessage::command(cmd, PARTICIPANT, REPLY_QUEUE, None);
         self.publisher
             .publish(&msg)
             .await
@@ -601,6 +601,7 @@ pub fn command(
         attempt,
         data,
         action_output: None,
+        expires_at: None,
     }
 }
 
@@ -622,7 +623,7 @@ pub fn output(reply: &StepReply) -> &Data {
 
 /// The properties of a well-formed command, for raw publishing.
 pub fn command_properties(cmd: &StepCommand) -> BasicProperties {
-    let msg = OutgoingMessage::command(cmd, PARTICIPANT, REPLY_QUEUE);
+    let msg = OutgoingMessage::command(cmd, PARTICIPANT, REPLY_QUEUE, None);
     saga_amqp::properties(&msg, None).expect("properties")
 }
 
