@@ -168,9 +168,7 @@ pub enum Rejection {
     NoFailedCompensation(SagaStatus),
     #[error("no step failed past the point of no return; the saga is {0}")]
     NoFailedStep(SagaStatus),
-    #[error(
-        "step `{step}` has no compensation: reconcile it by hand, then mark it compensated"
-    )]
+    #[error("step `{step}` has no compensation: reconcile it by hand, then mark it compensated")]
     NoCompensation { step: String },
     #[error("step `{step}` is not the one that failed (`{failed}`)")]
     NotTheFailedStep { step: String, failed: String },
@@ -377,7 +375,9 @@ impl Ctx<'_> {
                 let expires_at = state.and_then(|s| s.expires_at).or_else(|| {
                     step.expiry.map(|expiry| {
                         let at = self.now + expiry;
-                        self.state.deadline_at.map_or(at, |deadline| at.min(deadline))
+                        self.state
+                            .deadline_at
+                            .map_or(at, |deadline| at.min(deadline))
                     })
                 });
                 (step.action.clone(), None, expires_at)
@@ -501,7 +501,9 @@ impl Ctx<'_> {
                 }
                 Ok(())
             }
-            _ if status != SagaStatus::Running => ignore(Ignored::NotRunning { step: name, status }),
+            _ if status != SagaStatus::Running => {
+                ignore(Ignored::NotRunning { step: name, status })
+            }
             _ if step.failed => ignore(Ignored::AlreadyFailed { step: name }),
             ReplyOutcome::Failure { .. } if attempt <= step.action.budget_start => {
                 ignore(Ignored::EarlierBudget {
@@ -773,7 +775,10 @@ impl Ctx<'_> {
         } else {
             self.emit(SagaEvent::CompensationFailed {
                 step: name,
-                reason: format!("{error}; gave up after {} retryable errors", attempts.errors),
+                reason: format!(
+                    "{error}; gave up after {} retryable errors",
+                    attempts.errors
+                ),
             });
         }
     }
@@ -941,7 +946,9 @@ impl Ctx<'_> {
     /// The step whose definitive failure past the point of no return stopped the saga.
     fn failed_completion(&self) -> Result<(usize, String), Outcome> {
         if self.state.status != SagaStatus::CompletionFailed {
-            return Err(Outcome::Rejected(Rejection::NoFailedStep(self.state.status)));
+            return Err(Outcome::Rejected(Rejection::NoFailedStep(
+                self.state.status,
+            )));
         }
         let name = self
             .state

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use saga_engine::definition::{
-    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, DefinitionError,
-    DefinitionErrors, Definitions, RetryPolicy, SagaDefinition, StepDefinition, StepKind,
+    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT,
+    DefinitionError, DefinitionErrors, Definitions, RetryPolicy, SagaDefinition, StepDefinition,
+    StepKind,
 };
 use serde_json::json;
 
@@ -875,4 +876,56 @@ fn rejects_a_second_yaml_document_instead_of_ignoring_it() {
 
     let error = only_error(&format!("{one}---\n{one}"));
     assert_error(&error, None, None, 8, "one YAML document");
+}
+
+// --- Outcome rules ----------------------------------------------------------------------------
+
+const RETRIABLE_STEP: &str =
+    "      - name: a\n        participant: p\n        action: do\n        kind: retriable\n";
+
+#[test]
+fn rejects_a_retry_budget_on_a_retriable_step_since_it_would_be_ignored() {
+    let step = format!("{RETRIABLE_STEP}        retry: {{ max_attempts: 2, backoff: 1s }}\n");
+    let error = only_error(&saga_with(&step));
+    assert_error(&error, Some("s"), Some("a"), 8, "retry.max_attempts");
+    assert!(error.message.contains("until it succeeds"), "{error}");
+    let step = format!("{RETRIABLE_STEP}        retry: {{ backoff: 1s, max_backoff: 10s }}\n");
+    assert!(parse(&saga_with(&step)).is_ok());
+}
+
+#[test]
+fn rejects_an_expiry_on_a_retriable_step() {
+    let step = format!("{RETRIABLE_STEP}        expiry: 1m\n");
+    let error = only_error(&saga_with(&step));
+    assert_error(&error, Some("s"), Some("a"), 8, "must not have `expiry`");
+}
+
+#[test]
+fn an_expiry_is_a_positive_duration_with_a_default() {
+    let step = format!("{GOOD_STEP}        expiry: 90s\n");
+    let defs = parse(&saga_with(&step)).unwrap();
+    assert_eq!(defs.sagas[0].steps[0].expiry, Some(secs(90)));
+    let step = format!("{GOOD_STEP}        expiry: soon\n");
+    let error = only_error(&saga_with(&step));
+    assert_error(&error, Some("s"), Some("a"), 8, "expiry");
+    let retriable = parse(&saga_with(RETRIABLE_STEP)).unwrap();
+    assert_eq!(retriable.sagas[0].steps[0].expiry, None);
+    assert_eq!(
+        parse(&saga_with(GOOD_STEP)).unwrap().sagas[0].steps[0].expiry,
+        Some(DEFAULT_EXPIRY)
+    );
+}
+
+#[test]
+fn the_wait_for_a_reply_doubles_on_each_silence_up_to_a_cap() {
+    let defs = parse(&saga_with(&format!("{GOOD_STEP}        timeout: 10s\n"))).unwrap();
+    let step = &defs.sagas[0].steps[0];
+    let waits: Vec<u64> = (0..5).map(|k| step.wait_after(k).as_secs()).collect();
+    assert_eq!(waits, [10, 20, 40, 60, 60]);
+    let defs = parse(&saga_with(&format!("{GOOD_STEP}        timeout: 5m\n"))).unwrap();
+    assert_eq!(
+        defs.sagas[0].steps[0].wait_after(3),
+        secs(300),
+        "never below timeout"
+    );
 }

@@ -5,9 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use saga_engine::definition::RetryPolicy;
-use saga_engine::{Input, OperatorCommand, Outcome, StepKind, TimerKind, decide};
-use saga_schemas::{Direction, SagaStatus};
+use saga_engine::definition::{MAX_REASK_WAIT, RetryPolicy};
+use saga_engine::{
+    Ignored, Input, OperatorCommand, Outcome, Rejection, StepKind, TimerKind, decide,
+};
+use saga_schemas::{Data, Direction, SagaStatus};
 use serde_json::json;
 
 // --- forward path -------------------------------------------------------------------------
@@ -185,34 +187,156 @@ fn retries_exhausted_fail_the_step_and_compensate() {
 }
 
 #[test]
-fn a_timeout_is_retried_while_the_budget_lasts() {
+fn a_timeout_asks_again_with_a_doubled_wait() {
     let s = given(retrying(2))
         .started()
         .and([ok("order", 1, json!({}))])
         .after(STEP_TIMEOUT)
         .when(timed_out("stock", Direction::Execute, 1));
-    assert_eq!(s.events(), ["attempt_timed_out", "retry_scheduled"]);
+    assert_eq!(s.events(), ["attempt_timed_out", "command_sent"]);
+    assert_eq!(s.commands(), [exec("stock", 2)]);
+    let now = t0() + STEP_TIMEOUT;
+    assert!(s.scheduled().contains(&(
+        TimerKind::StepTimeout {
+            step: "stock".into(),
+            direction: Direction::Execute,
+            attempt: 2
+        },
+        now + STEP_TIMEOUT * 2
+    )));
 }
 
 #[test]
-fn a_step_that_timed_out_for_good_is_compensated_too_since_it_may_have_run() {
+fn silence_never_fails_a_step_and_the_wait_is_capped() {
+    let mut s = given(checkout())
+        .started()
+        .and([ok("order", 1, json!({})), ok("stock", 1, json!({}))]);
+    for attempt in 1..=20 {
+        s = s.when(timed_out("pay", Direction::Execute, attempt));
+        assert_eq!(s.commands(), [exec("pay", attempt + 1)]);
+        assert_eq!(s.status(), SagaStatus::Running);
+    }
+    let wait = s.scheduled()[0].1 - s.now;
+    assert_eq!(wait.to_std().unwrap(), MAX_REASK_WAIT);
+    // The pivot ran all along: its recorded success arrives for the first attempt.
+    let s = s.when(ok("pay", 1, json!({})));
+    assert_eq!(s.commands(), [exec("ship", 1)]);
+    assert!(s.cancelled().contains(&TimerKind::StepTimeout {
+        step: "pay".into(),
+        direction: Direction::Execute,
+        attempt: 21
+    }));
+}
+
+#[test]
+fn a_retryable_error_at_the_pivot_is_retried_by_default() {
     let s = given(checkout())
         .started()
-        .and([ok("order", 1, json!({}))])
-        .after(STEP_TIMEOUT)
-        .when(timed_out("stock", Direction::Execute, 1));
+        .and([ok("order", 1, json!({})), ok("stock", 1, json!({}))])
+        .when(error(
+            "pay",
+            1,
+            "terminating connection due to administrator command",
+        ));
+    assert_eq!(s.events(), ["attempt_failed", "retry_scheduled"]);
+    let s = s
+        .and([retry_due("pay", Direction::Execute, 2)])
+        .when(ok("pay", 2, json!({})));
+    assert_eq!(s.commands(), [exec("ship", 1)]);
+}
+
+#[test]
+fn timeouts_do_not_spend_the_retry_budget() {
+    let s = given(retrying(2)).started().and([
+        ok("order", 1, json!({})),
+        timed_out("stock", Direction::Execute, 1),
+        timed_out("stock", Direction::Execute, 2),
+        error("stock", 3, "busy"),
+    ]);
+    assert_eq!(s.events(), ["attempt_failed", "retry_scheduled"]);
+    let s = s
+        .and([retry_due("stock", Direction::Execute, 4)])
+        .when(error("stock", 4, "busy"));
     assert_eq!(
         s.events(),
         [
-            "attempt_timed_out",
+            "attempt_failed",
             "step_failed",
             "compensation_started",
             "command_sent"
-        ]
+        ],
+        "the second retryable error spends a budget of 2"
     );
-    assert_eq!(s.commands(), [comp("stock", 1)]);
-    let s = s.when(undone("stock", 1));
-    assert_eq!(s.commands(), [comp("order", 1)]);
+    assert_eq!(
+        s.commands(),
+        [comp("stock", 1)],
+        "the silent attempts may have run"
+    );
+}
+
+#[test]
+fn an_expired_refusal_compensates_the_steps_before_it() {
+    let s = given(checkout())
+        .started()
+        .and([ok("order", 1, json!({})), ok("stock", 1, json!({}))])
+        .after(EXPIRY)
+        .and([timed_out("pay", Direction::Execute, 1)])
+        .when(fail("pay", 2, saga_schemas::EXPIRED));
+    assert_eq!(
+        s.events(),
+        ["step_failed", "compensation_started", "command_sent"]
+    );
+    assert_eq!(
+        s.commands(),
+        [comp("stock", 1)],
+        "the pivot is not compensated"
+    );
+    let s = s.and([undone("stock", 1), undone("order", 1)]);
+    assert_eq!(s.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn every_attempt_of_an_action_carries_the_expiry_of_the_first() {
+    let s = given(checkout()).started();
+    let first = s.decision().commands[0].expires_at;
+    assert_eq!(first, Some(t0() + EXPIRY));
+    let s = s
+        .after(STEP_TIMEOUT)
+        .when(timed_out("order", Direction::Execute, 1));
+    assert_eq!(s.decision().commands[0].expires_at, first);
+    let s = s.when(ok("order", 2, json!({})));
+    assert_eq!(
+        s.decision().commands[0].expires_at,
+        Some(t0() + STEP_TIMEOUT + EXPIRY),
+        "the next step's expiry counts from its own first attempt"
+    );
+}
+
+#[test]
+fn the_expiry_never_outlasts_the_deadline_and_retriable_steps_have_none() {
+    let mut def = checkout();
+    def.deadline = Some(Duration::from_secs(30));
+    let s = given(def).started();
+    assert_eq!(
+        s.decision().commands[0].expires_at,
+        Some(t0() + Duration::from_secs(30))
+    );
+    let s = given(checkout()).started().and([
+        ok("order", 1, json!({})),
+        ok("stock", 1, json!({})),
+        ok("pay", 1, json!({})),
+    ]);
+    assert_eq!(s.commands(), [exec("ship", 1)]);
+    assert_eq!(s.decision().commands[0].expires_at, None);
+    let undo = given(checkout())
+        .started()
+        .and([ok("order", 1, json!({}))])
+        .when(fail("stock", 1, "no stock"));
+    assert_eq!(
+        undo.decision().commands[0].expires_at,
+        None,
+        "compensations must run"
+    );
 }
 
 #[test]
@@ -226,14 +350,19 @@ fn a_late_success_for_a_timed_out_attempt_still_counts() {
         .when(ok("stock", 1, json!({"reservation": 1})));
     assert_eq!(s.events(), ["step_completed", "command_sent"]);
     assert_eq!(s.commands(), [exec("pay", 1)]);
-    assert!(s.cancelled().contains(&TimerKind::Retry {
+    assert!(s.cancelled().contains(&TimerKind::StepTimeout {
         step: "stock".into(),
         direction: Direction::Execute,
         attempt: 2
     }));
-    // The retry timer that was already due finds nothing to do.
-    let s = s.when(retry_due("stock", Direction::Execute, 2));
-    assert!(s.ignored());
+    // The re-ask's answer (the same recorded outcome) is a duplicate.
+    let s = s.when(ok("stock", 2, json!({"reservation": 1})));
+    assert_eq!(
+        s.outcome(),
+        &Outcome::Ignored(Ignored::AlreadyCompleted {
+            step: "stock".into()
+        })
+    );
 }
 
 // --- duplicates and stale inputs ----------------------------------------------------------
@@ -249,7 +378,7 @@ fn a_duplicate_reply_changes_nothing() {
 }
 
 #[test]
-fn a_reply_for_a_superseded_attempt_is_ignored() {
+fn a_definitive_reply_counts_from_any_attempt() {
     let s = given(retrying(3))
         .started()
         .and([
@@ -258,8 +387,33 @@ fn a_reply_for_a_superseded_attempt_is_ignored() {
             retry_due("stock", Direction::Execute, 2),
         ])
         .when(fail("stock", 1, "out of stock"));
-    assert!(s.ignored(), "{:?}", s.outcome());
-    assert_eq!(s.status(), SagaStatus::Running);
+    assert_eq!(
+        s.events(),
+        ["step_failed", "compensation_started", "command_sent"]
+    );
+    assert!(s.cancelled().contains(&TimerKind::StepTimeout {
+        step: "stock".into(),
+        direction: Direction::Execute,
+        attempt: 2
+    }));
+}
+
+#[test]
+fn a_retryable_error_counts_only_for_the_attempt_awaited() {
+    let s = given(retrying(3))
+        .started()
+        .and([
+            ok("order", 1, json!({})),
+            timed_out("stock", Direction::Execute, 1),
+        ])
+        .when(error("stock", 1, "busy"));
+    assert_eq!(
+        s.outcome(),
+        &Outcome::Ignored(Ignored::NotAwaited {
+            step: "stock".into(),
+            attempt: 1
+        })
+    );
 }
 
 #[test]
@@ -275,7 +429,10 @@ fn a_timeout_after_the_reply_is_ignored() {
 fn replies_for_unknown_sagas_steps_or_attempts_are_ignored() {
     let def = checkout();
     let d = decide(&def, None, &ok("order", 1, json!({})), t0());
-    assert_eq!(d.outcome, Outcome::Ignored(saga_engine::Ignored::UnknownSaga));
+    assert_eq!(
+        d.outcome,
+        Outcome::Ignored(saga_engine::Ignored::UnknownSaga)
+    );
     assert!(d.state.is_none());
     let s = given(checkout()).started();
     assert!(s.clone().when(ok("nope", 1, json!({}))).ignored());
@@ -337,28 +494,63 @@ fn a_success_after_the_saga_was_compensated_reopens_compensation() {
 }
 
 #[test]
-fn a_pivot_that_succeeds_after_compensation_began_needs_an_operator() {
+fn a_silent_pivot_holds_the_deadline_until_it_answers() {
     let mut def = checkout();
     def.deadline = Some(Duration::from_secs(60));
     let s = given(def)
         .started()
         .and([ok("order", 1, json!({})), ok("stock", 1, json!({}))])
         .after(STEP_TIMEOUT)
-        .and([timed_out("pay", Direction::Execute, 1)]);
+        .and([timed_out("pay", Direction::Execute, 1)])
+        .after(Duration::from_secs(60))
+        .when(deadline());
+    assert_eq!(s.events(), ["deadline_exceeded"], "the pivot may have run");
+    let s = s.when(error("pay", 2, "db down"));
+    assert_eq!(
+        s.events(),
+        ["attempt_failed", "retry_scheduled"],
+        "an unanswered attempt is still outstanding: ask until a definitive answer"
+    );
+    let s = s
+        .and([retry_due("pay", Direction::Execute, 3)])
+        .when(ok("pay", 1, json!({})));
+    assert_eq!(
+        s.commands(),
+        [exec("ship", 1)],
+        "it ran: the saga must finish"
+    );
+}
+
+#[test]
+fn a_pivot_that_succeeds_after_compensation_began_needs_an_operator() {
+    // Only a participant that breaks the contract (answers success after it refused) gets here.
+    let s = given(checkout()).started().and([
+        ok("order", 1, json!({})),
+        ok("stock", 1, json!({})),
+        fail("pay", 1, "declined"),
+    ]);
     assert_eq!(
         s.commands(),
         [comp("stock", 1)],
         "the pivot is not compensated"
     );
-    let s = s.and([
-        undone("stock", 1),
-        ok("pay", 1, json!({})),
-        undone("order", 1),
-    ]);
-    assert_eq!(s.events(), ["step_compensated", "compensation_failed"]);
+    let s = s.and([undone("stock", 1), undone("order", 1)]);
+    assert_eq!(s.status(), SagaStatus::Compensated);
+    let s = s.when(ok("pay", 1, json!({})));
+    assert_eq!(
+        s.events(),
+        [
+            "step_completed",
+            "compensation_started",
+            "compensation_failed"
+        ]
+    );
     assert_eq!(s.status(), SagaStatus::CompensationFailed);
     let retry = s.clone().when(operator(OperatorCommand::RetryCompensation));
-    assert!(retry.rejected());
+    assert_eq!(
+        retry.outcome(),
+        &Outcome::Rejected(Rejection::NoCompensation { step: "pay".into() })
+    );
     let s = s.when(operator(OperatorCommand::MarkCompensated {
         step: "pay".into(),
     }));
@@ -380,16 +572,27 @@ fn a_compensation_is_retried_on_its_own_budget_then_waits_for_an_operator() {
     assert_eq!(s.events(), ["attempt_failed", "retry_scheduled"]);
     let s = s.when(retry_due("order", Direction::Compensate, 2));
     assert_eq!(s.commands(), [comp("order", 2)]);
-    let s = s
-        .after(STEP_TIMEOUT)
-        .when(timed_out("order", Direction::Compensate, 2));
-    assert_eq!(s.events(), ["attempt_timed_out", "compensation_failed"]);
+    let s = s.when(undo_error("order", 2));
+    assert_eq!(s.events(), ["attempt_failed", "compensation_failed"]);
     assert_eq!(s.status(), SagaStatus::CompensationFailed);
     assert!(
         s.clone()
             .when(retry_due("order", Direction::Compensate, 3))
             .ignored()
     );
+}
+
+#[test]
+fn a_compensation_whose_participant_is_silent_is_asked_again_and_never_fails() {
+    let mut s = compensating_order();
+    for attempt in 1..=10 {
+        s = s.when(timed_out("order", Direction::Compensate, attempt));
+        assert_eq!(s.events(), ["attempt_timed_out", "command_sent"]);
+        assert_eq!(s.commands(), [comp("order", attempt + 1)]);
+        assert_eq!(s.status(), SagaStatus::Compensating);
+    }
+    let s = s.when(undone("order", 3));
+    assert_eq!(s.events(), ["step_compensated", "saga_compensated"]);
 }
 
 #[test]
@@ -441,14 +644,13 @@ fn an_operator_can_mark_the_failed_step_compensated_by_hand() {
 
 #[test]
 fn a_late_compensation_success_resolves_a_failed_compensation() {
-    let s = compensating_order()
-        .and([
-            undo_error("order", 1),
-            retry_due("order", Direction::Compensate, 2),
-        ])
-        .and([timed_out("order", Direction::Compensate, 2)]);
+    let s = compensating_order().and([
+        undo_error("order", 1),
+        retry_due("order", Direction::Compensate, 2),
+        undo_error("order", 2),
+    ]);
     assert_eq!(s.status(), SagaStatus::CompensationFailed);
-    let s = s.when(undone("order", 2));
+    let s = s.when(undone("order", 1));
     assert_eq!(s.events(), ["step_compensated", "saga_compensated"]);
 }
 
@@ -580,24 +782,101 @@ fn the_deadline_no_longer_applies_past_the_pivot() {
 
 // --- pivot and retriable steps ----------------------------------------------------------------
 
-#[test]
-fn a_retriable_step_is_retried_past_its_budget_and_never_compensated() {
-    let mut s = given(checkout()).started().and([
+fn past_the_pivot() -> Scenario {
+    given(checkout()).started().and([
         ok("order", 1, json!({})),
         ok("stock", 1, json!({})),
         ok("pay", 1, json!({})),
-    ]);
-    for attempt in 1..=5 {
-        s = s.when(if attempt % 2 == 0 {
-            fail("ship", attempt, "carrier says no")
-        } else {
-            timed_out("ship", Direction::Execute, attempt)
-        });
-        assert_eq!(s.events()[1], "retry_scheduled", "attempt {attempt}");
-        s = s.when(retry_due("ship", Direction::Execute, attempt + 1));
+    ])
+}
+
+#[test]
+fn a_retriable_step_is_retried_without_bound_and_never_compensated() {
+    let mut s = past_the_pivot();
+    for attempt in (1..=12).step_by(2) {
+        s = s.when(timed_out("ship", Direction::Execute, attempt));
         assert_eq!(s.commands(), [exec("ship", attempt + 1)]);
+        s = s.when(error("ship", attempt + 1, "carrier api down"));
+        assert_eq!(
+            s.events(),
+            ["attempt_failed", "retry_scheduled"],
+            "attempt {attempt}"
+        );
+        s = s.when(retry_due("ship", Direction::Execute, attempt + 2));
+        assert_eq!(s.commands(), [exec("ship", attempt + 2)]);
     }
-    let s = s.when(ok("ship", 6, json!({})));
+    let s = s.when(ok("ship", 13, json!({})));
+    assert_eq!(s.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn a_definitive_failure_past_the_point_of_no_return_waits_for_an_operator() {
+    let s = past_the_pivot().when(fail("ship", 1, "address not deliverable"));
+    assert_eq!(s.events(), ["completion_failed"]);
+    assert_eq!(s.status(), SagaStatus::CompletionFailed);
+    assert!(
+        s.decision().commands.is_empty() && s.scheduled().is_empty(),
+        "no loop"
+    );
+    // Its own recorded failure, repeated, changes nothing.
+    assert!(
+        s.clone()
+            .when(fail("ship", 1, "address not deliverable"))
+            .ignored()
+    );
+    assert!(s.clone().when(abort()).rejected());
+    assert_eq!(
+        s.clone()
+            .when(operator(OperatorCommand::RetryCompensation))
+            .outcome(),
+        &Outcome::Rejected(Rejection::NoFailedCompensation(
+            SagaStatus::CompletionFailed
+        ))
+    );
+}
+
+#[test]
+fn an_operator_retries_the_failed_step_with_a_fresh_budget() {
+    let s = past_the_pivot()
+        .and([fail("ship", 1, "address not deliverable")])
+        .when(operator(OperatorCommand::RetryStep));
+    assert_eq!(s.events(), ["step_retry_requested", "command_sent"]);
+    assert_eq!(s.commands(), [exec("ship", 2)]);
+    assert_eq!(s.status(), SagaStatus::Running);
+    assert_eq!(
+        s.clone()
+            .when(fail("ship", 1, "address not deliverable"))
+            .outcome(),
+        &Outcome::Ignored(Ignored::EarlierBudget {
+            step: "ship".into(),
+            attempt: 1
+        }),
+        "the failure the operator dealt with does not stop the saga again"
+    );
+    let s = s.when(ok("ship", 2, json!({})));
+    assert_eq!(s.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn an_operator_marks_the_failed_step_done_by_hand() {
+    let s = past_the_pivot().and([fail("ship", 1, "address not deliverable")]);
+    let wrong = s.clone().when(operator(OperatorCommand::MarkCompleted {
+        step: "pay".into(),
+        output: Data::new(),
+    }));
+    assert_eq!(
+        wrong.outcome(),
+        &Outcome::Rejected(Rejection::NotTheFailedStep {
+            step: "pay".into(),
+            failed: "ship".into()
+        })
+    );
+    let s = s.when(operator(OperatorCommand::MarkCompleted {
+        step: "ship".into(),
+        output: object(json!({"tracking": "by hand"})),
+    }));
+    assert_eq!(s.events(), ["step_completed", "saga_completed"]);
+    assert_eq!(s.state.as_ref().unwrap().data["tracking"], "by hand");
     assert_eq!(s.status(), SagaStatus::Completed);
 }
 

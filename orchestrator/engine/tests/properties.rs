@@ -54,10 +54,13 @@ fn definitions() -> impl Strategy<Value = SagaDefinition> {
         })
 }
 
-/// What the simulated world does next.
+/// What the simulated world does next. Participants keep the contract: one recorded outcome
+/// per (step, direction), given again to every later attempt; an action refused once its
+/// compensation was recorded or once it expired.
 #[derive(Debug, Clone)]
 enum Move {
-    /// A participant answers one outstanding command (or never will: `Drop`).
+    /// A participant answers one outstanding command; with `Drop` it runs the command (success)
+    /// but the reply is lost, the worst case for the orchestrator.
     Answer(usize, Answer),
     /// The broker redelivers a reply already delivered.
     Duplicate(usize),
@@ -66,6 +69,8 @@ enum Move {
     Abort,
     RetryCompensation,
     MarkCompensated(usize),
+    RetryStep,
+    MarkCompleted(usize),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +100,8 @@ fn moves(with_operator: bool) -> impl Strategy<Value = Vec<Move>> {
         1 => Just(Move::Abort),
         1 => Just(Move::RetryCompensation),
         1 => any::<usize>().prop_map(Move::MarkCompensated),
+        1 => Just(Move::RetryStep),
+        1 => any::<usize>().prop_map(Move::MarkCompleted),
     ];
     let one = if with_operator {
         prop_oneof![10 => world, 1 => operator].boxed()
@@ -117,6 +124,10 @@ struct World {
     dropped: HashSet<CommandKey>,
     delivered: Vec<Input>,
     timers: BTreeMap<String, (TimerKind, DateTime<Utc>)>,
+    /// The participants' records: the one outcome of each (step, direction).
+    records: HashMap<(String, Direction), Reply>,
+    /// `expires_at` of each step's actions, as the commands carried it.
+    expiry: HashMap<String, DateTime<Utc>>,
 }
 
 impl World {
@@ -131,6 +142,8 @@ impl World {
             dropped: HashSet::new(),
             delivered: Vec::new(),
             timers: BTreeMap::new(),
+            records: HashMap::new(),
+            expiry: HashMap::new(),
         };
         let saga_id = world.saga_id;
         world.apply(Input::Start {
@@ -154,6 +167,13 @@ impl World {
         for command in &decision.commands {
             self.outstanding
                 .push((command.step.clone(), command.direction, command.attempt));
+            if let Some(at) = command.expires_at {
+                let first = *self.expiry.entry(command.step.clone()).or_insert(at);
+                assert_eq!(
+                    first, at,
+                    "every attempt carries the first attempt's expiry"
+                );
+            }
         }
         for change in &decision.timers {
             match change {
@@ -183,21 +203,11 @@ impl World {
         if self.dropped.contains(&key) {
             return;
         }
-        let outcome = match answer {
-            Answer::Drop => {
-                self.dropped.insert(key);
-                return;
-            }
-            Answer::Success => Reply::Success {
-                output: Data::new(),
-            },
-            Answer::Failure => Reply::Failure {
-                reason: "no".into(),
-            },
-            Answer::RetryableError => Reply::RetryableError {
-                error: "busy".into(),
-            },
-        };
+        let outcome = self.participant(&key, answer);
+        if matches!(answer, Answer::Drop) {
+            self.dropped.insert(key);
+            return;
+        }
         self.outstanding.retain(|k| *k != key);
         let (step, direction, attempt) = key;
         let input = Input::Reply {
@@ -208,6 +218,68 @@ impl World {
         };
         self.delivered.push(input.clone());
         self.apply(input);
+    }
+
+    /// What the participant answers (and records) when it handles `key`.
+    fn participant(&mut self, key: &CommandKey, answer: Answer) -> Reply {
+        let (step, direction, _) = key;
+        let record = (step.clone(), *direction);
+        if let Some(recorded) = self.records.get(&record) {
+            return recorded.clone();
+        }
+        let compensated = self
+            .records
+            .contains_key(&(step.clone(), Direction::Compensate));
+        let expired = self.expiry.get(step).is_some_and(|at| self.now > *at);
+        let outcome = match (direction, answer) {
+            (Direction::Execute, _) if compensated => Reply::Failure {
+                reason: "compensated before executed".into(),
+            },
+            (Direction::Execute, _) if expired => Reply::Failure {
+                reason: saga_schemas::EXPIRED.into(),
+            },
+            (Direction::Compensate, _)
+                if !matches!(
+                    self.records.get(&(step.clone(), Direction::Execute)),
+                    Some(Reply::Success { .. })
+                ) =>
+            {
+                // Null compensation: the action never ran here.
+                Reply::Success {
+                    output: Data::new(),
+                }
+            }
+            (_, Answer::Success | Answer::Drop) => Reply::Success {
+                output: Data::new(),
+            },
+            (_, Answer::Failure) => Reply::Failure {
+                reason: "no".into(),
+            },
+            (_, Answer::RetryableError) => {
+                return Reply::RetryableError {
+                    error: "busy".into(),
+                };
+            }
+        };
+        self.records.insert(record, outcome.clone());
+        outcome
+    }
+
+    /// The operator fixed the participant's cause and cleared its record of `step`.
+    fn clear_record(&mut self, direction: Direction) {
+        let failed = self.state.as_ref().and_then(|state| {
+            state
+                .steps
+                .iter()
+                .find(|s| match direction {
+                    Direction::Execute => s.failed && !s.completed,
+                    Direction::Compensate => s.compensation_failed,
+                })
+                .map(|s| s.name.clone())
+        });
+        if let Some(step) = failed {
+            self.records.remove(&(step, direction));
+        }
     }
 
     fn fire(&mut self, key: &str) {
@@ -242,17 +314,33 @@ impl World {
                 }));
             }
             Move::RetryCompensation => {
+                if self.status() == SagaStatus::CompensationFailed {
+                    self.clear_record(Direction::Compensate);
+                }
                 self.apply(Input::Operator(OperatorCommand::RetryCompensation));
             }
             Move::MarkCompensated(i) => {
                 let step = self.def.steps[i % self.def.steps.len()].name.clone();
                 self.apply(Input::Operator(OperatorCommand::MarkCompensated { step }));
             }
+            Move::RetryStep => {
+                if self.status() == SagaStatus::CompletionFailed {
+                    self.clear_record(Direction::Execute);
+                }
+                self.apply(Input::Operator(OperatorCommand::RetryStep));
+            }
+            Move::MarkCompleted(i) => {
+                let step = self.def.steps[i % self.def.steps.len()].name.clone();
+                self.apply(Input::Operator(OperatorCommand::MarkCompleted {
+                    step,
+                    output: Data::new(),
+                }));
+            }
         }
     }
 
-    /// Participants recover and answer everything with success; timers fire in due order;
-    /// until nothing is left to happen.
+    /// Participants recover and answer everything (their records, else success); timers fire
+    /// in due order; until nothing is left to happen.
     fn drain(&mut self) {
         for _ in 0..10_000 {
             if let Some(i) = self
@@ -276,13 +364,20 @@ impl World {
         panic!("the saga never settled: {:?}", self.state);
     }
 
-    /// An operator clears every failed compensation.
+    /// An operator settles every saga that waits for one.
     fn operate(&mut self) {
         for _ in 0..100 {
             self.drain();
-            if self.status() != SagaStatus::CompensationFailed {
-                return;
+            match self.status() {
+                SagaStatus::CompletionFailed => {
+                    self.clear_record(Direction::Execute);
+                    self.apply(Input::Operator(OperatorCommand::RetryStep));
+                    continue;
+                }
+                SagaStatus::CompensationFailed => {}
+                _ => return,
             }
+            self.clear_record(Direction::Compensate);
             let d = self.apply(Input::Operator(OperatorCommand::RetryCompensation));
             if matches!(d.outcome, Outcome::Rejected(_)) {
                 let failed = self
@@ -337,8 +432,6 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                         );
                         if d.kind == StepKind::Retriable {
                             committed = true;
-                        } else {
-                            assert!(*attempt <= d.retry.max_attempts, "over budget: {key:?}");
                         }
                         may_have_run
                             .entry(step.clone())
@@ -355,12 +448,6 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                             may_have_run.get(step).is_some_and(|a| !a.is_empty()),
                             "compensation of `{step}` whose action surely did not run"
                         );
-                        let used = budget_used.entry(step.clone()).or_default();
-                        *used += 1;
-                        assert!(
-                            *used <= d.compensation_retry.max_attempts,
-                            "compensation over budget: {key:?}"
-                        );
                         if compensated_once.insert(step.clone()) {
                             first_compensations.push(index(step));
                         }
@@ -368,12 +455,29 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                 }
             }
             SagaEvent::AttemptFailed {
-                step,
-                direction: Direction::Execute,
-                attempt,
-                ..
+                step, direction, ..
+            } => {
+                // Only retryable errors spend a budget, never silences.
+                let d = &def.steps[index(step)];
+                let used = budget_used
+                    .entry(format!("{step}/{direction}"))
+                    .or_default();
+                *used += 1;
+                let budget = match direction {
+                    Direction::Execute if d.kind == StepKind::Retriable => u32::MAX,
+                    Direction::Execute => d.retry.max_attempts,
+                    Direction::Compensate => d.compensation_retry.max_attempts,
+                };
+                assert!(*used <= budget, "over budget: {step} {direction}");
             }
-            | SagaEvent::StepFailed { step, attempt, .. } => {
+            SagaEvent::CompensationFailed { step, .. } => {
+                assert_eq!(
+                    def.steps[index(step)].kind,
+                    StepKind::Compensatable,
+                    "the pivot ran after compensation began: silence was taken for an answer"
+                );
+            }
+            SagaEvent::StepFailed { step, attempt, .. } => {
                 // An answered failure means that attempt did not run, unless it had timed out
                 // (then StepFailed carries the timed-out attempt and the timeout kept it).
                 let timed_out = log.iter().any(|e| {
@@ -390,10 +494,13 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                     committed = true;
                 }
                 // A late success reopens the step with a fresh budget.
-                budget_used.remove(step);
+                budget_used.remove(&format!("{step}/compensate"));
             }
             SagaEvent::CompensationRetryRequested { step } => {
-                budget_used.remove(step);
+                budget_used.remove(&format!("{step}/compensate"));
+            }
+            SagaEvent::StepRetryRequested { step } => {
+                budget_used.remove(&format!("{step}/execute"));
             }
             SagaEvent::CompensationStarted { .. } => {
                 assert!(!committed, "compensation after the point of no return");
@@ -409,12 +516,38 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
     if committed {
         assert!(matches!(
             state.status,
-            SagaStatus::Running | SagaStatus::Completed
+            SagaStatus::Running | SagaStatus::Completed | SagaStatus::CompletionFailed
         ));
     }
 }
 
-fn check_settled(def: &SagaDefinition, state: &SagaState) {
+/// The participants' books after the saga settled: a compensated saga left no effect.
+fn check_settled(world: &World) {
+    let def = &world.def;
+    let state = world.state.as_ref().expect("started");
+    if state.status == SagaStatus::Compensated {
+        let by_hand: HashSet<&str> = world
+            .log
+            .iter()
+            .filter_map(|e| match e {
+                SagaEvent::StepCompensated {
+                    step, manual: true, ..
+                } => Some(step.as_str()),
+                _ => None,
+            })
+            .collect();
+        for d in &def.steps {
+            let ran = matches!(
+                world.records.get(&(d.name.clone(), Direction::Execute)),
+                Some(Reply::Success { .. })
+            );
+            let undone = matches!(
+                world.records.get(&(d.name.clone(), Direction::Compensate)),
+                Some(Reply::Success { .. })
+            ) || by_hand.contains(d.name.as_str());
+            assert!(!ran || undone, "`{}` ran and was not undone", d.name);
+        }
+    }
     match state.status {
         SagaStatus::Completed => {
             assert!(
@@ -444,7 +577,7 @@ fn check_settled(def: &SagaDefinition, state: &SagaState) {
                         .is_some_and(|s| s.completed && d.kind == StepKind::Retriable)
             }));
         }
-        SagaStatus::CompensationFailed => {}
+        SagaStatus::CompensationFailed | SagaStatus::CompletionFailed => {}
         other => panic!("not settled: {other:?}"),
     }
 }
@@ -459,7 +592,7 @@ proptest! {
             world.play(m);
         }
         world.drain();
-        check_settled(&def, world.state.as_ref().unwrap());
+        check_settled(&world);
     }
 
     #[test]
@@ -469,8 +602,8 @@ proptest! {
             world.play(m);
         }
         world.operate();
+        check_settled(&world);
         let state = world.state.as_ref().unwrap();
-        check_settled(&def, state);
         prop_assert!(matches!(state.status, SagaStatus::Completed | SagaStatus::Compensated));
     }
 }

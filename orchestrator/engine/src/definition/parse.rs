@@ -18,8 +18,8 @@ use saga_schemas::definition::{
 use serde_json::Value;
 
 use super::{
-    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, Definitions, RetryPolicy,
-    SagaDefinition, StepDefinition, StepKind,
+    DEFAULT_COMPENSATION_RETRY, DEFAULT_EXPIRY, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, Definitions,
+    RetryPolicy, SagaDefinition, StepDefinition, StepKind,
 };
 
 /// One problem in a definition file, with where it is.
