@@ -2,9 +2,6 @@
 //! commands, health. Handlers are thin: they parse, call the runtime or the store, and map the
 //! result onto a status code with a JSON body that says why.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,6 +18,7 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
+use crate::service::Health;
 use crate::store::{ListFilter, RecordedEvent, SagaRow};
 
 const MAX_PAGE: u64 = 500;
@@ -29,8 +27,8 @@ const DEFAULT_PAGE: u64 = 50;
 #[derive(Clone)]
 pub struct ApiState {
     pub runtime: Runtime,
-    /// True while the orchestrator holds a broker connection.
-    pub broker_connected: Arc<AtomicBool>,
+    /// The broker connection and the background tasks, for `/readyz`.
+    pub health: Health,
     pub metrics: Metrics,
 }
 
@@ -413,17 +411,20 @@ async fn mark_compensated(
     .await
 }
 
+/// `200` only when the database answers, the broker connection is open now, and no background
+/// task has stopped; the body says which of them is not.
 async fn ready(State(state): State<ApiState>) -> Response {
     let database = state.runtime.store().ping().await.is_ok();
-    let broker = state.broker_connected.load(Ordering::Relaxed);
-    let status = if database && broker {
+    let broker = state.health.broker_connected();
+    let stopped = state.health.stopped_tasks();
+    let status = if database && broker && stopped.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(json!({ "database": database, "broker": broker })),
+        Json(json!({ "database": database, "broker": broker, "stopped_tasks": stopped })),
     )
         .into_response()
 }

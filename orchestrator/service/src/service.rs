@@ -1,15 +1,24 @@
 //! `orchestrator run`: wires the store, the runtime, the broker session and the HTTP API
-//! together, and stops them in order on SIGTERM.
+//! together, supervises them, and stops them in order on SIGTERM.
+//!
+//! Every background task (the HTTP server, the timers, the broker session with the relay and
+//! the consumers) runs under a [`Supervisor`]: one that stops, or panics, while the service is
+//! not shutting down cancels the shutdown token, so the others stop too, and `serve` returns an
+//! error naming it (the process exits non-zero for its supervisor to restart it). `/readyz`
+//! reads [`Health`]: the broker connection as lapin sees it at that moment, and the stopped
+//! tasks.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
+use saga_amqp::lapin::ConnectionStatus;
 use saga_amqp::{AmqpError, Publisher};
 use saga_engine::Definitions;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
@@ -29,8 +38,145 @@ pub struct ServiceConfig {
     pub long_running_threshold: std::time::Duration,
 }
 
+/// The names of the supervised tasks, as `/readyz` and the exit error give them.
+pub const HTTP_TASK: &str = "http";
+pub const TIMERS_TASK: &str = "timers";
+pub const BROKER_TASK: &str = "broker session";
+
+/// What `/readyz` reports besides the database: whether the broker connection is open right
+/// now, and which background tasks stopped. Cheap to clone; every clone is the same state.
+#[derive(Clone, Default)]
+pub struct Health {
+    inner: Arc<HealthInner>,
+}
+
+#[derive(Default)]
+struct HealthInner {
+    /// The live status of the connection the current broker session runs on (lapin updates it
+    /// the moment the connection closes); `None` between sessions.
+    broker: Mutex<Option<ConnectionStatus>>,
+    /// Tasks that stopped while the service was not shutting down, with why.
+    stopped: Mutex<BTreeMap<String, String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these values half-written: keep using them.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Health::default()
+    }
+
+    /// True while a broker session holds a connection that lapin sees as connected.
+    pub fn broker_connected(&self) -> bool {
+        lock(&self.inner.broker)
+            .as_ref()
+            .is_some_and(ConnectionStatus::connected)
+    }
+
+    /// The session's connection (`Some` once it is usable), or `None` when the session ends.
+    pub fn set_broker(&self, status: Option<ConnectionStatus>) {
+        *lock(&self.inner.broker) = status;
+    }
+
+    /// Records that `task` stopped, and why.
+    pub fn task_stopped(&self, task: &str, why: impl Into<String>) {
+        lock(&self.inner.stopped).insert(task.to_owned(), why.into());
+    }
+
+    /// The tasks that stopped while the service was running, with why, by name.
+    pub fn stopped_tasks(&self) -> BTreeMap<String, String> {
+        lock(&self.inner.stopped).clone()
+    }
+}
+
+/// Background tasks that must run for as long as the service does; see the module docs.
+pub struct Supervisor {
+    tasks: JoinSet<anyhow::Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+    shutdown: CancellationToken,
+    health: Health,
+}
+
+impl Supervisor {
+    pub fn new(shutdown: CancellationToken, health: Health) -> Self {
+        Supervisor {
+            tasks: JoinSet::new(),
+            names: HashMap::new(),
+            shutdown,
+            health,
+        }
+    }
+
+    /// Runs `task` until it returns; it should return only once `shutdown` is cancelled.
+    pub fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for every task. The first that stops before shutdown (returning, with an error
+    /// or without, or panicking) cancels the shutdown token, is recorded in [`Health`], and
+    /// makes this return an error naming it once the others have stopped.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut failure: Option<anyhow::Error> = None;
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                Err(join_error) => {
+                    let id = join_error.id();
+                    let why = if join_error.is_panic() {
+                        anyhow!("panicked: {}", panic_message(join_error.into_panic()))
+                    } else {
+                        anyhow!("was cancelled")
+                    };
+                    (id, Err(why))
+                }
+            };
+            let name = self.names.get(&id).copied().unwrap_or("unnamed");
+            if self.shutdown.is_cancelled() {
+                match result {
+                    Ok(()) => info!(task = name, "stopped"),
+                    Err(error) => info!(
+                        task = name,
+                        error = format!("{error:#}"),
+                        "stopped with an error during shutdown"
+                    ),
+                }
+                continue;
+            }
+            let why = match result {
+                Ok(()) => "ended while the service was running".to_owned(),
+                Err(error) => format!("{error:#}"),
+            };
+            error!(task = name, reason = %why, "a background task stopped; shutting the service down");
+            self.health.task_stopped(name, why.clone());
+            failure.get_or_insert_with(|| anyhow!("the {name} task stopped: {why}"));
+            self.shutdown.cancel();
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
 /// A running orchestrator; `serve` returns when `shutdown` is cancelled and everything has
-/// stopped.
+/// stopped, or with an error when a background task stopped on its own.
 pub async fn serve(
     definitions: Definitions,
     config: ServiceConfig,
@@ -61,28 +207,33 @@ pub async fn serve_runtime(
     let in_flight = runtime.store().in_flight_ids().await?.len();
     info!(in_flight, "sagas to continue after start");
 
-    let broker_connected = Arc::new(AtomicBool::new(false));
+    let health = Health::new();
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
     info!(address = %listener.local_addr()?, "HTTP API listening");
     let app = api::router(ApiState {
         runtime: runtime.clone(),
-        broker_connected: broker_connected.clone(),
+        health: health.clone(),
         metrics: Metrics::install(config.long_running_threshold),
     });
-    let http = tokio::spawn({
+    let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
+    tasks.spawn(HTTP_TASK, {
         let shutdown = shutdown.clone();
         async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
+                .context("the HTTP server failed")
         }
     });
-    let timers = tokio::spawn(timers::run(runtime.clone(), shutdown.clone()));
-
-    let session_runtime = runtime.clone();
-    let session_shutdown = shutdown.clone();
+    tasks.spawn(TIMERS_TASK, {
+        let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+        async move {
+            timers::run(runtime, shutdown).await;
+            Ok(())
+        }
+    });
     let participants: Vec<String> = runtime
         .definitions()
         .participants()
@@ -90,30 +241,32 @@ pub async fn serve_runtime(
         .map(str::to_owned)
         .collect();
     let prefetch = config.prefetch;
-    saga_amqp::supervise(
-        &config.amqp_url,
-        &config.connection_name,
-        shutdown.clone(),
-        move |conn| {
-            let runtime = session_runtime.clone();
-            let shutdown = session_shutdown.clone();
-            let participants = participants.clone();
-            let connected = broker_connected.clone();
-            async move {
-                let result =
-                    session(runtime, conn, &participants, prefetch, shutdown, &connected).await;
-                connected.store(false, Ordering::Relaxed);
-                result
-            }
-        },
-    )
-    .await
-    .context("broker session failed")?;
-
-    timers.await.ok();
-    http.await
-        .context("HTTP server task")?
-        .context("HTTP server")?;
+    tasks.spawn(BROKER_TASK, {
+        let shutdown = shutdown.clone();
+        async move {
+            saga_amqp::supervise(
+                &config.amqp_url,
+                &config.connection_name,
+                shutdown.clone(),
+                move |conn| {
+                    let runtime = runtime.clone();
+                    let shutdown = shutdown.clone();
+                    let participants = participants.clone();
+                    let health = health.clone();
+                    async move {
+                        let result =
+                            session(runtime, conn, &participants, prefetch, shutdown, &health)
+                                .await;
+                        health.set_broker(None);
+                        result
+                    }
+                },
+            )
+            .await
+            .context("the broker session failed")
+        }
+    });
+    tasks.wait().await?;
     info!("stopped");
     Ok(())
 }
@@ -125,7 +278,7 @@ async fn session(
     participants: &[String],
     prefetch: u16,
     shutdown: CancellationToken,
-    connected: &AtomicBool,
+    health: &Health,
 ) -> Result<(), AmqpError> {
     let channel = conn.create_channel().await?;
     let names: Vec<&str> = participants.iter().map(String::as_str).collect();
@@ -133,7 +286,7 @@ async fn session(
     let relay_publisher = Publisher::open(&conn).await?;
     let relay_channel_owner = relay_publisher.clone();
     let dead_letters = Publisher::open(&conn).await?;
-    connected.store(true, Ordering::Relaxed);
+    health.set_broker(Some(conn.status().clone()));
     info!("connected to the broker; topology declared");
     let result = tokio::try_join!(
         relay::run(runtime.clone(), relay_publisher, shutdown.clone()),
@@ -164,4 +317,101 @@ async fn session(
         conn.close(200, "shutting down".into()).await.ok();
     }
     result.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A task that runs until shutdown, as every real one does.
+    async fn until_shutdown(shutdown: CancellationToken) -> anyhow::Result<()> {
+        shutdown.cancelled().await;
+        Ok(())
+    }
+
+    async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not happen within 10 s"))
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_stops_the_service_with_an_error_naming_it() {
+        let shutdown = CancellationToken::new();
+        let health = Health::new();
+        let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
+        tasks.spawn(HTTP_TASK, until_shutdown(shutdown.clone()));
+        tasks.spawn(TIMERS_TASK, async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("the timer loop broke");
+        });
+        let error = within("the supervisor's return", tasks.wait())
+            .await
+            .expect_err("a dead task is an error");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("timers") && message.contains("the timer loop broke"),
+            "{message}"
+        );
+        assert!(shutdown.is_cancelled(), "the other tasks are told to stop");
+        let stopped = health.stopped_tasks();
+        assert_eq!(stopped.keys().collect::<Vec<_>>(), ["timers"]);
+        assert!(stopped["timers"].contains("panicked"), "{stopped:?}");
+    }
+
+    #[tokio::test]
+    async fn a_task_that_returns_before_shutdown_is_a_failure_too() {
+        let shutdown = CancellationToken::new();
+        let health = Health::new();
+        let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
+        tasks.spawn(TIMERS_TASK, until_shutdown(shutdown.clone()));
+        tasks.spawn(BROKER_TASK, async { Err(anyhow!("invalid URL")) });
+        let error = within("the supervisor's return", tasks.wait())
+            .await
+            .expect_err("a task that ends early is an error");
+        assert_eq!(
+            format!("{error:#}"),
+            "the broker session task stopped: invalid URL"
+        );
+        assert!(shutdown.is_cancelled());
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = Supervisor::new(shutdown.clone(), Health::new());
+        tasks.spawn(HTTP_TASK, async { Ok(()) });
+        let error = within("the supervisor's return", tasks.wait())
+            .await
+            .expect_err("ending cleanly but early is an error");
+        assert!(format!("{error}").contains("http task stopped: ended"));
+    }
+
+    #[tokio::test]
+    async fn a_requested_shutdown_is_not_a_failure() {
+        let shutdown = CancellationToken::new();
+        let health = Health::new();
+        let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
+        tasks.spawn(HTTP_TASK, until_shutdown(shutdown.clone()));
+        tasks.spawn(TIMERS_TASK, {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                Err(anyhow!("interrupted mid-batch"))
+            }
+        });
+        shutdown.cancel();
+        within("the supervisor's return", tasks.wait())
+            .await
+            .expect("stopping on request is success");
+        assert!(health.stopped_tasks().is_empty());
+    }
+
+    #[test]
+    fn without_a_session_the_broker_is_not_connected() {
+        let health = Health::new();
+        assert!(!health.broker_connected());
+        // A connection that never opened is not connected either.
+        health.set_broker(Some(ConnectionStatus::default()));
+        assert!(!health.broker_connected());
+    }
 }
