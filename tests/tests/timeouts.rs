@@ -1,5 +1,7 @@
-//! Time: a step whose participant does not answer times out, and a saga past its deadline is
-//! compensated. Both use a definition file of their own with short durations.
+//! Time: a step whose participant does not answer is asked again until it answers (completed
+//! when it comes back within the step's expiry, refused and compensated with nothing to undo
+//! when it does not), and a saga past its deadline is compensated. Each uses a definition file
+//! of its own with short durations.
 
 use std::time::Duration;
 
@@ -7,7 +9,7 @@ use saga_system::checkout::*;
 use saga_system::{Backend, Options, System, pretty};
 
 /// `order-checkout` with short timeouts, and `deadline` if given.
-fn config(deadline: Option<&str>, reserve_timeout: &str, reserve_attempts: u32) -> String {
+fn config(deadline: Option<&str>, reserve_timeout: &str, reserve_expiry: &str) -> String {
     let deadline = deadline
         .map(|d| format!("    deadline: {d}\n"))
         .unwrap_or_default();
@@ -25,7 +27,8 @@ fn config(deadline: Option<&str>, reserve_timeout: &str, reserve_attempts: u32) 
         action: reserve
         compensation: release
         timeout: {reserve_timeout}
-        retry: {{ max_attempts: {reserve_attempts}, backoff: 100ms }}
+        expiry: {reserve_expiry}
+        retry: {{ backoff: 100ms }}
         compensation_retry: {{ max_attempts: 30, backoff: 200ms, max_backoff: 500ms }}
       - name: charge-payment
         participant: payments
@@ -48,17 +51,17 @@ fn config(deadline: Option<&str>, reserve_timeout: &str, reserve_attempts: u32) 
     )
 }
 
-/// Inventory is down: reserve-stock gets no reply within 1s, twice, and fails; compensation
-/// begins. A timed-out reservation may have happened, so its release is owed too: it waits in
-/// the inventory queue until inventory comes back, then the saga is compensated and no stock
-/// stays taken.
-async fn step_timeout(backend: Backend) {
+/// Inventory is down. reserve-stock gets no reply, so it is asked again and again (each wait
+/// doubling from 1s); the saga keeps running, since silence is not an answer. Inventory comes
+/// back after the step's 4s expiry: it refuses the reservation as `expired`, and the saga is
+/// compensated with no stock taken.
+async fn refused_after_its_expiry(backend: Backend) {
     let mut system = System::start(
         Options::new(backend)
-            .label("step-timeout")
+            .label("expired")
             .without("inventory")
             .env("inventory", "INITIAL_STOCK", 10)
-            .config_yaml(config(None, "1s", 2)),
+            .config_yaml(config(None, "1s", "4s")),
     )
     .await;
     let sku = unique_sku("kite");
@@ -66,35 +69,44 @@ async fn step_timeout(backend: Backend) {
         .start_checkout(&order("erin", 700, &[(&sku, 1)]))
         .await;
     let saga = system
-        .wait_until(&id, Duration::from_secs(15), "start compensating", |s| {
-            s["status"] == "compensating"
+        .wait_until(&id, Duration::from_secs(30), "ask reserve-stock 3 times", |s| {
+            count(s, "command_sent", "reserve-stock") >= 3
         })
         .await;
     let show = pretty(&saga);
-    let timed_out: Vec<_> = events(&saga, "attempt_timed_out")
-        .into_iter()
-        .filter(|e| e["step"] == "reserve-stock" && e["direction"] == "execute")
-        .collect();
-    assert_eq!(timed_out.len(), 2, "both attempts timed out:\n{show}");
-    assert_eq!(step(&saga, "reserve-stock")["attempts"], 2, "{show}");
+    assert_eq!(status(&saga), "running", "silence is not an answer:\n{show}");
+    assert!(events(&saga, "step_failed").is_empty(), "{show}");
+    let expires_at = events(&saga, "command_sent")
+        .iter()
+        .filter(|e| e["step"] == "reserve-stock")
+        .map(|e| e["expires_at"].clone())
+        .collect::<Vec<_>>();
+    assert!(
+        expires_at.windows(2).all(|w| w[0] == w[1] && !w[0].is_null()),
+        "every attempt carries the first one's expiry: {expires_at:?}"
+    );
+    // Past the expiry (4s after the first attempt), with a margin for a loaded machine.
+    system
+        .wait_until(&id, Duration::from_secs(30), "run past its expiry", |s| {
+            let started = chrono::DateTime::parse_from_rfc3339(
+                s["history"][0]["recorded_at"].as_str().unwrap_or_default(),
+            );
+            started.is_ok_and(|t| chrono::Utc::now() > t + chrono::Duration::seconds(6))
+        })
+        .await;
+
+    system.start_participant("inventory").await;
+    let saga = system.wait_settled(&id, Duration::from_secs(120)).await;
+    let show = pretty(&saga);
+    assert_eq!(status(&saga), "compensated", "{show}");
     let reason = saga["compensation_reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("reserve-stock") && reason.contains("no reply"),
+        reason.contains("reserve-stock") && reason.contains("expired"),
         "reason {reason:?}:\n{show}"
     );
     assert_eq!(
         position(&saga, "command_sent", "charge-payment"),
         None,
-        "{show}"
-    );
-
-    system.start_participant("inventory").await;
-    let saga = system.wait_settled(&id, Duration::from_secs(30)).await;
-    let show = pretty(&saga);
-    assert_eq!(status(&saga), "compensated", "{show}");
-    assert_eq!(
-        compensated_steps(&saga),
-        ["reserve-stock", "create-order"],
         "{show}"
     );
     assert_history_ordered(&saga);
@@ -115,6 +127,44 @@ async fn step_timeout(backend: Backend) {
     assert_books_balance(&books, Some(10));
 }
 
+/// Inventory is down while reserve-stock is asked several times, and comes back well within
+/// the step's expiry: the saga completes with one reservation, whatever the number of attempts.
+async fn back_within_its_expiry(backend: Backend) {
+    let mut system = System::start(
+        Options::new(backend)
+            .label("back")
+            .without("inventory")
+            .env("inventory", "INITIAL_STOCK", 10)
+            .config_yaml(config(None, "1s", "10m")),
+    )
+    .await;
+    let sku = unique_sku("lamp");
+    let id = system
+        .start_checkout(&order("fay", 900, &[(&sku, 2)]))
+        .await;
+    system
+        .wait_until(&id, Duration::from_secs(30), "ask reserve-stock 3 times", |s| {
+            count(s, "command_sent", "reserve-stock") >= 3
+        })
+        .await;
+    system.start_participant("inventory").await;
+    let saga = system.wait_settled(&id, Duration::from_secs(120)).await;
+    let show = pretty(&saga);
+    assert_eq!(status(&saga), "completed", "{show}");
+    for name in STEPS {
+        assert_eq!(count(&saga, "step_completed", name), 1, "{name}:\n{show}");
+    }
+    assert!(
+        step(&saga, "reserve-stock")["attempts"].as_u64().unwrap_or(0) >= 3,
+        "{show}"
+    );
+    let books = system.books().await;
+    let mine = books_of(&books, &id);
+    assert_eq!(mine.reservations.len(), 1, "one reservation: {mine:?}");
+    assert_eq!(available(&books, &sku), Some(8), "{books:?}");
+    assert_books_balance(&books, Some(10));
+}
+
 /// A 2s deadline passes while reserve-stock waits (inventory down, a 30s step timeout): the
 /// saga is compensated for the deadline, well before the step's own timeout.
 async fn deadline(backend: Backend) {
@@ -123,7 +173,7 @@ async fn deadline(backend: Backend) {
             .label("deadline")
             .without("inventory")
             .env("inventory", "INITIAL_STOCK", 10)
-            .config_yaml(config(Some("2s"), "30s", 1)),
+            .config_yaml(config(Some("2s"), "30s", "1m")),
     )
     .await;
     let sku = unique_sku("drum");
@@ -189,4 +239,4 @@ async fn deadline(backend: Backend) {
     assert_books_balance(&books, Some(10));
 }
 
-saga_system::on_both_backends!(step_timeout, deadline);
+saga_system::on_both_backends!(refused_after_its_expiry, back_within_its_expiry, deadline);

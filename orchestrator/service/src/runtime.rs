@@ -347,15 +347,19 @@ impl Runtime {
             return commit;
         };
         for command in &decision.commands {
-            let participant = def
+            let (_, step) = def
                 .step(&command.step)
-                .map(|(_, s)| s.participant.as_str())
                 .expect("the engine only sends commands for steps of the definition");
+            // A command nobody consumed within twice the step's timeout has been superseded by
+            // a newer attempt: the broker may drop it. With every command of a queue living as
+            // long, they expire in queue order, so a participant that is down costs at most
+            // two or three queued commands per waiting step, however long it is down.
+            let discard_after = now + step.timeout * 2;
             commit.outbox.push(OutgoingMessage::command(
                 command,
-                participant,
+                &step.participant,
                 REPLIES_QUEUE,
-                discard_after(decision, command.message_id),
+                Some(discard_after),
             ));
         }
         for (seq, event) in (expected_version + 1..).zip(&decision.events) {
@@ -396,19 +400,4 @@ impl Runtime {
             self.inner.relay_wake.notify_one();
         }
     }
-}
-
-/// When the broker may drop a command nobody consumed: twice its attempt's wait after it was
-/// sent. By then the step has been asked again, so at most two attempts of a waiting step are
-/// queued at once, however long its participant is down.
-fn discard_after(decision: &Decision, message_id: Uuid) -> Option<DateTime<Utc>> {
-    decision.events.iter().find_map(|event| match event {
-        SagaEvent::CommandSent {
-            message_id: id,
-            timeout_at,
-            sent_at: Some(sent_at),
-            ..
-        } if *id == message_id => Some(*timeout_at + (*timeout_at - *sent_at)),
-        _ => None,
-    })
 }
