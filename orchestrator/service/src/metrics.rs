@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use saga_engine::{Definitions, SagaState};
-use saga_schemas::SagaEvent;
+use saga_schemas::{SagaEvent, SagaStatus};
 
 use crate::store::{Store, StoreError};
 
@@ -92,6 +92,10 @@ fn describe() {
         "saga_compensation_failed_total",
         "Sagas whose compensation failed and wait for an operator, by saga name."
     );
+    describe_counter!(
+        "saga_completion_failed_total",
+        "Sagas whose step past the point of no return failed and wait for an operator, by saga name."
+    );
     describe_histogram!(
         STEP_DURATION,
         metrics::Unit::Seconds,
@@ -123,22 +127,34 @@ fn describe() {
     );
 }
 
-/// Counts what one commit recorded. `state` is the saga's state after the commit.
-pub fn record(events: &[SagaEvent], state: &SagaState, now: DateTime<Utc>) {
+/// Counts what one commit recorded: `events` got the `seq`s `first_seq ..`, and `state` is the
+/// saga's state after the commit. A terminal counter counts a saga only for the event that
+/// first brought it to that status, so a saga that returns to a status (an operator's retry
+/// that fails again) is counted once per status.
+pub fn record(events: &[SagaEvent], first_seq: u64, state: &SagaState, now: DateTime<Utc>) {
     let saga = state.saga_name.clone();
-    for event in events {
+    for (seq, event) in (first_seq..).zip(events) {
+        let terminal = match event {
+            SagaEvent::SagaCompleted => Some((SagaStatus::Completed, "saga_completed_total")),
+            SagaEvent::SagaCompensated => Some((SagaStatus::Compensated, "saga_compensated_total")),
+            SagaEvent::CompensationFailed { .. } => Some((
+                SagaStatus::CompensationFailed,
+                "saga_compensation_failed_total",
+            )),
+            SagaEvent::CompletionFailed { .. } => {
+                Some((SagaStatus::CompletionFailed, "saga_completion_failed_total"))
+            }
+            _ => None,
+        };
+        if let Some((status, name)) = terminal {
+            if state.first_settled_at(status, seq) {
+                counter!(name, "saga" => saga.clone()).increment(1);
+            }
+            continue;
+        }
         match event {
             SagaEvent::SagaStarted { .. } => {
                 counter!("saga_started_total", "saga" => saga.clone()).increment(1)
-            }
-            SagaEvent::SagaCompleted => {
-                counter!("saga_completed_total", "saga" => saga.clone()).increment(1)
-            }
-            SagaEvent::SagaCompensated => {
-                counter!("saga_compensated_total", "saga" => saga.clone()).increment(1)
-            }
-            SagaEvent::CompensationFailed { .. } => {
-                counter!("saga_compensation_failed_total", "saga" => saga.clone()).increment(1)
             }
             SagaEvent::StepCompleted { step, .. } => {
                 let started = state.step(step).and_then(|s| s.started_at);
@@ -150,5 +166,136 @@ pub fn record(events: &[SagaEvent], state: &SagaState, now: DateTime<Utc>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use saga_schemas::{Data, SagaEvent};
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The value of `counter{saga="<saga>"}` in the exposition, 0 when absent.
+    fn count(metrics: &Metrics, counter: &str, saga: &str) -> u64 {
+        let prefix = format!("{counter}{{saga=\"{saga}\"}} ");
+        metrics
+            .handle
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix).map(|v| v.parse().unwrap()))
+            .unwrap_or(0)
+    }
+
+    /// Records `events` as one commit appended to `log`, as the runtime does after a commit.
+    fn commit(log: &mut Vec<SagaEvent>, events: Vec<SagaEvent>) {
+        let first_seq = log.len() as u64 + 1;
+        log.extend(events.iter().cloned());
+        let state = SagaState::fold(Uuid::nil(), log.iter()).expect("a saga");
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        record(&events, first_seq, &state, now);
+    }
+
+    fn failed(step: &str) -> SagaEvent {
+        SagaEvent::CompensationFailed {
+            step: step.into(),
+            reason: "refund refused".into(),
+        }
+    }
+
+    #[test]
+    fn each_saga_counts_once_per_terminal_status() {
+        let metrics = Metrics::install(Duration::from_secs(300));
+        // A name of this test's own: the recorder is shared by the whole test process.
+        let saga = format!("metrics-{}", Uuid::new_v4().simple());
+        let mut log = Vec::new();
+        commit(
+            &mut log,
+            vec![SagaEvent::SagaStarted {
+                saga_name: saga.clone(),
+                definition_version: "v1".into(),
+                input: Data::new(),
+                business_key: None,
+                deadline_at: None,
+            }],
+        );
+        commit(
+            &mut log,
+            vec![
+                SagaEvent::CompensationStarted {
+                    reason: "declined".into(),
+                },
+                failed("pay"),
+            ],
+        );
+        assert_eq!(count(&metrics, "saga_compensation_failed_total", &saga), 1);
+
+        // An operator retries; the compensation fails again: still one saga in that status.
+        commit(
+            &mut log,
+            vec![SagaEvent::CompensationRetryRequested { step: "pay".into() }],
+        );
+        commit(&mut log, vec![failed("pay")]);
+        assert_eq!(count(&metrics, "saga_compensation_failed_total", &saga), 1);
+
+        // The next retry works: compensated once, and the failure is not counted again.
+        commit(
+            &mut log,
+            vec![SagaEvent::CompensationRetryRequested { step: "pay".into() }],
+        );
+        commit(
+            &mut log,
+            vec![
+                SagaEvent::StepCompensated {
+                    step: "pay".into(),
+                    attempt: 3,
+                    manual: false,
+                },
+                SagaEvent::SagaCompensated,
+            ],
+        );
+        assert_eq!(count(&metrics, "saga_compensated_total", &saga), 1);
+        assert_eq!(count(&metrics, "saga_compensation_failed_total", &saga), 1);
+        assert_eq!(count(&metrics, "saga_started_total", &saga), 1);
+    }
+
+    #[test]
+    fn a_completion_failure_has_its_own_counter() {
+        let metrics = Metrics::install(Duration::from_secs(300));
+        let saga = format!("metrics-{}", Uuid::new_v4().simple());
+        let mut log = Vec::new();
+        commit(
+            &mut log,
+            vec![SagaEvent::SagaStarted {
+                saga_name: saga.clone(),
+                definition_version: "v1".into(),
+                input: Data::new(),
+                business_key: None,
+                deadline_at: None,
+            }],
+        );
+        commit(
+            &mut log,
+            vec![SagaEvent::CompletionFailed {
+                step: "ship".into(),
+                reason: "address unknown".into(),
+            }],
+        );
+        commit(
+            &mut log,
+            vec![SagaEvent::StepRetryRequested {
+                step: "ship".into(),
+            }],
+        );
+        commit(
+            &mut log,
+            vec![SagaEvent::CompletionFailed {
+                step: "ship".into(),
+                reason: "address unknown".into(),
+            }],
+        );
+        assert_eq!(count(&metrics, "saga_completion_failed_total", &saga), 1);
+        assert_eq!(count(&metrics, "saga_compensation_failed_total", &saga), 0);
     }
 }

@@ -382,7 +382,12 @@ impl Runtime {
     fn after_commit(&self, commits: &[Commit], outbox_rows: usize) {
         for commit in commits {
             if let Some(state) = &commit.state {
-                crate::metrics::record(&commit.events, state, commit.now);
+                crate::metrics::record(
+                    &commit.events,
+                    commit.expected_version + 1,
+                    state,
+                    commit.now,
+                );
             }
             for event in &commit.events {
                 match event {
