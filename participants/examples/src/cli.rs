@@ -3,7 +3,6 @@
 
 use clap::{Args, ValueEnum};
 use saga_participant::{CancellationToken, SdkConfig};
-use tracing_subscriber::EnvFilter;
 
 /// The flags every example binary takes.
 #[derive(Debug, Clone, Args)]
@@ -61,24 +60,16 @@ impl CommonArgs {
     }
 }
 
-/// Logs to stderr: `RUST_LOG` (default `info`, with `sqlx` at `warn`), text or JSON lines.
+/// The orchestrator's logging setup, compiled here too: one home for the `RUST_LOG` rules
+/// (sqlx statements muted unless `RUST_LOG` names sqlx) and the JSON format.
+#[path = "../../../orchestrator/service/src/telemetry.rs"]
+#[allow(dead_code)] // `init` reads LOG_FORMAT itself; the examples take it as a flag.
+mod telemetry;
+
+/// Logs to stderr: `RUST_LOG` (default `info`; sqlx statements muted unless it names sqlx),
+/// text or JSON lines.
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        .add_directive("sqlx=warn".parse().expect("a valid directive"))
-        .add_directive("sea_orm=warn".parse().expect("a valid directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    telemetry::init_as(format == LogFormat::Json);
 }
 
 /// A token cancelled on SIGTERM or ctrl-c (SIGINT).
