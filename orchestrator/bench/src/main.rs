@@ -93,6 +93,7 @@ async fn run(
     let config = ServiceConfig {
         amqp_url: args.amqp_url.clone(),
         database_url: databases.orchestrator.clone(),
+        database_pool_size: orchestrator::store::DEFAULT_POOL_SIZE,
         http: "127.0.0.1:0".parse()?,
         connection_name: "saga-bench orchestrator".into(),
         prefetch: 256,

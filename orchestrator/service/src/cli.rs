@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// `sqlite://FILE?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+    /// PostgreSQL: the most connections the orchestrator opens (SQLite ignores it).
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = orchestrator::store::DEFAULT_POOL_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_pool_size: u32,
     /// Address of the HTTP API.
     #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http: std::net::SocketAddr,
@@ -107,5 +111,28 @@ mod tests {
     #[test]
     fn validate_needs_a_file() {
         assert!(Cli::try_parse_from(["orchestrator", "validate"]).is_err());
+    }
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let args = ["orchestrator", "run", "--config", "sagas.yaml"];
+        match Cli::try_parse_from(args.iter().chain(extra))?.command {
+            Command::Run(args) => Ok(args),
+            other => panic!("not `run`: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_database_pool_size_is_a_flag_with_a_default() {
+        // DATABASE_POOL_SIZE may be set around the tests: the flag wins over it.
+        assert_eq!(
+            run_args(&["--database-pool-size", "3"])
+                .unwrap()
+                .database_pool_size,
+            3
+        );
+        if std::env::var_os("DATABASE_POOL_SIZE").is_none() {
+            assert_eq!(run_args(&[]).unwrap().database_pool_size, 10);
+        }
+        assert!(run_args(&["--database-pool-size", "0"]).is_err());
     }
 }

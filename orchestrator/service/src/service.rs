@@ -23,13 +23,15 @@ use tracing::{error, info};
 use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::{consumers, relay, timers};
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub amqp_url: String,
     pub database_url: String,
+    /// PostgreSQL connections the orchestrator may hold (SQLite ignores it).
+    pub database_pool_size: u32,
     pub http: SocketAddr,
     /// Shown in the RabbitMQ management UI.
     pub connection_name: String,
@@ -182,7 +184,10 @@ pub async fn serve(
     config: ServiceConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database_url)
+    let options = StoreOptions {
+        pool_size: config.database_pool_size,
+    };
+    let store = Store::connect_with(&config.database_url, options)
         .await
         .with_context(|| {
             format!(

@@ -1202,3 +1202,24 @@ async fn concurrent_writers_never_both_advance_a_saga(db: TestDb) {
         state.version
     );
 }
+
+/// `StoreOptions::pool_size` bounds the PostgreSQL pool (`--database-pool-size`).
+#[tokio::test]
+async fn the_postgres_pool_has_the_size_given() {
+    use orchestrator::store::{DEFAULT_POOL_SIZE, StoreOptions};
+    let db = TestDb::postgres().await;
+    let store = Store::connect_with(&db.url, StoreOptions { pool_size: 3 })
+        .await
+        .expect("connect and migrate");
+    let pool = store.connection().get_postgres_connection_pool();
+    assert_eq!(pool.options().get_max_connections(), 3);
+    let default = db.store().await;
+    let pool = default.connection().get_postgres_connection_pool();
+    assert_eq!(pool.options().get_max_connections(), DEFAULT_POOL_SIZE);
+    assert!(
+        Store::connect_with(&db.url, StoreOptions { pool_size: 0 })
+            .await
+            .is_err(),
+        "an empty pool is refused"
+    );
+}

@@ -17,6 +17,10 @@ pub struct CommonArgs {
     /// PostgreSQL only: keep the service's tables in this schema (created if missing).
     #[arg(long, env = "DATABASE_SCHEMA")]
     pub database_schema: Option<String>,
+    /// PostgreSQL only: the most database connections the service opens.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = saga_participant::DEFAULT_DATABASE_POOL_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_pool_size: u32,
     /// Commands handled at once (unacknowledged messages in flight).
     #[arg(long, env = "PREFETCH", default_value_t = saga_participant::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -46,6 +50,7 @@ impl CommonArgs {
             amqp_url: self.amqp_url.clone(),
             database_url: self.database_url(service),
             database_schema: self.database_schema.clone().filter(|s| !s.is_empty()),
+            database_pool_size: Some(self.database_pool_size),
             prefetch: self.prefetch,
             connection_name: self.connection_name.clone().filter(|s| !s.is_empty()),
         }
@@ -122,4 +127,49 @@ pub async fn main(
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use saga_participant::sea_orm::ConnectionTrait;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn the_pool_size_reaches_the_sdk() {
+        let cli = Cli::try_parse_from(["payments", "--database-pool-size", "3"]).unwrap();
+        assert_eq!(
+            cli.common.sdk_config("payments").database_pool_size,
+            Some(3)
+        );
+        assert!(Cli::try_parse_from(["payments", "--database-pool-size", "0"]).is_err());
+    }
+
+    /// The SDK opens the pool with the size given (PostgreSQL: `DATABASE_URL`).
+    #[tokio::test]
+    async fn the_postgres_pool_has_the_size_given() {
+        let url = std::env::var("DATABASE_URL").expect(
+            "set DATABASE_URL to a PostgreSQL server, e.g. \
+             DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres (or run scripts/test)",
+        );
+        for (asked, expected) in [
+            (Some(3), 3),
+            (None, saga_participant::DEFAULT_DATABASE_POOL_SIZE),
+        ] {
+            let db = saga_participant::connect_with_pool(&url, None, asked)
+                .await
+                .expect("connect");
+            db.execute_unprepared("SELECT 1").await.unwrap();
+            let pool = db.get_postgres_connection_pool();
+            assert_eq!(pool.options().get_max_connections(), expected);
+            db.close().await.unwrap();
+        }
+    }
 }

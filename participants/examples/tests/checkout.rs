@@ -86,6 +86,7 @@ impl Env {
             amqp_url: self.url.clone(),
             database_url: self.database_url(service),
             database_schema: None,
+            database_pool_size: None,
             prefetch: 8,
             connection_name: None,
         };

@@ -8,14 +8,28 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Schema,
 };
 
+/// PostgreSQL connections per participant process unless configured otherwise.
+pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 16;
+
 /// Opens the participant's database.
 ///
 /// - `sqlite://<file>?mode=rwc`: WAL journal, a busy timeout, and one pooled connection (SQLite
 ///   has one writer at a time anyway, so handlers queue for it instead of failing with `BUSY`).
 /// - `postgres://...`: with `schema`, the schema is created if missing and every pooled
 ///   connection gets `search_path` set to it, so each participant keeps its tables apart even in
-///   a shared database. Without `schema`, the server's default search path applies.
+///   a shared database. Without `schema`, the server's default search path applies. The pool
+///   opens at most [`DEFAULT_DATABASE_POOL_SIZE`] connections (see [`connect_with_pool`]).
 pub async fn connect(url: &str, schema: Option<&str>) -> Result<DatabaseConnection, DbErr> {
+    connect_with_pool(url, schema, None).await
+}
+
+/// [`connect`] with a PostgreSQL pool of at most `pool_size` connections (`None`: the default;
+/// ignored for SQLite).
+pub async fn connect_with_pool(
+    url: &str,
+    schema: Option<&str>,
+    pool_size: Option<u32>,
+) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .sqlx_logging(false)
@@ -41,7 +55,13 @@ pub async fn connect(url: &str, schema: Option<&str>) -> Result<DatabaseConnecti
         create_schema(url, schema).await?;
         options.set_schema_search_path(schema.to_owned());
     }
-    options.max_connections(16);
+    let pool_size = pool_size.unwrap_or(DEFAULT_DATABASE_POOL_SIZE);
+    if pool_size == 0 {
+        return Err(DbErr::Custom(
+            "the database pool size must be at least 1".into(),
+        ));
+    }
+    options.max_connections(pool_size);
     Database::connect(options).await
 }
 

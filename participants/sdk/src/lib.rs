@@ -69,7 +69,10 @@ use std::sync::Arc;
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction};
 
-pub use db::{connect as connect_database, inbox, migrate as migrate_sdk_tables};
+pub use db::{
+    DEFAULT_DATABASE_POOL_SIZE, connect as connect_database, connect_with_pool, inbox,
+    migrate as migrate_sdk_tables,
+};
 pub use handler::{
     CommandExt, Handler, HandlerError, HandlerFuture, MigrationFuture, Migrations, failure, success,
 };
@@ -93,6 +96,9 @@ pub struct SdkConfig {
     /// PostgreSQL only: a schema of the participant's own, created if missing and set as the
     /// `search_path` of every pooled connection.
     pub database_schema: Option<String>,
+    /// PostgreSQL only: the most connections the pool opens; `None` for
+    /// [`DEFAULT_DATABASE_POOL_SIZE`]. SQLite always uses one.
+    pub database_pool_size: Option<u32>,
     /// Unacknowledged commands in flight at once (the AMQP prefetch), handled concurrently.
     pub prefetch: u16,
     /// The connection name shown in the management UI; `None` for `<participant>@<host>:<pid>`.
@@ -107,6 +113,7 @@ impl SdkConfig {
             amqp_url: DEFAULT_AMQP_URL.into(),
             database_url: default_database_url(participant),
             database_schema: None,
+            database_pool_size: None,
             prefetch: DEFAULT_PREFETCH,
             connection_name: None,
         }
@@ -234,7 +241,12 @@ impl Participant {
     /// clean shutdown (in-flight commands finished), or an error that reconnecting cannot fix.
     pub async fn run(self, config: SdkConfig, shutdown: CancellationToken) -> Result<(), Error> {
         self.validate(&config)?;
-        let db = db::connect(&config.database_url, config.database_schema.as_deref()).await?;
+        let db = db::connect_with_pool(
+            &config.database_url,
+            config.database_schema.as_deref(),
+            config.database_pool_size,
+        )
+        .await?;
         db::migrate(&db).await?;
         for migrations in &self.migrations {
             migrations.migrate(&db).await?;

@@ -17,6 +17,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServiceConfig {
         amqp_url: args.amqp_url,
         database_url: args.database_url,
+        database_pool_size: args.database_pool_size,
         http: args.http,
         connection_name,
         prefetch: args.prefetch,

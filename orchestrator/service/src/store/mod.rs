@@ -6,8 +6,8 @@
 //!
 //! # Backends
 //!
-//! PostgreSQL in production (a pool of 10), SQLite as the embedded default. Migrations run in
-//! [`Store::connect`].
+//! PostgreSQL in production (a pool of [`StoreOptions::pool_size`] connections, 10 by
+//! default), SQLite as the embedded default. Migrations run in [`Store::connect`].
 //!
 //! **SQLite write concurrency.** WAL journal (readers never block the writer), `busy_timeout`
 //! 5 s, foreign keys on. Every write transaction is taken under a single-writer async mutex
@@ -60,7 +60,8 @@ const MAX_PARAMS: usize = 30_000;
 /// expression depth to 1000).
 const MAX_OR_TERMS: usize = 200;
 const SQLITE_POOL_SIZE: u32 = 8;
-const POSTGRES_POOL_SIZE: u32 = 10;
+/// PostgreSQL connections per orchestrator process unless configured otherwise.
+pub const DEFAULT_POOL_SIZE: u32 = 10;
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Key of the PostgreSQL advisory lock held while migrating (any constant unique to us).
 const MIGRATION_LOCK_KEY: i64 = 0x5a6a_0c1d_5a6a_0001;
@@ -206,6 +207,22 @@ pub struct ListFilter {
     pub before: Option<(DateTime<Utc>, Uuid)>,
 }
 
+/// How [`Store::connect_with`] opens the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// PostgreSQL: the most connections the pool opens (SQLite keeps its own: 8 for a file, 1
+    /// in memory).
+    pub pool_size: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
@@ -253,8 +270,13 @@ impl Writer {
 
 impl Store {
     /// Connects to `sqlite://path?mode=rwc` (`sqlite::memory:` for tests) or
-    /// `postgres://...`, and runs the migrations.
+    /// `postgres://...` with the default options, and runs the migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, StoreOptions::default()).await
+    }
+
+    /// [`Store::connect`] with `options`.
+    pub async fn connect_with(url: &str, opts: StoreOptions) -> Result<Store, StoreError> {
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -292,7 +314,12 @@ impl Store {
                 });
             }
             Backend::Postgres => {
-                options.max_connections(POSTGRES_POOL_SIZE);
+                if opts.pool_size == 0 {
+                    return Err(StoreError::Db(DbErr::Custom(
+                        "the database pool size must be at least 1".into(),
+                    )));
+                }
+                options.max_connections(opts.pool_size);
             }
         }
         let db = Database::connect(options).await?;

@@ -404,6 +404,7 @@ impl Running {
             amqp_url: vhost.url.clone(),
             database_url: db.url.clone(),
             database_schema: db.schema.clone(),
+            database_pool_size: None,
             prefetch,
             connection_name: Some(format!("{PARTICIPANT}@test:{}", vhost.name)),
         };
