@@ -78,9 +78,15 @@ impl Health {
             .is_some_and(ConnectionStatus::connected)
     }
 
-    /// The session's connection (`Some` once it is usable), or `None` when the session ends.
-    pub fn set_broker(&self, status: Option<ConnectionStatus>) {
-        *lock(&self.inner.broker) = status;
+    /// Registers the connection a broker session runs on, once it is usable; the returned
+    /// guard unregisters it when the session ends or is dropped (the supervisor drops a
+    /// session whose connection it saw close). Between the two, readiness follows the
+    /// connection's own status, which lapin updates the moment it closes.
+    pub fn broker_session(&self, status: ConnectionStatus) -> BrokerSession {
+        *lock(&self.inner.broker) = Some(status);
+        BrokerSession {
+            health: self.clone(),
+        }
     }
 
     /// Records that `task` stopped, and why.
@@ -91,6 +97,18 @@ impl Health {
     /// The tasks that stopped while the service was running, with why, by name.
     pub fn stopped_tasks(&self) -> BTreeMap<String, String> {
         lock(&self.inner.stopped).clone()
+    }
+}
+
+/// A registered broker connection; see [`Health::broker_session`].
+#[must_use = "the connection is unregistered when this is dropped"]
+pub struct BrokerSession {
+    health: Health,
+}
+
+impl Drop for BrokerSession {
+    fn drop(&mut self) {
+        *lock(&self.health.inner.broker) = None;
     }
 }
 
@@ -259,11 +277,7 @@ pub async fn serve_runtime(
                     let participants = participants.clone();
                     let health = health.clone();
                     async move {
-                        let result =
-                            session(runtime, conn, &participants, prefetch, shutdown, &health)
-                                .await;
-                        health.set_broker(None);
-                        result
+                        session(runtime, conn, &participants, prefetch, shutdown, &health).await
                     }
                 },
             )
@@ -291,7 +305,7 @@ async fn session(
     let relay_publisher = Publisher::open(&conn).await?;
     let relay_channel_owner = relay_publisher.clone();
     let dead_letters = Publisher::open(&conn).await?;
-    health.set_broker(Some(conn.status().clone()));
+    let _registered = health.broker_session(conn.status().clone());
     info!("connected to the broker; topology declared");
     let result = tokio::try_join!(
         relay::run(runtime.clone(), relay_publisher, shutdown.clone()),
@@ -415,8 +429,10 @@ mod tests {
     fn without_a_session_the_broker_is_not_connected() {
         let health = Health::new();
         assert!(!health.broker_connected());
-        // A connection that never opened is not connected either.
-        health.set_broker(Some(ConnectionStatus::default()));
+        // A connection that never opened (or closed) is not connected either.
+        let session = health.broker_session(ConnectionStatus::default());
+        assert!(!health.broker_connected());
+        drop(session);
         assert!(!health.broker_connected());
     }
 }
