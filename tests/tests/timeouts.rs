@@ -69,12 +69,19 @@ async fn refused_after_its_expiry(backend: Backend) {
         .start_checkout(&order("erin", 700, &[(&sku, 1)]))
         .await;
     let saga = system
-        .wait_until(&id, Duration::from_secs(30), "ask reserve-stock 3 times", |s| {
-            count(s, "command_sent", "reserve-stock") >= 3
-        })
+        .wait_until(
+            &id,
+            Duration::from_secs(30),
+            "ask reserve-stock 3 times",
+            |s| count(s, "command_sent", "reserve-stock") >= 3,
+        )
         .await;
     let show = pretty(&saga);
-    assert_eq!(status(&saga), "running", "silence is not an answer:\n{show}");
+    assert_eq!(
+        status(&saga),
+        "running",
+        "silence is not an answer:\n{show}"
+    );
     assert!(events(&saga, "step_failed").is_empty(), "{show}");
     let expires_at = events(&saga, "command_sent")
         .iter()
@@ -82,7 +89,9 @@ async fn refused_after_its_expiry(backend: Backend) {
         .map(|e| e["expires_at"].clone())
         .collect::<Vec<_>>();
     assert!(
-        expires_at.windows(2).all(|w| w[0] == w[1] && !w[0].is_null()),
+        expires_at
+            .windows(2)
+            .all(|w| w[0] == w[1] && !w[0].is_null()),
         "every attempt carries the first one's expiry: {expires_at:?}"
     );
     // Past the expiry (4s after the first attempt), with a margin for a loaded machine.
@@ -143,9 +152,12 @@ async fn back_within_its_expiry(backend: Backend) {
         .start_checkout(&order("fay", 900, &[(&sku, 2)]))
         .await;
     system
-        .wait_until(&id, Duration::from_secs(30), "ask reserve-stock 3 times", |s| {
-            count(s, "command_sent", "reserve-stock") >= 3
-        })
+        .wait_until(
+            &id,
+            Duration::from_secs(30),
+            "ask reserve-stock 3 times",
+            |s| count(s, "command_sent", "reserve-stock") >= 3,
+        )
         .await;
     system.start_participant("inventory").await;
     let saga = system.wait_settled(&id, Duration::from_secs(120)).await;
@@ -155,7 +167,10 @@ async fn back_within_its_expiry(backend: Backend) {
         assert_eq!(count(&saga, "step_completed", name), 1, "{name}:\n{show}");
     }
     assert!(
-        step(&saga, "reserve-stock")["attempts"].as_u64().unwrap_or(0) >= 3,
+        step(&saga, "reserve-stock")["attempts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
         "{show}"
     );
     let books = system.books().await;

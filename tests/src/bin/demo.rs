@@ -324,7 +324,10 @@ async fn drive(system: &System) -> anyhow::Result<bool> {
             status == expect.status() && expect.reason().is_none_or(|word| reason.contains(word));
         ok &= met;
         let mut detail = String::new();
-        if status == "compensated" || status == "compensation_failed" {
+        if status == "compensated"
+            || status == "compensation_failed"
+            || status == "completion_failed"
+        {
             let undone = checkout::compensated_steps(&saga);
             detail = format!(
                 "{reason}; undone: {}",
@@ -373,6 +376,7 @@ async fn drive(system: &System) -> anyhow::Result<bool> {
         "completed",
         "compensated",
         "compensation_failed",
+        "completion_failed",
         "compensating",
         "running",
     ]
