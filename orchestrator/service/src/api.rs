@@ -39,6 +39,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/sagas/{saga}/abort", post(abort))
         .route("/sagas/{saga}/retry", post(retry))
         .route("/sagas/{saga}/mark-compensated", post(mark_compensated))
+        .route("/set-aside", get(list_set_aside))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -277,6 +278,19 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
+/// `limit` of a listing: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
+    match raw {
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(bad_request(format!(
+                "limit must be a whole number from 1 to {MAX_PAGE}"
+            ))),
+        },
+        None => Ok(DEFAULT_PAGE),
+    }
+}
+
 /// The cursor is the (created_at, id) of the last saga on the previous page.
 fn encode_cursor(row: &SagaRow) -> String {
     format!("{}_{}", row.created_at.timestamp_micros(), row.id)
@@ -302,17 +316,7 @@ async fn list_sagas(
         })?),
         None => None,
     };
-    let limit = match query.limit.as_deref() {
-        Some(raw) => match raw.parse::<u64>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(bad_request(format!(
-                    "limit must be a whole number from 1 to {MAX_PAGE}"
-                )));
-            }
-        },
-        None => DEFAULT_PAGE,
-    };
+    let limit = page_limit(query.limit.as_deref())?;
     let before = query
         .cursor
         .as_deref()
@@ -334,6 +338,21 @@ async fn list_sagas(
     };
     let sagas: Vec<SagaSummary> = rows.iter().map(SagaSummary::from).collect();
     Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
+}
+
+#[derive(Deserialize)]
+struct SetAsideQuery {
+    limit: Option<String>,
+}
+
+/// Timers and replies that can never be handled, newest first, with why.
+async fn list_set_aside(
+    State(state): State<ApiState>,
+    Query(query): Query<SetAsideQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit.as_deref())?;
+    let items = state.runtime.store().list_set_aside(limit).await?;
+    Ok(Json(json!({ "set_aside": items })))
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use saga_engine::{Definitions, SagaState};
 use saga_schemas::{SagaEvent, SagaStatus};
 
-use crate::store::{Store, StoreError};
+use crate::store::{SetAsideKind, Store, StoreError};
 
 const STEP_DURATION: &str = "saga_step_duration_seconds";
 const STEP_BUCKETS: &[f64] = &[
@@ -74,6 +74,15 @@ impl Metrics {
         gauge!("saga_timers_scheduled").set(store.timer_count().await? as f64);
         gauge!("saga_timers_due").set(store.overdue_timer_count(now).await? as f64);
         gauge!("saga_long_running_threshold_seconds").set(self.long_running.as_secs_f64());
+        // Counted from the table (rows are never deleted), so right for the whole cluster.
+        let set_aside = store.set_aside_counts().await?;
+        for kind in [SetAsideKind::Timer, SetAsideKind::Reply] {
+            let count = set_aside
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0, |(_, n)| *n);
+            counter!("saga_set_aside_total", "kind" => kind.as_str()).absolute(count);
+        }
         Ok(self.handle.render())
     }
 }
@@ -95,6 +104,10 @@ fn describe() {
     describe_counter!(
         "saga_completion_failed_total",
         "Sagas whose step past the point of no return failed and wait for an operator, by saga name."
+    );
+    describe_counter!(
+        "saga_set_aside_total",
+        "Timers and replies that can never be handled, set aside with the reason (GET /set-aside), by kind."
     );
     describe_histogram!(
         STEP_DURATION,

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use orchestrator::store::{Commit, CommitError, ListFilter, SagaRow, Store, StoreError};
+use orchestrator::store::{
+    Commit, CommitError, ListFilter, SagaRow, SetAsideKind, Store, StoreError,
+};
 use saga_engine::definition::{DEFAULT_RETRY, RetryPolicy};
 use saga_engine::{
     Decision, Input, OperatorCommand, SagaDefinition, SagaState, StepDefinition, StepKind,
@@ -157,6 +159,7 @@ on_both_backends!(
     list_pages_newest_first_with_filters,
     the_read_model_is_rebuilt_from_the_events,
     concurrent_writers_never_both_advance_a_saga,
+    a_timer_is_set_aside_once_and_only_as_read,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1221,5 +1224,64 @@ async fn the_postgres_pool_has_the_size_given() {
             .await
             .is_err(),
         "an empty pool is refused"
+    );
+}
+
+async fn a_timer_is_set_aside_once_and_only_as_read(db: TestDb) {
+    let store = db.store().await;
+    let def = refund();
+    let saga = start(&store, &def, t0()).await;
+    let due = store.due_timers(t0() + secs(100), 100).await.unwrap();
+    assert_eq!(due.len(), 2, "the step timeout and the deadline");
+    let (timeout, deadline) = (&due[0], &due[1]);
+
+    let at = t0() + secs(200);
+    assert!(
+        store
+            .set_aside_timer(timeout, "definition gone", at)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_aside_timer(timeout, "definition gone", at)
+            .await
+            .unwrap(),
+        "already set aside: nothing to do"
+    );
+    // Rescheduled since it was read: not the timer that failed any more.
+    store
+        .commit(&[Commit {
+            timers: vec![TimerChange::Schedule {
+                timer: TimerKind::Deadline,
+                due_at: t0() + secs(300),
+            }],
+            ..Commit::empty(saga, t0())
+        }])
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .set_aside_timer(deadline, "definition gone", at)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.timer_count().await.unwrap(), 1, "the rescheduled one");
+
+    let items = store.list_set_aside(10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    let item = &items[0];
+    assert_eq!(
+        (item.saga_id, item.kind, item.reason.as_str(), item.at),
+        (saga, SetAsideKind::Timer, "definition gone", at)
+    );
+    assert_eq!(item.item["key"], timeout.key.as_str());
+    assert_eq!(
+        serde_json::from_value::<TimerKind>(item.item["timer"].clone()).unwrap(),
+        timeout.timer
+    );
+    assert_eq!(
+        store.set_aside_counts().await.unwrap(),
+        [(SetAsideKind::Timer, 1)]
     );
 }

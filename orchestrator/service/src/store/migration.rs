@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001CreateTables)]
+        vec![Box::new(M0001CreateTables), Box::new(M0002CreateSetAside)]
     }
 }
 
@@ -229,5 +229,52 @@ impl MigrationTrait for M0001CreateTables {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[derive(DeriveIden)]
+enum SetAside {
+    Table,
+    Id,
+    SagaId,
+    Kind,
+    Item,
+    Reason,
+    At,
+}
+
+/// `set_aside`: timers and replies that can never be handled, with why.
+struct M0002CreateSetAside;
+
+impl MigrationName for M0002CreateSetAside {
+    fn name(&self) -> &str {
+        "m0002_create_set_aside"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002CreateSetAside {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SetAside::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(SetAside::Id))
+                    .col(uuid(SetAside::SagaId))
+                    .col(text(SetAside::Kind))
+                    .col(text(SetAside::Item))
+                    .col(text(SetAside::Reason))
+                    .col(timestamp_with_time_zone(SetAside::At))
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(SetAside::Table).if_exists().to_owned())
+            .await
     }
 }

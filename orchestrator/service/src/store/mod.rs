@@ -29,6 +29,7 @@ mod commit;
 mod entity;
 mod migration;
 mod read_model;
+mod set_aside;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use uuid::Uuid;
 use entity::{inbox, outbox, saga_events, sagas, timers};
 pub use migration::Migrator;
 pub use read_model::current_step;
+pub use set_aside::{SetAside, SetAsideKind};
 
 /// Largest number of bind parameters put in one statement (SQLite allows 32766, PostgreSQL
 /// 65535): batched statements are split into chunks below it.
@@ -80,6 +82,19 @@ pub enum StoreError {
     /// Stored data that does not parse, or a commit that contradicts itself.
     #[error("corrupt data: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether trying the same thing again can never succeed: corrupt data, or a duplicate
+    /// (already recorded). Database errors (unavailable, timed out, deadlocked) and conflicts
+    /// are worth trying again. The one rule for what is set aside (see also
+    /// `RuntimeError::is_permanent`).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Corrupt(_) | StoreError::Duplicate => true,
+            StoreError::Conflict | StoreError::Db(_) => false,
+        }
+    }
 }
 
 /// A failed [`Store::commit`]: nothing of the batch was written.
@@ -475,7 +490,9 @@ impl Store {
         }
     }
 
-    /// Timers due at `now`, earliest first.
+    /// Timers due at `now`, earliest first. A row whose timer does not parse can never fire:
+    /// it is set aside (deleted, recorded in `set_aside` with the reason) instead of returned,
+    /// so it cannot hold up the timers behind it.
     pub async fn due_timers(
         &self,
         now: DateTime<Utc>,
@@ -489,22 +506,32 @@ impl Store {
             .limit(limit)
             .all(&self.db)
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let timer = serde_json::from_str(&row.timer).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "timer {} of saga {}: {e}",
-                        row.timer_key, row.saga_id
-                    ))
-                })?;
-                Ok(DueTimer {
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_str(&row.timer) {
+                Ok(timer) => due.push(DueTimer {
                     saga_id: row.saga_id,
                     key: row.timer_key,
                     timer,
                     due_at: row.due_at,
-                })
-            })
-            .collect()
+                }),
+                Err(e) => {
+                    let reason = format!("the timer does not parse: {e}");
+                    tracing::warn!(saga_id = %row.saga_id, timer = %row.timer_key, %reason, "setting a timer aside");
+                    let item = serde_json::json!({"key": row.timer_key, "due_at": row.due_at, "timer_text": row.timer});
+                    self.set_aside_timer_row(
+                        row.saga_id,
+                        &row.timer_key,
+                        row.due_at,
+                        item,
+                        &reason,
+                        Utc::now(),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(due)
     }
 
     pub async fn timer_count(&self) -> Result<u64, StoreError> {

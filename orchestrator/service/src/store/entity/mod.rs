@@ -5,4 +5,5 @@ pub mod inbox;
 pub mod outbox;
 pub mod saga_events;
 pub mod sagas;
+pub mod set_aside;
 pub mod timers;
