@@ -38,9 +38,10 @@
 //!
 //! What the SDK guarantees:
 //!
-//! - It declares its own queue topology (`saga.commands.<name>` and its `.dlq`) at start, so the
-//!   participant can start before the orchestrator, and consumes it with manual acks and a
-//!   bounded prefetch, handling up to `prefetch` commands concurrently.
+//! - It declares its own queue topology (`saga.commands.<name>`, without dead-letter arguments
+//!   so that commands the broker drops at their `expiration` vanish, and its `.dlq`) at start,
+//!   so the participant can start before the orchestrator, and consumes it with manual acks and
+//!   a bounded prefetch, handling up to `prefetch` commands concurrently.
 //! - **Exactly one effect per (saga, step, direction).** Each handled command is recorded in the
 //!   table `saga_inbox` in the same transaction as the handler's writes. A redelivery or a retry
 //!   (any attempt) of a recorded command does not run the handler again and gets the recorded
@@ -50,6 +51,12 @@
 //! - **Null compensation.** A compensation whose action never ran here (or failed) succeeds
 //!   without running the handler, and is recorded; the action arriving later is refused with
 //!   the failure `compensated before executed`.
+//! - **Expired actions never start.** An action whose command carries an `expires_at` in the
+//!   past, and that has no record yet, is not handed to its handler: the SDK records and answers
+//!   the failure [`EXPIRED`] (`"expired"`), in the same transaction as the inbox record, so
+//!   every later attempt of the step gets the same answer; its compensation is then a null
+//!   compensation. This assumes the participant's clock agrees with the orchestrator's within a
+//!   small fraction of the step's expiry.
 //! - **Business failures change nothing**: the handler's writes are rolled back (a savepoint)
 //!   and only the failure is recorded.
 //! - It acks a command only after its reply was confirmed by the broker. A message it cannot use
@@ -77,7 +84,7 @@ pub use handler::{
     CommandExt, Handler, HandlerError, HandlerFuture, MigrationFuture, Migrations, failure, success,
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
-pub use saga_schemas::{Data, Direction, Outcome, StepCommand, StepReply};
+pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;
 

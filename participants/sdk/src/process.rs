@@ -110,11 +110,23 @@ async fn attempt(
         };
     }
 
+    let now = chrono::Utc::now();
     let outcome = match cmd.direction {
         Direction::Execute if record(Direction::Compensate).is_some() => {
             tracing::warn!("the action arrived after its compensation: refusing it");
             Outcome::Failure {
                 reason: COMPENSATED_BEFORE_EXECUTED.into(),
+            }
+        }
+        // The orchestrator may have given up on the step: never start it late. The refusal is
+        // recorded below, so every later attempt gets the same definitive answer.
+        Direction::Execute if cmd.expires_at.is_some_and(|at| at < now) => {
+            tracing::warn!(
+                expires_at = ?cmd.expires_at,
+                "the action expired before it could start: refusing it"
+            );
+            Outcome::Failure {
+                reason: saga_schemas::EXPIRED.into(),
             }
         }
         Direction::Compensate
