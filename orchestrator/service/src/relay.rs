@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
-use saga_amqp::{AmqpError, Publisher};
+use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -58,10 +58,22 @@ pub async fn run(
             }
             continue;
         }
-        let messages: Vec<_> = batch.rows.iter().map(|row| row.message.clone()).collect();
+        // A command past its discard_after was superseded by a newer attempt while it waited
+        // here: publishing it would only add to the queue of a participant that is behind.
+        let now = Utc::now();
+        let (superseded, live): (Vec<_>, Vec<_>) = batch
+            .rows
+            .iter()
+            .partition(|row| is_superseded(&row.message, now));
+        let mut sent: Vec<i64> = Vec::with_capacity(batch.rows.len());
+        for row in &superseded {
+            debug!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key,
+                discard_after = ?row.message.discard_after, "superseded: not published");
+            sent.push(row.id);
+        }
+        let messages: Vec<_> = live.iter().map(|row| row.message.clone()).collect();
         let results = publisher.publish_all(&messages).await;
-        let mut sent = Vec::with_capacity(results.len());
-        for (row, result) in batch.rows.iter().zip(results) {
+        for (row, result) in live.iter().zip(results) {
             match result {
                 Ok(()) => sent.push(row.id),
                 Err(error) => {
@@ -75,10 +87,11 @@ pub async fn run(
                 }
             }
         }
-        let all_sent = sent.len() == messages.len();
+        let all_sent = sent.len() == batch.rows.len();
         debug!(
-            sent = sent.len(),
-            of = messages.len(),
+            sent = sent.len() - superseded.len(),
+            superseded = superseded.len(),
+            of = batch.rows.len(),
             "relayed outbox rows"
         );
         if let Err(error) = batch.mark_sent(&sent).await {
@@ -98,9 +111,47 @@ pub async fn run(
     }
 }
 
+/// Whether `message` is past its `discard_after` at `now`, so the broker would drop it anyway.
+fn is_superseded(message: &OutgoingMessage, now: DateTime<Utc>) -> bool {
+    message.discard_after.is_some_and(|at| at <= now)
+}
+
 async fn pause(shutdown: &CancellationToken, duration: Duration) {
     tokio::select! {
         _ = tokio::time::sleep(duration) => {}
         _ = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use saga_schemas::amqp::message_type;
+
+    use super::*;
+
+    fn message(discard_after: Option<DateTime<Utc>>) -> OutgoingMessage {
+        OutgoingMessage {
+            exchange: "saga.commands".into(),
+            routing_key: "payments".into(),
+            message_id: uuid::Uuid::new_v4(),
+            correlation_id: None,
+            message_type: message_type::STEP_COMMAND.into(),
+            reply_to: None,
+            headers: Vec::new(),
+            body: "{}".into(),
+            mandatory: true,
+            discard_after,
+        }
+    }
+
+    #[test]
+    fn a_message_past_its_discard_after_is_superseded() {
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let ms = chrono::Duration::milliseconds;
+        assert!(is_superseded(&message(Some(now - ms(1))), now));
+        assert!(is_superseded(&message(Some(now)), now));
+        assert!(!is_superseded(&message(Some(now + ms(1))), now));
+        assert!(!is_superseded(&message(None), now), "events never expire");
     }
 }

@@ -1,6 +1,7 @@
 /// What can go wrong talking to the broker.
 ///
-/// Apart from [`AmqpError::Invalid`] (a bug or a bad name in the configuration), every variant
+/// Apart from [`AmqpError::Invalid`] (a bug or a bad name in the configuration) and
+/// [`AmqpError::QueueMismatch`] (an operator must act on the broker), every variant
 /// means the message may not have reached its destination, or the channel or connection is no
 /// longer usable: end the session with it and let [`crate::supervise`] start a fresh one.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,22 @@ pub enum AmqpError {
     /// The connection was lost while a session was running on it.
     #[error("lost the connection to the broker: {0}")]
     ConnectionLost(String),
+    /// A queue already exists with other arguments than this version declares (the broker
+    /// answered `PRECONDITION_FAILED`), typically one declared by an older version. The channel
+    /// is closed; retrying does not help until an operator acts.
+    #[error(
+        "queue {queue} exists with other arguments than this version declares ({expected}); \
+         the broker said: {broker}. Let it drain, then delete it \
+         (`rabbitmqctl delete_queue -p <vhost> {queue}`) so that it is declared afresh, or keep \
+         declaring it with its old arguments (the older version)"
+    )]
+    QueueMismatch {
+        queue: String,
+        /// The arguments this version declares, in words.
+        expected: String,
+        /// The broker's reply text (which argument differs).
+        broker: String,
+    },
     /// A name or value that AMQP cannot carry (e.g. longer than 255 bytes), or a bad argument.
     #[error("invalid AMQP input: {0}")]
     Invalid(String),

@@ -162,11 +162,32 @@ async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), AmqpErro
 
 /// The AMQP properties of `msg`: `message_id`, `correlation_id` (if any), `type`,
 /// `content_type` `application/json`, `delivery_mode` 2 (persistent), `timestamp` (now, in
-/// seconds), `reply_to` (if any), `app_id` (if given), and the headers
-/// ([`HeaderValue::Int`] as a signed 64-bit `l`, [`HeaderValue::Str`] as a long string `S`).
+/// seconds), `reply_to` (if any), `app_id` (if given), `expiration` (if `discard_after` is set:
+/// see [`expiration`]), and the headers ([`HeaderValue::Int`] as a signed 64-bit `l`,
+/// [`HeaderValue::Str`] as a long string `S`).
 pub fn properties(
     msg: &OutgoingMessage,
     app_id: Option<&ShortString>,
+) -> Result<BasicProperties, AmqpError> {
+    properties_at(msg, app_id, SystemTime::now())
+}
+
+/// The AMQP `expiration` of `msg` if it has a `discard_after`: the milliseconds left at `now`,
+/// as a decimal string, at least `1` (`0` would mean "deliver at once or drop"; whether a
+/// message already past its time is published at all is the caller's choice).
+fn expiration(msg: &OutgoingMessage, now: SystemTime) -> Option<String> {
+    let discard_after = msg.discard_after?;
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let left = discard_after.timestamp_millis().saturating_sub(now_ms);
+    Some(left.max(1).to_string())
+}
+
+fn properties_at(
+    msg: &OutgoingMessage,
+    app_id: Option<&ShortString>,
+    now: SystemTime,
 ) -> Result<BasicProperties, AmqpError> {
     let mut headers = FieldTable::default();
     for (key, value) in &msg.headers {
@@ -176,15 +197,13 @@ pub fn properties(
         };
         headers.insert(short(key, "header key")?, value);
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut props = BasicProperties::default()
         .with_message_id(msg.message_id.to_string().into())
         .with_type(short(&msg.message_type, "message type")?)
         .with_content_type(CONTENT_TYPE_JSON.into())
         .with_delivery_mode(2)
-        .with_timestamp(now)
+        .with_timestamp(seconds)
         .with_headers(headers);
     if let Some(correlation_id) = msg.correlation_id {
         props = props.with_correlation_id(correlation_id.to_string().into());
@@ -195,5 +214,49 @@ pub fn properties(
     if let Some(app_id) = app_id {
         props = props.with_app_id(app_id.clone());
     }
+    if let Some(expiration) = expiration(msg, now) {
+        props = props.with_expiration(expiration.into());
+    }
     Ok(props)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use saga_schemas::amqp::message_type;
+
+    use super::*;
+
+    /// A command whose `discard_after` (RFC 3339, if any) is read from the outbox JSON.
+    fn expiration_of(discard_after: Option<&str>) -> Option<String> {
+        let msg: OutgoingMessage = serde_json::from_value(serde_json::json!({
+            "exchange": "saga.commands",
+            "routing_key": "payments",
+            "message_id": "6b1f2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            "correlation_id": null,
+            "message_type": message_type::STEP_COMMAND,
+            "reply_to": null,
+            "headers": [],
+            "body": "{}",
+            "discard_after": discard_after,
+        }))
+        .unwrap();
+        // 2026-01-01T00:00:00Z
+        let now = UNIX_EPOCH + Duration::from_millis(1_767_225_600_000);
+        let props = properties_at(&msg, None, now).unwrap();
+        props.expiration().as_ref().map(|e| e.as_str().to_owned())
+    }
+
+    #[test]
+    fn discard_after_becomes_the_milliseconds_left() {
+        let at = |t: &str| expiration_of(Some(t));
+        assert_eq!(at("2026-01-01T00:00:30Z").as_deref(), Some("30000"));
+        assert_eq!(at("2026-01-01T00:02:00.250Z").as_deref(), Some("120250"));
+        assert_eq!(at("2026-01-01T00:00:00.001Z").as_deref(), Some("1"));
+        // Already past (or due now): the shortest expiration the broker keeps, never 0 or less.
+        assert_eq!(at("2026-01-01T00:00:00Z").as_deref(), Some("1"));
+        assert_eq!(at("2025-12-31T23:59:55Z").as_deref(), Some("1"));
+        assert_eq!(expiration_of(None), None, "no discard_after, no expiration");
+    }
 }

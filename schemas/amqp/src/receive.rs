@@ -115,7 +115,8 @@ pub async fn ack(delivery: &Delivery) -> Result<(), AmqpError> {
 
 /// Negatively acknowledges `delivery`: back to its queue if `requeue`, else dead-lettered by
 /// the broker through the queue's arguments (to `<queue>.dlq`, with an `x-death` header but no
-/// reason). Checks that it was sent, like [`ack`].
+/// reason) on `saga.replies` and `saga.start`, and dropped on a participant's command queue,
+/// which has none (use [`dead_letter`] there). Checks that it was sent, like [`ack`].
 pub async fn nack(delivery: &Delivery, requeue: bool) -> Result<(), AmqpError> {
     let options = BasicNackOptions {
         multiple: false,

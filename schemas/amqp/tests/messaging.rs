@@ -154,6 +154,70 @@ async fn publish_all_confirms_and_the_consumer_gets_properties_and_headers() {
     conn.close(200, "done".into()).await.unwrap();
 }
 
+/// A command's `discard_after` goes out as the AMQP `expiration` (milliseconds left at publish
+/// time); the broker drops a command nobody took by then, without dead-lettering it.
+#[tokio::test]
+async fn discard_after_is_published_as_the_expiration() {
+    let vhost = TestVhost::new("expiration");
+    let (conn, publisher) = setup(&vhost).await;
+    let saga_id = Uuid::new_v4();
+    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let superseded =
+        OutgoingMessage::command(&command(saga_id, 1), "payments", REPLIES_QUEUE, Some(soon));
+    let current = command(saga_id, 2);
+    let kept = OutgoingMessage::command(&current, "payments", REPLIES_QUEUE, Some(later));
+    for r in publisher.publish_all(&[superseded, kept]).await {
+        r.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, "saga.commands.payments", "", 4)
+        .await
+        .unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|s| s.to_string()),
+        Some(current.message_id.to_string()),
+        "attempt 1 expired in the queue; attempt 2 is delivered"
+    );
+    let expiration: u64 = d
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("an expiration property")
+        .as_str()
+        .parse()
+        .expect("the expiration is a decimal number of milliseconds");
+    assert!(
+        (50_000..=60_000).contains(&expiration),
+        "about 60 s were left at publish time: {expiration}"
+    );
+    saga_amqp::ack(&d).await.unwrap();
+    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(more.is_err(), "nothing else in the queue");
+    assert_eq!(
+        ready(&conn, "saga.commands.payments.dlq").await,
+        0,
+        "an expired command is dropped, not dead-lettered"
+    );
+
+    // Without discard_after, no expiration.
+    publisher
+        .publish(&OutgoingMessage::command(
+            &command(saga_id, 3),
+            "payments",
+            REPLIES_QUEUE,
+            None,
+        ))
+        .await
+        .unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!(d.properties.expiration(), &None);
+    saga_amqp::ack(&d).await.unwrap();
+    conn.close(200, "done".into()).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unroutable_publish_is_an_error() {
     let vhost = TestVhost::new("unroutable");
@@ -311,7 +375,12 @@ async fn dead_letter_moves_the_message_and_acks_it() {
     let (conn, publisher) = setup(&vhost).await;
     let cmd = command(Uuid::new_v4(), 3);
     publisher
-        .publish(&OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE, None))
+        .publish(&OutgoingMessage::command(
+            &cmd,
+            "payments",
+            REPLIES_QUEUE,
+            None,
+        ))
         .await
         .unwrap();
     let (consume_ch, mut consumer) =

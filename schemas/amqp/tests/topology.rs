@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::TestVhost;
 use futures_util::StreamExt;
@@ -80,7 +81,9 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
         let name = q["name"].as_str().unwrap();
         assert_eq!(q["durable"], json!(true), "{name} is not durable");
         let args = arguments(&q["arguments"]);
-        if name.ends_with(".dlq") {
+        if name.ends_with(".dlq") || name.starts_with("saga.commands.") {
+            // A command queue has no dead-letter arguments: a command the broker drops at its
+            // expiration (a superseded attempt) must not flood the dlq.
             assert!(args.is_empty(), "{name} has arguments {args:?}");
         } else {
             let expected: BTreeSet<(String, String)> = [
@@ -138,23 +141,41 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
         "the failure closed another channel"
     );
 
-    // And they work: a rejected command is dead-lettered by the broker to its dlq.
+    // And they work: a message rejected on saga.replies is dead-lettered by the broker to its
+    // dlq; one rejected (or expired) on a command queue is dropped.
+    for (exchange, key) in [("", "saga.replies"), ("saga.commands", "payments")] {
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
     ch.basic_publish(
         "saga.commands".into(),
         "payments".into(),
         BasicPublishOptions::default(),
-        b"{}",
-        BasicProperties::default(),
+        b"expires",
+        BasicProperties::default().with_expiration("1".into()),
     )
     .await
     .unwrap();
-    let (_consume_ch, mut consumer) =
-        saga_amqp::open_consumer(&conn, "saga.commands.payments", "", 4)
-            .await
-            .unwrap();
-    let delivery = consumer.next().await.unwrap().unwrap();
-    saga_amqp::nack(&delivery, false).await.unwrap();
-    let (_dlq_ch, mut dlq) = saga_amqp::open_consumer(&conn, "saga.commands.payments.dlq", "", 4)
+    for queue in ["saga.replies", "saga.commands.payments"] {
+        let (_consume_ch, mut consumer) =
+            saga_amqp::open_consumer(&conn, queue, "", 4).await.unwrap();
+        let delivery = consumer.next().await.unwrap().unwrap();
+        assert_eq!(delivery.data, b"{}", "{queue}");
+        saga_amqp::nack(&delivery, false).await.unwrap();
+        let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+        assert!(
+            more.is_err(),
+            "{queue}: nothing else is delivered (the expired command is gone)"
+        );
+    }
+    let (_dlq_ch, mut dlq) = saga_amqp::open_consumer(&conn, "saga.replies.dlq", "", 4)
         .await
         .unwrap();
     let dead = dlq.next().await.unwrap().unwrap();
@@ -171,7 +192,56 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
         None
     );
     saga_amqp::ack(&dead).await.unwrap();
+    for queue in ["saga.commands.payments", "saga.commands.payments.dlq"] {
+        assert_eq!(ready(&conn, queue).await, 0, "{queue} is empty");
+    }
 
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+/// A command queue left by an older version, declared with dead-letter arguments: declaring
+/// the topology fails with an error that names the queue and says what to do.
+#[tokio::test]
+async fn a_command_queue_with_old_arguments_is_reported_with_what_to_do() {
+    let vhost = TestVhost::new("old-queue");
+    let conn = saga_amqp::connect(&vhost.url, "saga-amqp old queue test")
+        .await
+        .unwrap();
+    let old = conn.create_channel().await.unwrap();
+    old.queue_declare(
+        "saga.commands.payments".into(),
+        QueueDeclareOptions::durable(),
+        saga_amqp::queue_arguments("saga.commands.payments"),
+    )
+    .await
+    .unwrap();
+
+    for declare in [true, false] {
+        let ch = conn.create_channel().await.unwrap();
+        let err = if declare {
+            saga_amqp::declare_participant_topology(&ch, "payments").await
+        } else {
+            saga_amqp::declare_orchestrator_topology(&ch, &["payments"]).await
+        }
+        .unwrap_err();
+        let text = err.to_string();
+        eprintln!("{text}");
+        assert!(
+            matches!(&err, saga_amqp::AmqpError::QueueMismatch { queue, .. } if queue == "saga.commands.payments"),
+            "{err:?}"
+        );
+        assert!(!text.contains('\n'), "one line: {text}");
+        for words in [
+            "queue saga.commands.payments",
+            "no arguments",
+            "x-dead-letter-exchange",
+            "drain",
+            "delete_queue",
+            "old arguments",
+        ] {
+            assert!(text.contains(words), "{words:?} in {text}");
+        }
+    }
     conn.close(200, "done".into()).await.unwrap();
 }
 
@@ -195,6 +265,21 @@ async fn bad_participant_names_are_refused_before_declaring() {
     }
     assert!(vhost.list("list_queues", &["name"]).is_empty());
     conn.close(200, "done".into()).await.unwrap();
+}
+
+/// The number of ready messages in `queue`, by a passive declare on a throwaway channel.
+async fn ready(conn: &saga_amqp::lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .unwrap();
+    let _ = ch.close(200, "done".into()).await;
+    q.message_count()
 }
 
 /// rabbitmqctl's JSON for queue arguments (`[key, type, value]` triples) as (key, value) pairs;

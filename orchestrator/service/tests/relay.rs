@@ -1,0 +1,206 @@
+//! The outbox relay against a real broker: a command goes out with its `discard_after` as the
+//! AMQP `expiration`, and a command whose `discard_after` passed while it waited in the outbox
+//! (a newer attempt superseded it) is marked sent without being published.
+//!
+//! Needs `AMQP_URL` and `rabbitmqctl` on the PATH (the test gets a vhost of its own).
+
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use orchestrator::runtime::Runtime;
+use orchestrator::store::{Commit, Store};
+use saga_amqp::Publisher;
+use saga_amqp::lapin::options::QueueDeclareOptions;
+use saga_amqp::lapin::types::FieldTable;
+use saga_engine::Definitions;
+use saga_schemas::amqp::{OutgoingMessage, REPLIES_QUEUE, command_queue, dead_letter_queue};
+use saga_schemas::{Direction, StepCommand};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (needed for a test vhost): {e}"));
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A vhost of the test's own, deleted on drop.
+struct Vhost {
+    name: String,
+    url: String,
+}
+
+impl Vhost {
+    fn new() -> Vhost {
+        let base = std::env::var("AMQP_URL").unwrap_or_else(|_| {
+            panic!(
+                "AMQP_URL is not set: this test needs a RabbitMQ broker, e.g. \
+                 AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f (and rabbitmqctl on the PATH)"
+            )
+        });
+        let name = format!("saga-relay-test-{}", Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        let user = base
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split(':').next())
+            .unwrap_or("guest")
+            .to_owned();
+        rabbitmqctl(&["set_permissions", "-p", &name, &user, ".*", ".*", ".*"]);
+        let (scheme, rest) = base.split_once("://").expect("AMQP_URL is a URL");
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let url = format!("{scheme}://{authority}/{name}");
+        Vhost { name, url }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
+    StepCommand {
+        message_id: Uuid::new_v4(),
+        saga_id,
+        saga_name: "order".into(),
+        step: "charge".into(),
+        direction: Direction::Execute,
+        action: "charge".into(),
+        attempt,
+        data: Default::default(),
+        action_output: None,
+        expires_at: None,
+    }
+}
+
+async fn ready(conn: &saga_amqp::lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .unwrap();
+    let _ = ch.close(200, "done".into()).await;
+    q.message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration() {
+    let vhost = Vhost::new();
+    let path = std::env::temp_dir().join(format!("saga-relay-{}.db", Uuid::new_v4()));
+    let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .expect("a SQLite store");
+    let runtime = Runtime::new(Definitions { sagas: Vec::new() }, store.clone()).unwrap();
+
+    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
+    let setup = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&setup, &["payments"])
+        .await
+        .unwrap();
+
+    // Attempt 1 was superseded while the relay was not running; attempt 2 is current.
+    let saga_id = Uuid::new_v4();
+    let now = Utc::now();
+    let old = command(saga_id, 1);
+    let current = command(saga_id, 2);
+    let past = Some(now - chrono::Duration::seconds(1));
+    let outbox = vec![
+        OutgoingMessage::command(&old, "payments", REPLIES_QUEUE, past),
+        // Routed nowhere: had the relay tried to publish it, the broker would have returned it
+        // (mandatory) and it would stay in the outbox.
+        OutgoingMessage::command(&command(saga_id, 1), "retired", REPLIES_QUEUE, past),
+        OutgoingMessage::command(
+            &current,
+            "payments",
+            REPLIES_QUEUE,
+            Some(now + chrono::Duration::seconds(60)),
+        ),
+    ];
+    store
+        .commit(&[Commit {
+            outbox,
+            ..Commit::empty(saga_id, now)
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 3);
+
+    let publisher = Publisher::open(&conn).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(orchestrator::relay::run(
+        runtime,
+        publisher,
+        shutdown.clone(),
+    ));
+    let mut waited = Duration::ZERO;
+    while store.outbox_backlog().await.unwrap() > 0 {
+        assert!(
+            waited < Duration::from_secs(15),
+            "the relay did not empty the outbox: it tried to publish a superseded command"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+
+    let queue = command_queue("payments");
+    let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, &queue, "", 4)
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a command within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string()),
+        Some(current.message_id.to_string()),
+        "only the current attempt is published"
+    );
+    let expiration: u64 = delivery
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("an expiration")
+        .as_str()
+        .parse()
+        .unwrap();
+    assert!(
+        (45_000..=60_000).contains(&expiration),
+        "about 60 s were left when it was published: {expiration}"
+    );
+    saga_amqp::ack(&delivery).await.unwrap();
+    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(more.is_err(), "the superseded attempt was not published");
+    assert_eq!(ready(&conn, &dead_letter_queue(&queue)).await, 0);
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
