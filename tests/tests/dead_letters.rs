@@ -1,14 +1,17 @@
-//! Messages nobody can read are dead-lettered with the reason, and nothing else stops.
+//! Messages nobody can read, and replies for sagas nobody here knows, are dead-lettered with
+//! the reason, and nothing else stops.
 
 use std::time::Duration;
 
-use saga_amqp::HeaderValue;
-use saga_schemas::SCHEMA_VERSION;
+use saga_amqp::{HeaderValue, OutgoingMessage};
 use saga_schemas::amqp::{
     COMMANDS_EXCHANGE, REPLIES_QUEUE, command_queue, dead_letter_queue, header,
 };
+use saga_schemas::{Direction, Outcome, SCHEMA_VERSION, StepReply};
 use saga_system::checkout::*;
+use saga_system::prometheus::scrape;
 use saga_system::{Backend, Options, System, dead_letter_reason, pretty};
+use uuid::Uuid;
 
 const MALFORMED: &[u8] = b"{\"saga_id\": \"not closed";
 
@@ -67,4 +70,73 @@ async fn malformed_messages(backend: Backend) {
     amqp.close().await;
 }
 
-saga_system::on_both_backends!(malformed_messages);
+/// A well-formed reply for a saga id this orchestrator's database never saw (as when a second
+/// orchestrator with its own database shares the vhost) is not acked silently: it lands in
+/// `saga.replies.dlq` with the reason, and `saga_replies_unknown_total` counts it.
+async fn replies_for_unknown_sagas(backend: Backend) {
+    let system = System::start(Options::new(backend).label("unknown-saga")).await;
+    let amqp = system.amqp().await;
+    let counted = |text: &str| -> f64 {
+        saga_system::prometheus::Scrape::parse(text)
+            .unwrap()
+            .get_or_zero("saga_replies_unknown_total", &[])
+    };
+    let before = counted(&scrape(system.http_url()).await.text);
+
+    let saga_id = Uuid::new_v4();
+    let reply = StepReply {
+        message_id: Uuid::new_v4(),
+        in_reply_to: Uuid::new_v4(),
+        saga_id,
+        step: "create-order".into(),
+        direction: Direction::Execute,
+        attempt: 1,
+        outcome: Outcome::Success {
+            output: Default::default(),
+        },
+    };
+    amqp.publish(&OutgoingMessage::reply(
+        &reply,
+        "order-checkout",
+        "create_order",
+        REPLIES_QUEUE,
+    ))
+    .await;
+
+    let dlq = dead_letter_queue(REPLIES_QUEUE);
+    let dead = amqp
+        .wait_get(&dlq, Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("the reply for unknown saga {saga_id} did not reach {dlq}"));
+    let body: StepReply = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(body, reply, "{dlq} holds the reply as it was sent");
+    assert_eq!(
+        dead_letter_reason(&dead),
+        Some(
+            format!(
+                "saga {saga_id}: unknown to this orchestrator's database (another orchestrator \
+                 with a different database may consume this vhost)"
+            )
+            .as_str()
+        )
+    );
+    assert!(amqp.get(&dlq).await.is_none(), "{dlq} holds one message");
+
+    let after = counted(&scrape(system.http_url()).await.text);
+    assert_eq!(
+        after - before,
+        1.0,
+        "saga_replies_unknown_total moved by one"
+    );
+    let log = std::fs::read_to_string(system.log_path(saga_system::ORCHESTRATOR)).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains(&saga_id.to_string())
+            && l.contains("unknown saga")),
+        "a warning with the saga id in the orchestrator's log:\n{}",
+        system.log_tails(40)
+    );
+    amqp.close().await;
+}
+
+saga_system::on_both_backends!(malformed_messages, replies_for_unknown_sagas);

@@ -7,12 +7,13 @@ use futures_util::{FutureExt, StreamExt};
 use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::{Channel, Consumer};
 use saga_amqp::{AmqpError, Publisher};
-use saga_engine::Input;
+use saga_engine::{Ignored, Input, Outcome};
 use saga_schemas::amqp::{
     HeaderValue, OutgoingMessage, REPLIES_QUEUE, START_QUEUE, header, message_type,
 };
-use saga_schemas::{SCHEMA_VERSION, StartSaga, StepReply};
-use serde_json::json;
+use saga_schemas::{
+    RejectionReason, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepReply,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -20,6 +21,8 @@ use crate::runtime::{Runtime, RuntimeError, Started, Work};
 
 /// Deliveries decided in one transaction at most.
 const MAX_BATCH: usize = 128;
+/// Replies for a saga this orchestrator's database does not know, dead-lettered.
+pub const REPLIES_UNKNOWN: &str = "saga_replies_unknown_total";
 
 pub async fn replies(
     runtime: Runtime,
@@ -99,6 +102,18 @@ async fn handle_replies(
     let results = runtime.handle(&fresh).await;
     for ((w, delivery), result) in fresh.iter().zip(fresh_deliveries).zip(results) {
         match result {
+            // Nothing was recorded for it: say so, set it aside, count it. A reply nobody here
+            // asked for usually means another orchestrator, on another database, consumes
+            // this vhost and is missing the reply.
+            Ok(Outcome::Ignored(Ignored::UnknownSaga)) => {
+                let reason = result_reason(
+                    &w.saga_id,
+                    "unknown to this orchestrator's database (another orchestrator with a different database may consume this vhost)",
+                );
+                warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply for an unknown saga");
+                metrics::counter!(REPLIES_UNKNOWN).increment(1);
+                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+            }
             Ok(_) => saga_amqp::ack(&delivery).await?,
             Err(error @ RuntimeError::DefinitionGone { .. }) => {
                 warn!(saga_id = %w.saga_id, %error, "dead-lettering a reply");
@@ -137,23 +152,96 @@ async fn next_delivery(
     }
 }
 
-/// The answer to a start message that named a `reply_to` queue.
+/// The answer to a start message that named a `reply_to` queue: a [`SagaStartedReply`]
+/// (`saga.started`), correlated by the saga id.
 fn start_reply(reply_to: &str, started: &Started) -> OutgoingMessage {
-    let body = json!({"saga_id": started.saga_id, "created": started.created});
+    let body = SagaStartedReply {
+        saga_id: started.saga_id,
+        created: started.created,
+    };
+    start_answer(
+        reply_to,
+        message_type::SAGA_STARTED,
+        Some(started.saga_id),
+        serde_json::to_string(&body).expect("contract types always serialise"),
+    )
+}
+
+fn start_answer(
+    reply_to: &str,
+    kind: &str,
+    correlation_id: Option<uuid::Uuid>,
+    body: String,
+) -> OutgoingMessage {
     OutgoingMessage {
         exchange: String::new(),
         routing_key: reply_to.to_owned(),
         message_id: uuid::Uuid::new_v4(),
-        correlation_id: Some(started.saga_id),
-        message_type: message_type::SAGA_STARTED.into(),
+        correlation_id,
+        message_type: kind.into(),
         reply_to: None,
         headers: vec![(
             header::SCHEMA_VERSION.into(),
             HeaderValue::Int(SCHEMA_VERSION.into()),
         )],
-        body: body.to_string(),
+        body,
         mandatory: true,
         discard_after: None,
+    }
+}
+
+/// Tells the requester why its start message was refused: a [`StartRejected`]
+/// (`saga.start_rejected`) on its `reply_to` queue, whose `correlation_id` is the request's own
+/// `correlation_id`, or else its `message_id` (the saga has no id to correlate by). A failure to
+/// answer is logged; the request is dead-lettered either way.
+async fn answer_rejection(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    saga: &str,
+    error: &RuntimeError,
+) {
+    let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
+        return;
+    };
+    let reason = match error {
+        RuntimeError::UnknownSaga(_) => RejectionReason::UnknownSaga,
+        _ => RejectionReason::InvalidInput,
+    };
+    let detail = match error {
+        RuntimeError::InvalidInput(detail) => detail.clone(),
+        other => other.to_string(),
+    };
+    let body = StartRejected {
+        saga: saga.to_owned(),
+        reason,
+        detail,
+    };
+    let message = start_answer(
+        reply_to.as_str(),
+        message_type::START_REJECTED,
+        None,
+        serde_json::to_string(&body).expect("contract types always serialise"),
+    );
+    let request_id = delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .or(delivery.properties.message_id().as_ref())
+        .map(|id| id.to_string());
+    let published = match saga_amqp::properties(&message, None) {
+        Ok(mut properties) => {
+            if let Some(id) = &request_id {
+                properties = properties.with_correlation_id(id.as_str().into());
+            }
+            publisher
+                .publish_raw("", reply_to.as_str(), message.body.as_bytes(), properties)
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = published {
+        warn!(saga_id = "none", reply_to = %reply_to, request = ?request_id, %error,
+            "cannot tell the requester its start was rejected");
     }
 }
 
@@ -205,7 +293,8 @@ pub async fn starts(
                 saga_amqp::ack(&delivery).await?;
             }
             Err(error @ (RuntimeError::UnknownSaga(_) | RuntimeError::InvalidInput(_))) => {
-                info!(reason = %error, "dead-lettering a start message");
+                info!(saga_id = "none", saga = %start.saga, reason = %error, "rejecting a start message; dead-lettering it");
+                answer_rejection(publisher, &delivery, &start.saga, &error).await;
                 saga_amqp::dead_letter(publisher, &delivery, START_QUEUE, &error.to_string())
                     .await?;
             }

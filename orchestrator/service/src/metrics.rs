@@ -106,6 +106,10 @@ fn describe() {
         "Sagas whose step past the point of no return failed and wait for an operator, by saga name."
     );
     describe_counter!(
+        "saga_replies_unknown_total",
+        "Replies for a saga this orchestrator's database does not know, dead-lettered."
+    );
+    describe_counter!(
         "saga_set_aside_total",
         "Timers and replies that can never be handled, set aside with the reason (GET /set-aside), by kind."
     );

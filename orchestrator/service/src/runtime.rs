@@ -344,6 +344,9 @@ impl Runtime {
             ..Commit::empty(saga_id, now)
         };
         let Some(def) = def else {
+            // An unknown saga: nothing is recorded for the input, so the reply is set aside
+            // (dead-lettered) by its consumer rather than marked as handled.
+            commit.inbox_id = None;
             return commit;
         };
         for command in &decision.commands {
