@@ -160,6 +160,7 @@ on_both_backends!(
     the_read_model_is_rebuilt_from_the_events,
     concurrent_writers_never_both_advance_a_saga,
     a_timer_is_set_aside_once_and_only_as_read,
+    an_unreadable_snapshot_is_rebuilt_from_the_log,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1284,4 +1285,79 @@ async fn a_timer_is_set_aside_once_and_only_as_read(db: TestDb) {
         store.set_aside_counts().await.unwrap(),
         [(SetAsideKind::Timer, 1)]
     );
+}
+
+/// Overwrites a column of one row with text that is not what the store wrote.
+async fn corrupt(store: &Store, table: &str, column: &str, key: (&str, Uuid), text: &str) {
+    store
+        .connection()
+        .execute(
+            Query::update()
+                .table(Alias::new(table))
+                .value(Alias::new(column), text)
+                .and_where(Expr::col(Alias::new(key.0)).eq(key.1)),
+        )
+        .await
+        .unwrap();
+}
+
+async fn an_unreadable_snapshot_is_rebuilt_from_the_log(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let saga = start(&store, &def, t0()).await;
+    let state = apply(&store, &def, saga, ok("order"), t0() + secs(1)).await;
+    let other = start(&store, &def, t0() + secs(2)).await;
+
+    corrupt(&store, "sagas", "state", ("id", saga), "{not json").await;
+    assert_eq!(store.load(saga).await.unwrap().as_ref(), Some(&state));
+    assert_eq!(store.load_many(&[saga, other]).await.unwrap()[&saga], state);
+    assert_eq!(store.saga(saga).await.unwrap().unwrap().state, state);
+    assert!(
+        store
+            .list(&all(10))
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.state == state)
+    );
+
+    // The saga moves on from the rebuilt state, and its next commit writes a good snapshot.
+    let next = apply(&store, &def, saga, ok("stock"), t0() + secs(3)).await;
+    assert_eq!(
+        next.version,
+        state.version + 2,
+        "a completion and a command"
+    );
+    let row: Option<String> = store
+        .connection()
+        .query_one(
+            Query::select()
+                .column(Alias::new("state"))
+                .from(Alias::new("sagas"))
+                .and_where(Expr::col(Alias::new("id")).eq(saga)),
+        )
+        .await
+        .unwrap()
+        .map(|r| r.try_get_by_index(0).unwrap());
+    assert_eq!(
+        serde_json::from_str::<SagaState>(&row.unwrap()).unwrap(),
+        next
+    );
+
+    // Snapshot and log both unreadable: only then is the saga corrupt, saying both.
+    corrupt(&store, "sagas", "state", ("id", other), "{not json").await;
+    corrupt(&store, "saga_events", "payload", ("saga_id", other), "[]").await;
+    match store.load(other).await {
+        Err(StoreError::Corrupt(why)) => {
+            assert!(
+                why.contains("state of saga") && why.contains("event log"),
+                "{why}"
+            )
+        }
+        result => panic!("expected Corrupt, got {result:?}"),
+    }
+    assert!(matches!(
+        store.load_many(&[saga, other]).await,
+        Err(StoreError::Corrupt(_))
+    ));
 }

@@ -7,6 +7,7 @@ use orchestrator::runtime::{Runtime, RuntimeError};
 use orchestrator::store::{SetAsideKind, Store, StoreError};
 use orchestrator::timers::{Pass, fire_due};
 use saga_engine::Definitions;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 
@@ -200,4 +201,57 @@ fn permanent_and_passing_errors() {
         .is_permanent()
     );
     assert!(!RuntimeError::Contended.is_permanent());
+}
+
+#[tokio::test]
+async fn a_saga_that_cannot_be_read_has_its_timers_set_aside() {
+    let store = memory_store().await;
+    let rt = runtime(&store, GOOD);
+    let readable = rt
+        .start("good", Default::default(), None)
+        .await
+        .unwrap()
+        .saga_id;
+    let unreadable = rt
+        .start("good", Default::default(), None)
+        .await
+        .unwrap()
+        .saga_id;
+    let db = store.connection();
+    // Both snapshots are broken; only `unreadable` has its log broken too.
+    db.execute_unprepared(r#"UPDATE "sagas" SET "state" = '{not json'"#)
+        .await
+        .unwrap();
+    db.execute(
+        Query::update()
+            .table(Alias::new("saga_events"))
+            .value(Alias::new("payload"), "[]")
+            .and_where(Expr::col(Alias::new("saga_id")).eq(unreadable)),
+    )
+    .await
+    .unwrap();
+
+    let pass = fire_due(&rt, Utc::now() + Duration::hours(1)).await;
+    assert!(
+        matches!(
+            pass,
+            Pass::Handled {
+                fired: 1,
+                set_aside: 1,
+                kept: 0
+            }
+        ),
+        "{pass:?}"
+    );
+    let items = store.list_set_aside(10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].saga_id, unreadable);
+    assert!(items[0].reason.contains("corrupt"), "{}", items[0].reason);
+    // The other one was rebuilt from its log and timed out as usual.
+    let history = store.history(readable).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.event.kind() == "attempt_timed_out")
+    );
 }

@@ -405,7 +405,9 @@ impl Store {
 
     // --- write side ------------------------------------------------------------------------
 
-    /// The saga's snapshot (`sagas.state`), as the last commit left it.
+    /// The saga's snapshot (`sagas.state`), as the last commit left it; rebuilt from the
+    /// saga's event log when the snapshot does not parse (`Corrupt` only when the log cannot
+    /// be read either).
     pub async fn load(&self, saga_id: Uuid) -> Result<Option<SagaState>, StoreError> {
         let state: Option<String> = sagas::Entity::find_by_id(saga_id)
             .select_only()
@@ -413,7 +415,10 @@ impl Store {
             .into_tuple()
             .one(&self.db)
             .await?;
-        state.map(|s| parse_state(saga_id, &s)).transpose()
+        match state {
+            Some(state) => Ok(Some(self.snapshot_or_log(saga_id, &state).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Snapshots of the sagas that exist among `ids`.
@@ -429,7 +434,7 @@ impl Store {
                 .all(&self.db)
                 .await?;
             for (id, state) in rows {
-                states.insert(id, parse_state(id, &state)?);
+                states.insert(id, self.snapshot_or_log(id, &state).await?);
             }
         }
         Ok(states)
@@ -598,11 +603,43 @@ impl Store {
     // --- read side -------------------------------------------------------------------------
 
     pub async fn saga(&self, id: Uuid) -> Result<Option<SagaRow>, StoreError> {
-        sagas::Entity::find_by_id(id)
-            .one(&self.db)
-            .await?
-            .map(SagaRow::try_from)
-            .transpose()
+        match sagas::Entity::find_by_id(id).one(&self.db).await? {
+            Some(row) => Ok(Some(self.saga_row(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The read-model row, its snapshot rebuilt from the log if it does not parse.
+    async fn saga_row(&self, row: sagas::Model) -> Result<SagaRow, StoreError> {
+        let state = self.snapshot_or_log(row.id, &row.state).await?;
+        SagaRow::from_model(row, state)
+    }
+
+    /// `snapshot` parsed, or else the state folded from the saga's whole event log.
+    async fn snapshot_or_log(
+        &self,
+        saga_id: Uuid,
+        snapshot: &str,
+    ) -> Result<SagaState, StoreError> {
+        let unreadable = match parse_state(saga_id, snapshot) {
+            Ok(state) => return Ok(state),
+            Err(error) => error,
+        };
+        let log = saga_events::Entity::find()
+            .filter(saga_events::Column::SagaId.eq(saga_id))
+            .order_by_asc(saga_events::Column::Seq)
+            .all(&self.db)
+            .await?;
+        match read_model::fold_log(saga_id, &log) {
+            Ok(state) => {
+                tracing::warn!(%saga_id, snapshot = %unreadable, version = state.version,
+                    "the saga's snapshot is unreadable; rebuilt its state from the event log");
+                Ok(state)
+            }
+            Err(log_error) => Err(StoreError::Corrupt(format!(
+                "{unreadable}; and its event log cannot be read: {log_error}"
+            ))),
+        }
     }
 
     /// The saga's whole log, in order.
@@ -643,15 +680,17 @@ impl Store {
                     ),
             );
         }
-        query
+        let rows = query
             .order_by_desc(sagas::Column::CreatedAt)
             .order_by_desc(sagas::Column::Id)
             .limit(filter.limit)
             .all(&self.db)
-            .await?
-            .into_iter()
-            .map(SagaRow::try_from)
-            .collect()
+            .await?;
+        let mut sagas = Vec::with_capacity(rows.len());
+        for row in rows {
+            sagas.push(self.saga_row(row).await?);
+        }
+        Ok(sagas)
     }
 
     /// Ids of the sagas still moving on their own (running or compensating).
@@ -826,17 +865,16 @@ fn parse_event(row: &saga_events::Model) -> Result<SagaEvent, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("event {} of saga {}: {e}", row.seq, row.saga_id)))
 }
 
-impl TryFrom<sagas::Model> for SagaRow {
-    type Error = StoreError;
-
-    fn try_from(row: sagas::Model) -> Result<Self, StoreError> {
+impl SagaRow {
+    /// The row, with `state` already parsed (or rebuilt) from its `state` column.
+    fn from_model(row: sagas::Model, state: SagaState) -> Result<Self, StoreError> {
         let corrupt = |what: &str, e: &dyn std::fmt::Display| {
             StoreError::Corrupt(format!("{what} of saga {}: {e}", row.id))
         };
         Ok(SagaRow {
             status: row.status.parse().map_err(|e| corrupt("status", &e))?,
             data: serde_json::from_str(&row.data).map_err(|e| corrupt("data", &e))?,
-            state: parse_state(row.id, &row.state)?,
+            state,
             version: u64::try_from(row.version).map_err(|e| corrupt("version", &e))?,
             id: row.id,
             name: row.name,

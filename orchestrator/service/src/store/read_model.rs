@@ -153,6 +153,14 @@ pub(super) async fn rebuild(
 /// One saga's row from its whole log (`log` is not empty, ordered by `seq`).
 fn fold(log: &[saga_events::Model]) -> Result<sagas::ActiveModel, StoreError> {
     let saga_id = log[0].saga_id;
+    let state = fold_log(saga_id, log)?;
+    let (first, last) = (&log[0], &log[log.len() - 1]);
+    saga_active_model(saga_id, &state, None, first.recorded_at, last.recorded_at)
+        .map_err(StoreError::Corrupt)
+}
+
+/// The saga's state as the fold of its whole log (ordered by `seq`, without gaps).
+pub(super) fn fold_log(saga_id: Uuid, log: &[saga_events::Model]) -> Result<SagaState, StoreError> {
     let mut events = Vec::with_capacity(log.len());
     for (i, row) in log.iter().enumerate() {
         if row.seq != i as i64 + 1 {
@@ -164,12 +172,9 @@ fn fold(log: &[saga_events::Model]) -> Result<sagas::ActiveModel, StoreError> {
         }
         events.push(parse_event(row)?);
     }
-    let state = SagaState::fold(saga_id, &events).ok_or_else(|| {
+    SagaState::fold(saga_id, &events).ok_or_else(|| {
         StoreError::Corrupt(format!(
             "log of saga {saga_id} does not begin with saga_started"
         ))
-    })?;
-    let (first, last) = (&log[0], &log[log.len() - 1]);
-    saga_active_model(saga_id, &state, None, first.recorded_at, last.recorded_at)
-        .map_err(StoreError::Corrupt)
+    })
 }
