@@ -2,15 +2,19 @@
 //! at once, and marks them sent. A crash between publish and mark re-sends them: receivers
 //! de-duplicate by message id.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
+use saga_schemas::amqp::{HeaderValue, header, message_type};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::runtime::Runtime;
+use crate::store::OutboxRow;
 
 /// Rows per round trip: enough to share one confirm wait among many messages.
 const BATCH: u64 = 256;
@@ -58,20 +62,21 @@ pub async fn run(
             }
             continue;
         }
-        // A command past its discard_after was superseded by a newer attempt while it waited
-        // here: publishing it would only add to the queue of a participant that is behind.
+        // An earlier attempt of a step that a later row of the batch asks again (after a broker
+        // outage, say) would only add to the queue of a participant that is behind.
         let now = Utc::now();
+        let superseded_ids = superseded(&batch.rows);
         let (superseded, live): (Vec<_>, Vec<_>) = batch
             .rows
             .iter()
-            .partition(|row| is_superseded(&row.message, now));
+            .partition(|row| superseded_ids.contains(&row.id));
         let mut sent: Vec<i64> = Vec::with_capacity(batch.rows.len());
         for row in &superseded {
             debug!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key,
-                discard_after = ?row.message.discard_after, "superseded: not published");
+                "superseded by a later attempt in the outbox: not published");
             sent.push(row.id);
         }
-        let messages: Vec<_> = live.iter().map(|row| row.message.clone()).collect();
+        let messages: Vec<_> = live.iter().map(|row| lifetime_from(row, now)).collect();
         let results = publisher.publish_all(&messages).await;
         for (row, result) in live.iter().zip(results) {
             match result {
@@ -111,9 +116,66 @@ pub async fn run(
     }
 }
 
-/// Whether `message` is past its `discard_after` at `now`, so the broker would drop it anyway.
-fn is_superseded(message: &OutgoingMessage, now: DateTime<Utc>) -> bool {
-    message.discard_after.is_some_and(|at| at <= now)
+/// Ids of the command rows for which `rows` also holds a later attempt of the same step in the
+/// same direction of the same saga.
+fn superseded(rows: &[OutboxRow]) -> HashSet<i64> {
+    let mut latest: HashMap<(uuid::Uuid, &str, &str), (i64, i64)> = HashMap::new();
+    let mut superseded = HashSet::new();
+    for row in rows {
+        let Some((step, direction, attempt)) = command_key(&row.message) else {
+            continue;
+        };
+        match latest.entry((row.saga_id, step, direction)) {
+            Entry::Vacant(slot) => {
+                slot.insert((attempt, row.id));
+            }
+            Entry::Occupied(mut slot) => {
+                let (best, best_id) = *slot.get();
+                if attempt > best {
+                    superseded.insert(best_id);
+                    slot.insert((attempt, row.id));
+                } else {
+                    superseded.insert(row.id);
+                }
+            }
+        }
+    }
+    superseded
+}
+
+/// Step, direction and attempt of a command, from its headers.
+fn command_key(message: &OutgoingMessage) -> Option<(&str, &str, i64)> {
+    if message.message_type != message_type::STEP_COMMAND {
+        return None;
+    }
+    let find = |key: &str| {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    };
+    match (
+        find(header::STEP)?,
+        find(header::DIRECTION)?,
+        find(header::ATTEMPT)?,
+    ) {
+        (HeaderValue::Str(step), HeaderValue::Str(direction), HeaderValue::Int(attempt)) => {
+            Some((step.as_str(), direction.as_str(), *attempt))
+        }
+        _ => None,
+    }
+}
+
+/// The row's message with its lifetime in the queue counted from now, its publication: a
+/// command that waited in the outbox (a broker outage, a busy relay) still gets the whole
+/// lifetime its decision gave it, so a late relay never starves a participant of commands.
+fn lifetime_from(row: &OutboxRow, now: DateTime<Utc>) -> OutgoingMessage {
+    let mut message = row.message.clone();
+    if let Some(at) = message.discard_after {
+        message.discard_after = Some(now + (at - row.created_at).max(chrono::Duration::zero()));
+    }
+    message
 }
 
 async fn pause(shutdown: &CancellationToken, duration: Duration) {
@@ -126,32 +188,59 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use saga_schemas::amqp::message_type;
+    use saga_schemas::{Direction, StepCommand};
 
     use super::*;
 
-    fn message(discard_after: Option<DateTime<Utc>>) -> OutgoingMessage {
-        OutgoingMessage {
-            exchange: "saga.commands".into(),
-            routing_key: "payments".into(),
+    fn row(id: i64, saga: u128, step: &str, direction: Direction, attempt: u32) -> OutboxRow {
+        let saga_id = uuid::Uuid::from_u128(saga);
+        let command = StepCommand {
             message_id: uuid::Uuid::new_v4(),
-            correlation_id: None,
-            message_type: message_type::STEP_COMMAND.into(),
-            reply_to: None,
-            headers: Vec::new(),
-            body: "{}".into(),
-            mandatory: true,
-            discard_after,
+            saga_id,
+            saga_name: "order".into(),
+            step: step.into(),
+            direction,
+            action: "act".into(),
+            attempt,
+            data: Default::default(),
+            action_output: None,
+            expires_at: None,
+        };
+        let created_at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        OutboxRow {
+            id,
+            saga_id,
+            message: OutgoingMessage::command(
+                &command,
+                "p",
+                "saga.replies",
+                Some(created_at + chrono::Duration::seconds(20)),
+            ),
+            created_at,
         }
     }
 
     #[test]
-    fn a_message_past_its_discard_after_is_superseded() {
-        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let ms = chrono::Duration::milliseconds;
-        assert!(is_superseded(&message(Some(now - ms(1))), now));
-        assert!(is_superseded(&message(Some(now)), now));
-        assert!(!is_superseded(&message(Some(now + ms(1))), now));
-        assert!(!is_superseded(&message(None), now), "events never expire");
+    fn only_a_later_attempt_of_the_same_step_and_direction_supersedes() {
+        let rows = [
+            row(1, 1, "charge", Direction::Execute, 1),
+            row(2, 1, "charge", Direction::Execute, 3),
+            row(3, 1, "charge", Direction::Execute, 2),
+            row(4, 1, "charge", Direction::Compensate, 1),
+            row(5, 2, "charge", Direction::Execute, 1),
+            row(6, 1, "reserve", Direction::Execute, 1),
+        ];
+        assert_eq!(superseded(&rows), HashSet::from([1, 3]));
+    }
+
+    #[test]
+    fn a_command_lives_its_whole_lifetime_from_its_publication() {
+        let r = row(1, 1, "charge", Direction::Execute, 1);
+        let late = r.created_at + chrono::Duration::minutes(5);
+        let published = lifetime_from(&r, late);
+        assert_eq!(
+            published.discard_after,
+            Some(late + chrono::Duration::seconds(20))
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! The outbox relay against a real broker: a command goes out with its `discard_after` as the
-//! AMQP `expiration`, and a command whose `discard_after` passed while it waited in the outbox
-//! (a newer attempt superseded it) is marked sent without being published.
+//! The outbox relay against a real broker: a command goes out with the lifetime its decision
+//! gave it as the AMQP `expiration`, counted from its publication (even when it waited in the
+//! outbox past its `discard_after`), and an attempt that a later attempt of the same step in the
+//! outbox supersedes is marked sent without being published.
 //!
 //! Needs `AMQP_URL` and `rabbitmqctl` on the PATH (the test gets a vhost of its own).
 
@@ -141,7 +142,23 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
         }])
         .await
         .unwrap();
-    assert_eq!(store.outbox_backlog().await.unwrap(), 3);
+    // Another saga's only attempt waited in the outbox past its discard_after (a broker outage):
+    // it is still the question to ask, so it goes out, with its whole 30 s lifetime.
+    let other = command(Uuid::new_v4(), 1);
+    let decided = now - chrono::Duration::seconds(40);
+    store
+        .commit(&[Commit {
+            outbox: vec![OutgoingMessage::command(
+                &other,
+                "payments",
+                REPLIES_QUEUE,
+                Some(decided + chrono::Duration::seconds(30)),
+            )],
+            ..Commit::empty(other.saga_id, decided)
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 4);
 
     let publisher = Publisher::open(&conn).await.unwrap();
     let shutdown = CancellationToken::new();
@@ -164,33 +181,44 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, &queue, "", 4)
         .await
         .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-        .await
-        .expect("a command within 10 s")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        delivery
+    let mut published = std::collections::BTreeMap::new();
+    while published.len() < 2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("two commands within 10 s")
+            .unwrap()
+            .unwrap();
+        let id = delivery
             .properties
             .message_id()
             .as_ref()
-            .map(|s| s.to_string()),
-        Some(current.message_id.to_string()),
-        "only the current attempt is published"
-    );
-    let expiration: u64 = delivery
-        .properties
-        .expiration()
-        .as_ref()
-        .expect("an expiration")
-        .as_str()
-        .parse()
-        .unwrap();
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let expiration: u64 = delivery
+            .properties
+            .expiration()
+            .as_ref()
+            .expect("an expiration")
+            .as_str()
+            .parse()
+            .unwrap();
+        saga_amqp::ack(&delivery).await.unwrap();
+        published.insert(id, expiration);
+    }
+    let current_ttl = published
+        .get(&current.message_id.to_string())
+        .expect("the current attempt is published");
     assert!(
-        (45_000..=60_000).contains(&expiration),
-        "about 60 s were left when it was published: {expiration}"
+        (45_000..=60_000).contains(current_ttl),
+        "its 60 s lifetime: {current_ttl}"
     );
-    saga_amqp::ack(&delivery).await.unwrap();
+    let other_ttl = published
+        .get(&other.message_id.to_string())
+        .expect("a late but current attempt is published");
+    assert!(
+        (20_000..=30_000).contains(other_ttl),
+        "its 30 s lifetime, counted from publication: {other_ttl}"
+    );
     let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
     assert!(more.is_err(), "the superseded attempt was not published");
     assert_eq!(ready(&conn, &dead_letter_queue(&queue)).await, 0);
