@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use saga_engine::state::StepStatus;
-use saga_engine::{OperatorCommand, Outcome};
-use saga_schemas::{Data, SagaStatus};
+use saga_engine::{OperatorCommand, Outcome, SagaState};
+use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -39,6 +39,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/sagas/{saga}/abort", post(abort))
         .route("/sagas/{saga}/retry", post(retry))
         .route("/sagas/{saga}/mark-compensated", post(mark_compensated))
+        .route("/sagas/{saga}/retry-step", post(retry_step))
+        .route("/sagas/{saga}/mark-completed", post(mark_completed))
         .route("/set-aside", get(list_set_aside))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -213,7 +215,54 @@ impl From<&SagaRow> for SagaSummary {
     }
 }
 
+/// What a saga in flight waits for: the step with an attempt in flight or a retry scheduled.
+#[derive(Debug, Serialize)]
+struct WaitingOn {
+    step: String,
+    direction: Direction,
+    /// The attempt in flight, or the one the scheduled retry will send.
+    attempt: u32,
+    /// When the step's first command in this direction was sent: how long it has waited.
+    since: DateTime<Utc>,
+}
+
+fn waiting_on(state: &SagaState, history: &[RecordedEvent]) -> Option<WaitingOn> {
+    if !matches!(state.status, SagaStatus::Running | SagaStatus::Compensating) {
+        return None;
+    }
+    // Compensations run in reverse: the latest step with something pending is the one.
+    let (step, direction, attempts) = state.steps.iter().rev().find_map(|s| {
+        if s.compensation.is_pending() {
+            Some((s, Direction::Compensate, &s.compensation))
+        } else if s.action.is_pending() {
+            Some((s, Direction::Execute, &s.action))
+        } else {
+            None
+        }
+    })?;
+    let first_sent = history.iter().find_map(|e| match &e.event {
+        SagaEvent::CommandSent {
+            step: name,
+            direction: d,
+            sent_at,
+            ..
+        } if *name == step.name && *d == direction => Some(sent_at.unwrap_or(e.recorded_at)),
+        _ => None,
+    });
+    let since = match direction {
+        Direction::Execute => step.started_at.or(first_sent),
+        Direction::Compensate => first_sent,
+    }?;
+    Some(WaitingOn {
+        step: step.name.clone(),
+        direction,
+        attempt: attempts.in_flight.unwrap_or(attempts.sent + 1),
+        since,
+    })
+}
+
 fn saga_view(runtime: &Runtime, row: &SagaRow, history: Vec<RecordedEvent>) -> Value {
+    let waiting_on = waiting_on(&row.state, &history);
     let def = runtime.definitions().get(&row.name);
     let steps: Vec<StepView> = def
         .map(|def| {
@@ -248,6 +297,7 @@ fn saga_view(runtime: &Runtime, row: &SagaRow, history: Vec<RecordedEvent>) -> V
         "name": row.name,
         "status": row.status,
         "current_step": row.current_step,
+        "waiting_on": waiting_on,
         "business_key": row.business_key,
         "definition_version": row.definition_version,
         "data": row.state.data,
@@ -311,7 +361,7 @@ async fn list_sagas(
     let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
         Some(raw) => Some(raw.parse::<SagaStatus>().map_err(|e| {
             bad_request(format!(
-                "{e}; use running, compensating, completed, compensated or compensation_failed"
+                "{e}; use running, compensating, completed, compensated, compensation_failed or completion_failed"
             ))
         })?),
         None => None,
@@ -367,6 +417,15 @@ struct MarkBody {
     step: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkCompletedBody {
+    step: String,
+    /// Merged into the saga data, as a success's output would be.
+    #[serde(default)]
+    output: Data,
+}
+
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: &Bytes,
     empty: Option<T>,
@@ -414,6 +473,30 @@ async fn retry(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     operate(&state, &id, OperatorCommand::RetryCompensation).await
+}
+
+async fn retry_step(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    operate(&state, &id, OperatorCommand::RetryStep).await
+}
+
+async fn mark_completed(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: MarkCompletedBody = parse_body(&body, None)?;
+    operate(
+        &state,
+        &id,
+        OperatorCommand::MarkCompleted {
+            step: body.step,
+            output: body.output,
+        },
+    )
+    .await
 }
 
 async fn mark_compensated(

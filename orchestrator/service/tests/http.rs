@@ -1,0 +1,331 @@
+//! The HTTP API in-process, as zero2prod's `spawn_app` does it: the real router over a runtime
+//! on `sqlite::memory:`, served on a free port, with no broker. Participants' replies are fed
+//! to the runtime directly, so every status and every 4xx answer is reachable.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use orchestrator::api::{self, ApiState};
+use orchestrator::metrics::Metrics;
+use orchestrator::runtime::{Runtime, Work};
+use orchestrator::service::{Health, TIMERS_TASK};
+use orchestrator::store::Store;
+use saga_engine::{Definitions, Input};
+use saga_schemas::{Direction, Outcome};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const SAGAS: &str = "
+sagas:
+  - name: order
+    input_schema:
+      type: object
+      required: [customer]
+      properties:
+        customer: {type: string}
+    steps:
+      - name: reserve
+        participant: stock
+        action: reserve
+        compensation: release
+        timeout: 30s
+      - name: ship
+        participant: shipping
+        action: ship
+        kind: retriable
+        timeout: 30s
+";
+
+struct App {
+    url: String,
+    client: reqwest::Client,
+    runtime: Runtime,
+    health: Health,
+}
+
+/// The API on a port of its own, over a fresh in-memory database.
+async fn spawn_app() -> App {
+    let store = Store::connect("sqlite::memory:").await.expect("a store");
+    let definitions = Definitions::parse("sagas.yaml", SAGAS).expect("valid definitions");
+    let runtime = Runtime::new(definitions, store).expect("a runtime");
+    let health = Health::new();
+    let router = api::router(ApiState {
+        runtime: runtime.clone(),
+        health: health.clone(),
+        metrics: Metrics::install(Duration::from_secs(300)),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    App {
+        url,
+        client: reqwest::Client::new(),
+        runtime,
+        health,
+    }
+}
+
+impl App {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        answer(response).await
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        answer(response).await
+    }
+
+    /// Starts an `order` saga; returns its id.
+    async fn start(&self) -> String {
+        let (status, body) = self.post("/sagas/order", r#"{"customer": "ada"}"#).await;
+        assert_eq!(status, 202, "{body}");
+        body["saga_id"].as_str().unwrap().to_owned()
+    }
+
+    /// A participant's reply to attempt `attempt` of `step`, as the consumer would pass it on.
+    async fn reply(&self, saga: &str, step: &str, attempt: u32, outcome: Outcome) {
+        let work = Work {
+            saga_id: saga.parse().unwrap(),
+            input: Input::Reply {
+                step: step.into(),
+                direction: Direction::Execute,
+                attempt,
+                outcome,
+            },
+            inbox_id: Some(Uuid::new_v4()),
+            fired_timer: None,
+        };
+        for result in self.runtime.handle(&[work]).await {
+            result.expect("the reply is handled");
+        }
+    }
+
+    async fn status(&self, saga: &str) -> String {
+        let (_, body) = self.get(&format!("/sagas/{saga}")).await;
+        body["status"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn answer(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+fn error(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {body}"))
+}
+
+fn success() -> Outcome {
+    Outcome::Success {
+        output: Default::default(),
+    }
+}
+
+fn failure(reason: &str) -> Outcome {
+    Outcome::Failure {
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_bad_start_is_422_with_the_reason() {
+    let app = spawn_app().await;
+    let (status, body) = app.post("/sagas/order", "{not json").await;
+    assert_eq!(status, 422);
+    assert!(error(&body).contains("not valid JSON"), "{body}");
+    let (status, body) = app.post("/sagas/order", "[1, 2]").await;
+    assert_eq!(status, 422);
+    assert!(error(&body).contains("not an array"), "{body}");
+    let (status, body) = app.post("/sagas/order", "").await;
+    assert_eq!(status, 422);
+    assert!(error(&body).contains("empty"), "{body}");
+    let (status, body) = app.post("/sagas/order", r#"{"customer": 7}"#).await;
+    assert_eq!(status, 422);
+    assert!(
+        error(&body).contains("/customer") && error(&body).contains("string"),
+        "the input_schema's complaint, with the path: {body}"
+    );
+    let (_, body) = app.get("/sagas").await;
+    assert_eq!(body["sagas"], json!([]), "nothing was started");
+}
+
+#[tokio::test]
+async fn unknown_things_are_404_and_malformed_ids_400() {
+    let app = spawn_app().await;
+    let (status, body) = app.post("/sagas/no-such-saga", "{}").await;
+    assert_eq!(status, 404);
+    assert!(error(&body).contains("no-such-saga"), "{body}");
+    let (status, body) = app.get(&format!("/sagas/{}", Uuid::new_v4())).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = app
+        .post(&format!("/sagas/{}/abort", Uuid::new_v4()), "")
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = app.get("/sagas/not-a-uuid").await;
+    assert_eq!(status, 400);
+    assert!(error(&body).contains("not-a-uuid"), "{body}");
+    let (status, _) = app.post("/sagas/not-a-uuid/retry-step", "").await;
+    assert_eq!(status, 400);
+    let (status, body) = app.get("/sagas?status=finished").await;
+    assert_eq!(status, 400);
+    assert!(error(&body).contains("completion_failed"), "{body}");
+    let (status, _) = app.get("/sagas?limit=0").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn an_operator_command_for_another_state_is_409_with_the_reason() {
+    let app = spawn_app().await;
+    let saga = app.start().await;
+    // Running: there is no failed step to retry, no failed compensation either.
+    for command in ["retry-step", "retry"] {
+        let (status, body) = app.post(&format!("/sagas/{saga}/{command}"), "").await;
+        assert_eq!(status, 409, "{command}: {body}");
+        assert!(!error(&body).is_empty());
+    }
+    let (status, body) = app
+        .post(
+            &format!("/sagas/{saga}/mark-completed"),
+            r#"{"step": "ship"}"#,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    // A body that is not the command's: 422.
+    let (status, body) = app
+        .post(
+            &format!("/sagas/{saga}/mark-completed"),
+            r#"{"output": {}}"#,
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(error(&body).contains("step"), "{body}");
+    let (status, _) = app
+        .post(
+            &format!("/sagas/{saga}/mark-completed"),
+            r#"{"step": "ship", "output": 3}"#,
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(app.status(&saga).await, "running");
+}
+
+#[tokio::test]
+async fn a_failed_step_past_the_point_of_no_return_is_retried_or_marked_completed() {
+    let app = spawn_app().await;
+    let saga = app.start().await;
+    app.reply(&saga, "reserve", 1, success()).await;
+    app.reply(&saga, "ship", 1, failure("no such address"))
+        .await;
+    assert_eq!(app.status(&saga).await, "completion_failed");
+
+    let (status, body) = app.post(&format!("/sagas/{saga}/retry-step"), "").await;
+    assert_eq!((status, &body["applied"]), (200, &json!(true)), "{body}");
+    assert_eq!(app.status(&saga).await, "running");
+    let (_, view) = app.get(&format!("/sagas/{saga}")).await;
+    assert_eq!(view["waiting_on"]["step"], "ship", "{view}");
+    assert_eq!(view["waiting_on"]["attempt"], 2, "{view}");
+
+    app.reply(&saga, "ship", 2, failure("no such address"))
+        .await;
+    assert_eq!(app.status(&saga).await, "completion_failed");
+    let (status, body) = app
+        .post(
+            &format!("/sagas/{saga}/mark-completed"),
+            r#"{"step": "ship", "output": {"tracking": "by hand"}}"#,
+        )
+        .await;
+    assert_eq!((status, &body["applied"]), (200, &json!(true)), "{body}");
+    let (_, view) = app.get(&format!("/sagas/{saga}")).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["data"]["tracking"], "by hand", "{view}");
+    assert_eq!(
+        view["waiting_on"],
+        Value::Null,
+        "a settled saga waits for nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_running_saga_says_what_it_waits_on_and_since_when() {
+    let app = spawn_app().await;
+    let before = Utc::now();
+    let saga = app.start().await;
+    let (status, view) = app.get(&format!("/sagas/{saga}")).await;
+    assert_eq!(status, 200);
+    let waiting = &view["waiting_on"];
+    assert_eq!(waiting["step"], "reserve", "{view}");
+    assert_eq!(waiting["direction"], "execute", "{view}");
+    assert_eq!(waiting["attempt"], 1, "{view}");
+    let since: chrono::DateTime<Utc> = serde_json::from_value(waiting["since"].clone()).unwrap();
+    assert!(since >= before && since <= Utc::now(), "{view}");
+
+    // Compensating: it waits on the compensation of the step whose action may have run.
+    let other = app.start().await;
+    let (status, body) = app.post(&format!("/sagas/{other}/abort"), "").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, view) = app.get(&format!("/sagas/{other}")).await;
+    assert_eq!(view["status"], "compensating", "{view}");
+    assert_eq!(view["waiting_on"]["step"], "reserve", "{view}");
+    assert_eq!(view["waiting_on"]["direction"], "compensate", "{view}");
+    assert_eq!(view["waiting_on"]["attempt"], 1, "{view}");
+}
+
+#[tokio::test]
+async fn set_aside_inputs_are_listed_newest_first() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/set-aside").await;
+    assert_eq!((status, &body), (200, &json!({"set_aside": []})));
+    let saga = Uuid::new_v4();
+    for n in 1..=3 {
+        app.runtime
+            .store()
+            .set_aside_reply(saga, &json!({"n": n}), "no saga with this id", Utc::now())
+            .await
+            .unwrap();
+    }
+    let (status, body) = app.get("/set-aside?limit=2").await;
+    assert_eq!(status, 200, "{body}");
+    let items = body["set_aside"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["item"], json!({"n": 3}));
+    assert_eq!(items[1]["item"], json!({"n": 2}));
+    assert_eq!(items[0]["kind"], "reply");
+    assert_eq!(items[0]["saga_id"], saga.to_string());
+    assert_eq!(items[0]["reason"], "no saga with this id");
+    let (status, body) = app.get("/set-aside?limit=501").await;
+    assert_eq!(status, 400);
+    assert!(error(&body).contains("limit"), "{body}");
+}
+
+#[tokio::test]
+async fn readyz_says_which_component_is_down() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, 503, "no broker here: {body}");
+    assert_eq!(
+        body,
+        json!({"database": true, "broker": false, "stopped_tasks": {}})
+    );
+    app.health.task_stopped(TIMERS_TASK, "panicked: boom");
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(body["stopped_tasks"], json!({"timers": "panicked: boom"}));
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+}
