@@ -114,7 +114,7 @@ pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>) -> Pass {
     }
 }
 
-/// Runs passes until `shutdown`: at once while there is work, every [`POLL`] when idle.
+/// Runs passes until `shutdown`: at once while there is work, every `POLL` when idle.
 pub async fn run(runtime: Runtime, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let pause = match fire_due(&runtime, Utc::now()).await {

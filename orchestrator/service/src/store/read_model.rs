@@ -1,17 +1,207 @@
-//! The `sagas` row as a function of the saga's state, and its rebuild from the event log.
+//! The read model: the `sagas` row as a function of the saga's state, the queries people read
+//! (one saga, its history, lists, counts), and the rebuild of every row from the event log.
 
 use chrono::{DateTime, Utc};
 use saga_engine::SagaState;
-use saga_schemas::SagaStatus;
+use saga_schemas::{Data, SagaEvent, SagaStatus};
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
 use super::entity::{saga_events, sagas};
-use super::{MAX_PARAMS, StoreError, parse_event};
+use super::event_log::parse_event;
+use super::{Backend, MAX_PARAMS, Store, StoreError};
+
+/// A row of the read model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: SagaStatus,
+    pub business_key: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub definition_version: String,
+    pub current_step: Option<String>,
+    pub data: Data,
+    pub state: SagaState,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    pub seq: u64,
+    pub recorded_at: DateTime<Utc>,
+    pub event: SagaEvent,
+}
+
+/// Filter and page of [`Store::list`]: newest first by `(created_at, id)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListFilter {
+    pub status: Option<SagaStatus>,
+    pub name: Option<String>,
+    pub limit: u64,
+    /// Keyset cursor: only rows strictly older than this `(created_at, id)`; pass the last
+    /// row of the previous page.
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+}
+
+impl Store {
+    pub async fn saga(&self, id: Uuid) -> Result<Option<SagaRow>, StoreError> {
+        match sagas::Entity::find_by_id(id).one(&self.db).await? {
+            Some(row) => Ok(Some(self.saga_row(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The read-model row, its snapshot rebuilt from the log if it does not parse.
+    async fn saga_row(&self, row: sagas::Model) -> Result<SagaRow, StoreError> {
+        let state = self.snapshot_or_log(row.id, &row.state).await?;
+        SagaRow::from_model(row, state)
+    }
+
+    /// The saga's whole log, in order.
+    pub async fn history(&self, id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = saga_events::Entity::find()
+            .filter(saga_events::Column::SagaId.eq(id))
+            .order_by_asc(saga_events::Column::Seq)
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(RecordedEvent {
+                    seq: row.seq as u64,
+                    recorded_at: row.recorded_at,
+                    event: parse_event(&row)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Sagas newest first by `(created_at desc, id desc)`, filtered, one keyset page.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRow>, StoreError> {
+        let mut query = sagas::Entity::find();
+        if let Some(status) = filter.status {
+            query = query.filter(sagas::Column::Status.eq(status.as_str()));
+        }
+        if let Some(name) = &filter.name {
+            query = query.filter(sagas::Column::Name.eq(name.as_str()));
+        }
+        if let Some((created_at, id)) = filter.before {
+            query = query.filter(
+                Condition::any()
+                    .add(sagas::Column::CreatedAt.lt(created_at))
+                    .add(
+                        Condition::all()
+                            .add(sagas::Column::CreatedAt.eq(created_at))
+                            .add(sagas::Column::Id.lt(id)),
+                    ),
+            );
+        }
+        let rows = query
+            .order_by_desc(sagas::Column::CreatedAt)
+            .order_by_desc(sagas::Column::Id)
+            .limit(filter.limit)
+            .all(&self.db)
+            .await?;
+        let mut sagas = Vec::with_capacity(rows.len());
+        for row in rows {
+            sagas.push(self.saga_row(row).await?);
+        }
+        Ok(sagas)
+    }
+
+    /// Ids of the sagas still moving on their own (running or compensating).
+    pub async fn in_flight_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        Ok(sagas::Entity::find()
+            .select_only()
+            .column(sagas::Column::Id)
+            .filter(sagas::Column::Status.is_in([
+                SagaStatus::Running.as_str(),
+                SagaStatus::Compensating.as_str(),
+            ]))
+            .order_by_asc(sagas::Column::CreatedAt)
+            .order_by_asc(sagas::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Sagas still moving on their own (running or compensating), per saga name; with
+    /// `started_before`, only those started before it (the long-running ones).
+    pub async fn in_flight_by_name(
+        &self,
+        started_before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut query = sagas::Entity::find()
+            .select_only()
+            .column(sagas::Column::Name)
+            .column_as(sagas::Column::Id.count(), "count")
+            .filter(sagas::Column::Status.is_in([
+                SagaStatus::Running.as_str(),
+                SagaStatus::Compensating.as_str(),
+            ]));
+        if let Some(before) = started_before {
+            query = query.filter(sagas::Column::CreatedAt.lt(before));
+        }
+        let rows: Vec<(String, i64)> = query
+            .group_by(sagas::Column::Name)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, count)| (name, count.max(0) as u64))
+            .collect())
+    }
+
+    /// Rebuilds every `sagas` row (snapshot and version included) from `saga_events` alone,
+    /// by folding each saga's log; deletes rows whose saga has no events. `created_at` is the
+    /// first event's `recorded_at`, `updated_at` the last one's; an existing row keeps its
+    /// `idempotency_key` (the events do not carry it: a row rebuilt from nothing has none).
+    /// One transaction; on PostgreSQL it locks `saga_events` against writers (SHARE mode)
+    /// so no commit lands between the read and the rewrite. Returns the number of sagas.
+    pub async fn rebuild_read_model(&self) -> Result<u64, StoreError> {
+        let w = self.begin_write().await?;
+        match rebuild(&w.txn, self.backend == Backend::Postgres).await {
+            Ok(count) => {
+                w.commit().await?;
+                Ok(count)
+            }
+            Err(error) => {
+                w.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+impl SagaRow {
+    /// The row, with `state` already parsed (or rebuilt) from its `state` column.
+    fn from_model(row: sagas::Model, state: SagaState) -> Result<Self, StoreError> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Corrupt(format!("{what} of saga {}: {e}", row.id))
+        };
+        Ok(SagaRow {
+            status: row.status.parse().map_err(|e| corrupt("status", &e))?,
+            data: serde_json::from_str(&row.data).map_err(|e| corrupt("data", &e))?,
+            state,
+            version: u64::try_from(row.version).map_err(|e| corrupt("version", &e))?,
+            id: row.id,
+            name: row.name,
+            business_key: row.business_key,
+            idempotency_key: row.idempotency_key,
+            definition_version: row.definition_version,
+            current_step: row.current_step,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
 
 /// Columns a commit rewrites on an existing saga row (never `id`, `name`, `idempotency_key`,
 /// `created_at`).

@@ -1,0 +1,168 @@
+//! The outbox: messages committed with the decisions that produced them, claimed and marked
+//! sent by the relay (see the module docs of `store` for claims).
+
+use chrono::{DateTime, Utc};
+use saga_schemas::amqp::OutgoingMessage;
+use sea_orm::sea_query::{LockBehavior, LockType};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use uuid::Uuid;
+
+use super::entity::outbox;
+use super::{Backend, MAX_PARAMS, Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub saga_id: Uuid,
+    pub message: OutgoingMessage,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Up to `limit` unsent outbox rows, oldest first, claimed on PostgreSQL (see the module
+    /// docs). Publish them, then [`OutboxBatch::mark_sent`] the ones confirmed.
+    pub async fn outbox_batch(&self, limit: u64) -> Result<OutboxBatch, StoreError> {
+        let query = outbox::Entity::find()
+            .filter(outbox::Column::SentAt.is_null())
+            .order_by_asc(outbox::Column::Id)
+            .limit(limit);
+        match self.backend {
+            Backend::Postgres => {
+                let txn = self.db.begin().await?;
+                let rows = query
+                    .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                    .all(&txn)
+                    .await?;
+                let rows = parse_outbox(rows)?;
+                if rows.is_empty() {
+                    txn.commit().await?;
+                    return Ok(OutboxBatch {
+                        rows,
+                        claim: Claim::Nothing,
+                    });
+                }
+                Ok(OutboxBatch {
+                    rows,
+                    claim: Claim::Locked(txn),
+                })
+            }
+            Backend::Sqlite => {
+                let rows = parse_outbox(query.all(&self.db).await?)?;
+                Ok(OutboxBatch {
+                    rows,
+                    claim: Claim::Unlocked(self.clone()),
+                })
+            }
+        }
+    }
+
+    /// Number of unsent outbox rows.
+    pub async fn outbox_backlog(&self) -> Result<u64, StoreError> {
+        Ok(outbox::Entity::find()
+            .filter(outbox::Column::SentAt.is_null())
+            .count(&self.db)
+            .await?)
+    }
+
+    /// Deletes outbox rows sent before `sent_before`; returns how many.
+    pub async fn prune_outbox(&self, sent_before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let _lock = self.write_lock().await;
+        let result = outbox::Entity::delete_many()
+            .filter(outbox::Column::SentAt.lt(sent_before))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected)
+    }
+}
+
+/// Unsent outbox rows handed to the relay; see [`Store::outbox_batch`].
+#[must_use = "publish the rows, then mark_sent the confirmed ones"]
+pub struct OutboxBatch {
+    pub rows: Vec<OutboxRow>,
+    claim: Claim,
+}
+
+enum Claim {
+    /// PostgreSQL: the rows are locked by this open transaction.
+    Locked(DatabaseTransaction),
+    /// SQLite: nothing held.
+    Unlocked(Store),
+    /// No rows.
+    Nothing,
+}
+
+impl std::fmt::Debug for OutboxBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBatch")
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxBatch {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Marks `ids` sent and ends the claim (commits); the batch's other rows stay unsent and
+    /// come back in a later batch.
+    pub async fn mark_sent(self, ids: &[i64]) -> Result<(), StoreError> {
+        let now = Utc::now();
+        match self.claim {
+            Claim::Locked(txn) => {
+                mark_sent(&txn, ids, now).await?;
+                txn.commit().await?;
+            }
+            Claim::Unlocked(store) => {
+                if !ids.is_empty() {
+                    let _lock = store.write_lock().await;
+                    mark_sent(&store.db, ids, now).await?;
+                }
+            }
+            Claim::Nothing => {}
+        }
+        Ok(())
+    }
+
+    /// Gives the rows back unsent (same as dropping the batch, but waits for the release).
+    pub async fn release(self) -> Result<(), StoreError> {
+        if let Claim::Locked(txn) = self.claim {
+            txn.rollback().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn mark_sent(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    for chunk in ids.chunks(MAX_PARAMS) {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::SentAt, sea_orm::sea_query::Expr::val(now))
+            .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+            .filter(outbox::Column::SentAt.is_null())
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+fn parse_outbox(rows: Vec<outbox::Model>) -> Result<Vec<OutboxRow>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let message = serde_json::from_str(&row.message)
+                .map_err(|e| StoreError::Corrupt(format!("outbox row {}: {e}", row.id)))?;
+            Ok(OutboxRow {
+                id: row.id,
+                saga_id: row.saga_id,
+                message,
+                created_at: row.created_at,
+            })
+        })
+        .collect()
+}
