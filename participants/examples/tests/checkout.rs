@@ -166,7 +166,12 @@ impl Orchestrator {
                 expires_at: None,
             };
             self.publisher
-                .publish(&OutgoingMessage::command(&cmd, participant, REPLY_QUEUE, None))
+                .publish(&OutgoingMessage::command(
+                    &cmd,
+                    participant,
+                    REPLY_QUEUE,
+                    None,
+                ))
                 .await
                 .unwrap();
             let delivery = tokio::time::timeout(Duration::from_secs(20), self.replies.next())
