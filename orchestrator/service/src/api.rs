@@ -519,14 +519,20 @@ async fn ready(State(state): State<ApiState>) -> Response {
     let database = state.runtime.store().ping().await.is_ok();
     let broker = state.health.broker_connected();
     let stopped = state.health.stopped_tasks();
-    let status = if database && broker && stopped.is_empty() {
+    let foreign = state.health.foreign_orchestrators();
+    let status = if database && broker && stopped.is_empty() && foreign.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(json!({ "database": database, "broker": broker, "stopped_tasks": stopped })),
+        Json(json!({
+            "database": database,
+            "broker": broker,
+            "stopped_tasks": stopped,
+            "foreign_orchestrators": foreign,
+        })),
     )
         .into_response()
 }

@@ -7,11 +7,13 @@
 //! - [`timers`]: fires due step timeouts, retries and deadlines;
 //! - [`api`]: the HTTP API;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
+//! - [`presence`]: notices another orchestrator with another database on the same vhost;
 //! - [`service`]: wires them together for `orchestrator run`.
 
 pub mod api;
 pub mod consumers;
 pub mod metrics;
+pub mod presence;
 pub mod relay;
 pub mod runtime;
 pub mod service;

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use saga_amqp::lapin::ConnectionStatus;
@@ -24,7 +25,7 @@ use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::{Store, StoreOptions};
-use crate::{consumers, relay, timers};
+use crate::{consumers, presence, relay, timers};
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -59,6 +60,8 @@ struct HealthInner {
     broker: Mutex<Option<ConnectionStatus>>,
     /// Tasks that stopped while the service was not shutting down, with why.
     stopped: Mutex<BTreeMap<String, String>>,
+    /// Orchestrators with another database seen on this vhost, by name, when last seen.
+    foreign: Mutex<BTreeMap<String, Instant>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,6 +100,21 @@ impl Health {
     /// The tasks that stopped while the service was running, with why, by name.
     pub fn stopped_tasks(&self) -> BTreeMap<String, String> {
         lock(&self.inner.stopped).clone()
+    }
+
+    /// Records a heartbeat from an orchestrator with another database; true when it is news
+    /// (not seen within [`presence::FORGET_AFTER`]), so the caller says so once, not every beat.
+    pub fn saw_foreign_orchestrator(&self, name: &str) -> bool {
+        let now = Instant::now();
+        let previous = lock(&self.inner.foreign).insert(name.to_owned(), now);
+        previous.is_none_or(|seen| now.duration_since(seen) > presence::FORGET_AFTER)
+    }
+
+    /// Orchestrators with another database heard from recently on this vhost.
+    pub fn foreign_orchestrators(&self) -> Vec<String> {
+        let mut foreign = lock(&self.inner.foreign);
+        foreign.retain(|_, seen| seen.elapsed() <= presence::FORGET_AFTER);
+        foreign.keys().cloned().collect()
     }
 }
 
@@ -229,6 +247,10 @@ pub async fn serve_runtime(
 ) -> anyhow::Result<()> {
     let in_flight = runtime.store().in_flight_ids().await?.len();
     info!(in_flight, "sagas to continue after start");
+    let me = presence::Heartbeat {
+        database_id: runtime.store().database_id().await?,
+        orchestrator: config.connection_name.clone(),
+    };
 
     let health = Health::new();
     let listener = tokio::net::TcpListener::bind(config.http)
@@ -276,8 +298,18 @@ pub async fn serve_runtime(
                     let shutdown = shutdown.clone();
                     let participants = participants.clone();
                     let health = health.clone();
+                    let me = me.clone();
                     async move {
-                        session(runtime, conn, &participants, prefetch, shutdown, &health).await
+                        session(
+                            runtime,
+                            conn,
+                            &participants,
+                            prefetch,
+                            me,
+                            shutdown,
+                            &health,
+                        )
+                        .await
                     }
                 },
             )
@@ -296,6 +328,7 @@ async fn session(
     conn: saga_amqp::lapin::Connection,
     participants: &[String],
     prefetch: u16,
+    me: presence::Heartbeat,
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), AmqpError> {
@@ -323,6 +356,7 @@ async fn session(
             prefetch,
             shutdown.clone()
         ),
+        presence::run(&conn, me, health, shutdown.clone()),
     );
     if shutdown.is_cancelled() {
         for publisher in [&dead_letters, &relay_channel_owner] {

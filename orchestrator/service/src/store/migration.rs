@@ -13,7 +13,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001CreateTables), Box::new(M0002CreateSetAside)]
+        vec![
+            Box::new(M0001CreateTables),
+            Box::new(M0002CreateSetAside),
+            Box::new(M0003CreateMeta),
+        ]
     }
 }
 
@@ -275,6 +279,45 @@ impl MigrationTrait for M0002CreateSetAside {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .drop_table(Table::drop().table(SetAside::Table).if_exists().to_owned())
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Meta {
+    Table,
+    Key,
+    Value,
+}
+
+/// `meta`: facts about the database, such as the identity orchestrators compare to find one
+/// with another database on their vhost.
+struct M0003CreateMeta;
+
+impl MigrationName for M0003CreateMeta {
+    fn name(&self) -> &str {
+        "m0003_create_meta"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003CreateMeta {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Meta::Table)
+                    .if_not_exists()
+                    .col(text(Meta::Key).primary_key())
+                    .col(text(Meta::Value))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(Meta::Table).if_exists().to_owned())
             .await
     }
 }

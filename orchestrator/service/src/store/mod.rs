@@ -38,6 +38,7 @@
 mod commit;
 mod entity;
 mod event_log;
+mod identity;
 mod inbox;
 mod migration;
 mod outbox;

@@ -2,6 +2,7 @@
 //! store, so the schema is the same on PostgreSQL and SQLite.
 
 pub mod inbox;
+pub mod meta;
 pub mod outbox;
 pub mod saga_events;
 pub mod sagas;
