@@ -115,10 +115,26 @@ async fn handle_replies(
                 saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
             }
             Ok(_) => saga_amqp::ack(&delivery).await?,
-            Err(error @ RuntimeError::DefinitionGone { .. }) => {
-                warn!(saga_id = %w.saga_id, %error, "dead-lettering a reply");
-                let reason = result_reason(&w.saga_id, "its saga's definition is no longer loaded");
-                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+            // It can never be handled (its saga's definition is gone, its saga unreadable):
+            // set it aside with why, for an operator, instead of requeueing it forever.
+            Err(error) if error.is_permanent() => {
+                let reply = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                let reason = error.to_string();
+                match runtime
+                    .store()
+                    .set_aside_reply(w.saga_id, &reply, &reason, chrono::Utc::now())
+                    .await
+                {
+                    Ok(()) => {
+                        warn!(saga_id = %w.saga_id, %reason, "reply set aside: it can never be handled");
+                        saga_amqp::ack(&delivery).await?;
+                    }
+                    Err(store_error) => {
+                        warn!(saga_id = %w.saga_id, %reason, error = %store_error,
+                            "cannot set aside a reply that can never be handled; it will be redelivered");
+                        requeue(&delivery).await?;
+                    }
+                }
             }
             Err(error) => {
                 warn!(saga_id = %w.saga_id, %error, "reply not handled; it will be redelivered");

@@ -40,6 +40,24 @@ pub enum RuntimeError {
     Store(#[from] StoreError),
 }
 
+impl RuntimeError {
+    /// Whether handling the same input again can never succeed: the saga or its definition
+    /// does not exist, the input is invalid, or the store says so
+    /// ([`StoreError::is_permanent`]). Such an input is set aside; any other error (the
+    /// database unavailable, a contended saga) is worth trying again later. The one rule, for
+    /// timers and replies alike.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RuntimeError::UnknownSaga(_)
+            | RuntimeError::InvalidInput(_)
+            | RuntimeError::NotFound(_)
+            | RuntimeError::DefinitionGone { .. } => true,
+            RuntimeError::Contended => false,
+            RuntimeError::Store(error) => error.is_permanent(),
+        }
+    }
+}
+
 /// One input for one saga, with what must be recorded alongside it.
 #[derive(Debug, Clone)]
 pub struct Work {

@@ -2,9 +2,10 @@
 //! survive restarts and need no broker plugin; any orchestrator process may fire any of them.
 //!
 //! [`fire_due`] is one pass of the worker: it fires the due timers of one batch and says what
-//! became of them. A timer whose saga can never be handled ([`RuntimeError::is_permanent`]:
-//! its definition is gone, its state unreadable) is set aside, so it cannot hold up the others;
-//! one that failed for a passing reason (the database) stays for a later pass.
+//! became of them. A timer whose saga can never be handled
+//! ([`crate::runtime::RuntimeError::is_permanent`]: its definition is gone, its state
+//! unreadable) is set aside, so it cannot hold up the others; one that failed for a passing
+//! reason (the database) stays for a later pass.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use saga_engine::Input;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::runtime::{Runtime, RuntimeError, Work};
+use crate::runtime::{Runtime, Work};
 use crate::store::StoreError;
 
 const BATCH: u64 = 256;
@@ -21,24 +22,6 @@ const BATCH: u64 = 256;
 const POLL: Duration = Duration::from_millis(100);
 /// The pause after a pass in which nothing could be done (the database is unavailable).
 const RETRY_LATER: Duration = Duration::from_secs(1);
-
-impl RuntimeError {
-    /// Whether handling the same input again can never succeed: the saga or its definition
-    /// does not exist, the input is invalid, or the store says so
-    /// ([`StoreError::is_permanent`]). Such an input is set aside; any other error (the
-    /// database unavailable, a contended saga) is worth trying again later. The one rule, for
-    /// timers and replies alike.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            RuntimeError::UnknownSaga(_)
-            | RuntimeError::InvalidInput(_)
-            | RuntimeError::NotFound(_)
-            | RuntimeError::DefinitionGone { .. } => true,
-            RuntimeError::Contended => false,
-            RuntimeError::Store(error) => error.is_permanent(),
-        }
-    }
-}
 
 /// What one pass of the worker did.
 #[derive(Debug)]
