@@ -14,6 +14,15 @@ use serde::{Deserialize, Serialize};
 /// The characters a participant name may contain: it becomes part of an AMQP queue name.
 pub const PARTICIPANT_PATTERN: &str = "^[A-Za-z0-9._-]+$";
 
+/// Whether `name` matches [`PARTICIPANT_PATTERN`]: the one rule, for the definition file, the
+/// participant SDK and the topology.
+pub fn is_participant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// A duration such as `250ms`, `5s`, `10m`, `1h` or `1m 30s` (humantime syntax).
 const DURATION_PATTERN: &str = r"^\s*[0-9]+\s*[a-zµ]+(\s*[0-9]+\s*[a-zµ]+)*\s*$";
 

@@ -226,7 +226,7 @@ async fn dead_letter_lines(backend: Backend) {
 
     let mut problems = Vec::new();
     for (service, message) in [
-        (ORCHESTRATOR, "dead-lettering an unreadable reply"),
+        (ORCHESTRATOR, "dead-lettering a message"),
         ("orders", "dead-lettering a message"),
     ] {
         let path = system.log_path(service);

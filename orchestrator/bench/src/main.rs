@@ -44,7 +44,7 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = saga_amqp::DEFAULT_AMQP_URL
     )]
     amqp_url: String,
     /// `postgres://...` (a fresh database is created on that server and dropped afterwards), or

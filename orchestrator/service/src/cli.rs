@@ -59,7 +59,7 @@ pub struct GraphArgs {
 /// Where the saga state lives. SQLite (a file in the working directory) is the embedded
 /// default; use PostgreSQL in production.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use saga_amqp::DEFAULT_AMQP_URL;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::{Channel, Consumer};
-use saga_amqp::{AmqpError, Publisher};
+use saga_amqp::{AmqpError, Publisher, Received};
 use saga_engine::{Ignored, Input, Outcome};
 use saga_schemas::amqp::{
     HeaderValue, OutgoingMessage, REPLIES_QUEUE, START_QUEUE, header, message_type,
@@ -56,29 +56,26 @@ async fn handle_replies(
     let mut work = Vec::with_capacity(deliveries.len());
     let mut pending = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        match saga_amqp::decode::<StepReply>(&delivery) {
-            Ok(reply) => {
-                work.push(Work {
-                    saga_id: reply.saga_id,
-                    input: Input::Reply {
-                        step: reply.step,
-                        direction: reply.direction,
-                        attempt: reply.attempt,
-                        outcome: reply.outcome,
-                    },
-                    inbox_id: Some(reply.message_id),
-                    fired_timer: None,
-                });
-                pending.push(delivery);
-            }
-            Err(error) => {
-                let saga_id =
-                    saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or("unknown");
-                warn!(saga_id, reason = %error, "dead-lettering an unreadable reply");
-                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &error.to_string())
-                    .await?;
-            }
-        }
+        let Some(Received {
+            message: reply,
+            delivery,
+        }) = saga_amqp::decode_or_dead_letter::<StepReply>(publisher, delivery, REPLIES_QUEUE)
+            .await?
+        else {
+            continue;
+        };
+        work.push(Work {
+            saga_id: reply.saga_id,
+            input: Input::Reply {
+                step: reply.step,
+                direction: reply.direction,
+                attempt: reply.attempt,
+                outcome: reply.outcome,
+            },
+            inbox_id: Some(reply.message_id),
+            fired_timer: None,
+        });
+        pending.push(delivery);
     }
     if work.is_empty() {
         return Ok(());
@@ -284,16 +281,13 @@ pub async fn starts(
     while let Some(delivery) =
         next_delivery(&mut consumer, &channel, START_QUEUE, &shutdown).await?
     {
-        let start = match saga_amqp::decode::<StartSaga>(&delivery) {
-            Ok(start) => start,
-            Err(error) => {
-                let saga_id =
-                    saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or("none yet");
-                warn!(saga_id, reason = %error, "dead-lettering an unreadable start message");
-                saga_amqp::dead_letter(publisher, &delivery, START_QUEUE, &error.to_string())
-                    .await?;
-                continue;
-            }
+        let Some(Received {
+            message: start,
+            delivery,
+        }) =
+            saga_amqp::decode_or_dead_letter::<StartSaga>(publisher, delivery, START_QUEUE).await?
+        else {
+            continue;
         };
         match runtime
             .start(&start.saga, start.input, start.idempotency_key)

@@ -2,7 +2,7 @@
 //! environment), logging, and shutdown on SIGTERM or ctrl-c.
 
 use clap::{Args, ValueEnum};
-use saga_participant::{CancellationToken, SdkConfig};
+use saga_participant::SdkConfig;
 
 /// The flags every example binary takes.
 #[derive(Debug, Clone, Args)]
@@ -77,31 +77,7 @@ pub fn init_tracing(format: LogFormat) {
     telemetry::init_as(format == LogFormat::Json);
 }
 
-/// A token cancelled on SIGTERM or ctrl-c (SIGINT).
-pub fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("cannot listen for SIGTERM");
-            tokio::select! {
-                _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = ctrl_c.await;
-            tracing::info!("ctrl-c: shutting down");
-        }
-        cancel.cancel();
-    });
-    token
-}
+pub use saga_participant::shutdown_on_signal;
 
 /// The body of every example binary: `--report` prints the books, otherwise the participant
 /// runs until SIGTERM or ctrl-c.

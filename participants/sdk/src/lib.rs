@@ -84,12 +84,14 @@ pub use handler::{
     CommandExt, Handler, HandlerError, HandlerFuture, MigrationFuture, Migrations, failure, success,
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
+/// A [`CancellationToken`] cancelled on SIGTERM or Ctrl-C, for [`Participant::run`].
+pub use saga_amqp::shutdown_on_signal;
 pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;
 
 /// Default AMQP URL: a local broker, default vhost.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use saga_amqp::DEFAULT_AMQP_URL;
 /// Default prefetch: unacknowledged commands in flight at once.
 pub const DEFAULT_PREFETCH: u16 = 32;
 
@@ -272,12 +274,7 @@ impl Participant {
     }
 
     fn validate(&self, config: &SdkConfig) -> Result<(), Error> {
-        let name_ok = !self.name.is_empty()
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !name_ok {
+        if !saga_schemas::definition::is_participant_name(&self.name) {
             return Err(Error::Config(format!(
                 "participant name {:?}: use letters, digits, `.`, `_` and `-`",
                 self.name

@@ -22,13 +22,16 @@ mod receive;
 mod supervise;
 mod topology;
 
+/// The broker every binary uses by default: a local RabbitMQ, default vhost, guest user.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 pub use error::{AmqpError, redact_url};
 pub use publish::{Publisher, properties};
 pub use receive::{
     DecodeError, Received, ack, dead_letter, decode, decode_or_dead_letter, header_int, header_str,
     nack, open_consumer,
 };
-pub use supervise::{connect, default_connection_name, supervise};
+pub use supervise::{connect, default_connection_name, shutdown_on_signal, supervise};
 pub use topology::{
     declare_dead_letter_exchange, declare_orchestrator_topology, declare_participant_topology,
     declare_queue_with_dead_letter, queue_arguments,

@@ -231,6 +231,7 @@ pub async fn decode_or_dead_letter<T: DeserializeOwned>(
         Err(error) => {
             let reason = format!("cannot decode the message: {error}");
             tracing::warn!(
+                saga_id = header_str(&delivery, header::SAGA_ID).unwrap_or("unknown"),
                 queue = from_queue,
                 message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
                 %reason,

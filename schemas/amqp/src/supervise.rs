@@ -174,3 +174,30 @@ pub fn default_connection_name(service: &str) -> String {
         .unwrap_or_else(|| "localhost".into());
     format!("{service}@{host}:{}", std::process::id())
 }
+
+/// A token cancelled on SIGTERM or Ctrl-C (SIGINT): what every service binary watches to stop
+/// consuming, let in-flight work commit, and exit. Call it inside the tokio runtime.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("cannot listen for SIGTERM");
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+            tracing::info!("ctrl-c: shutting down");
+        }
+        cancel.cancel();
+    });
+    token
+}

@@ -146,10 +146,10 @@ async fn declare_dead_letter_queue(ch: &Channel, queue: &str) -> Result<(), Amqp
 }
 
 fn check_participant(participant: &str) -> Result<(), AmqpError> {
-    if participant.is_empty() {
-        return Err(AmqpError::Invalid(
-            "a participant name must not be empty".into(),
-        ));
+    if !saga_schemas::definition::is_participant_name(participant) {
+        return Err(AmqpError::Invalid(format!(
+            "participant name {participant:?}: use letters, digits, `.`, `_` and `-`"
+        )));
     }
     // The longest name derived from it is its dead-letter queue.
     short(&dead_letter_queue(&command_queue(participant)), "queue")?;

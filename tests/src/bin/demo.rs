@@ -19,7 +19,7 @@ use saga_system::env::{TestEnv, amqp_parts};
 use saga_system::{Backend, Options, System, VhostChoice, is_settled};
 use serde_json::json;
 
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use saga_amqp::DEFAULT_AMQP_URL;
 const DEMO_VHOST: &str = "saga-demo";
 const PAYMENT_LIMIT: i64 = 100_000;
 const INITIAL_STOCK: i64 = 100;

@@ -605,7 +605,9 @@ impl Cx<'_> {
                 );
             }
         }
-        if !spec.participant.trim().is_empty() && !valid_participant(&spec.participant) {
+        if !spec.participant.trim().is_empty()
+            && !saga_schemas::definition::is_participant_name(&spec.participant)
+        {
             self.error(
                 at,
                 value_at(map, "participant"),
@@ -843,13 +845,6 @@ fn second_document(text: &str) -> Option<usize> {
         }
     }
     None
-}
-
-fn valid_participant(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Where a mapping is written: its first key (the loader marks a block mapping at the first

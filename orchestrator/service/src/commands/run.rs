@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use orchestrator::service::{self, ServiceConfig};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::RunArgs;
@@ -25,27 +24,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let shutdown = saga_amqp::shutdown_on_signal();
         info!(sagas = definitions.sagas.len(), config = %args.config.display(), "starting");
         service::serve(definitions, config, shutdown).await
     })
-}
-
-/// SIGTERM or Ctrl-C: stop consuming, let in-flight work commit, then exit.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.ok();
-    info!("shutdown requested");
-    shutdown.cancel();
 }
