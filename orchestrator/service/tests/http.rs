@@ -320,8 +320,16 @@ async fn readyz_says_which_component_is_down() {
     assert_eq!(status, 503, "no broker here: {body}");
     assert_eq!(
         body,
-        json!({"database": true, "broker": false, "stopped_tasks": {}})
+        json!({"database": true, "broker": false, "stopped_tasks": {}, "foreign_orchestrators": []})
     );
+    assert!(app.health.saw_foreign_orchestrator("intruder@elsewhere"));
+    assert!(
+        !app.health.saw_foreign_orchestrator("intruder@elsewhere"),
+        "said once, not on every heartbeat"
+    );
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(body["foreign_orchestrators"], json!(["intruder@elsewhere"]));
     app.health.task_stopped(TIMERS_TASK, "panicked: boom");
     let (status, body) = app.get("/readyz").await;
     assert_eq!(status, 503);
