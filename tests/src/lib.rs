@@ -7,6 +7,8 @@
 //!   database and a directory of the system's own, so tests run in parallel; dropping it stops
 //!   the processes and removes all three (printing the logs when the test failed).
 //! - [`checkout`]: inputs of the `order-checkout` saga and readers of its status view.
+//! - [`faults`]: the fault suite's own services (`scripts/fault-services`), load, watchers and
+//!   checks.
 //!
 //! Every scenario runs on SQLite and on PostgreSQL: see [`on_both_backends!`].
 
@@ -14,6 +16,7 @@ pub mod amqp;
 pub mod bins;
 pub mod checkout;
 pub mod env;
+pub mod faults;
 pub mod management;
 pub mod prometheus;
 pub mod system;

@@ -596,6 +596,30 @@ impl System {
         }
     }
 
+    /// The process id of `service`, while it runs.
+    pub fn pid(&mut self, service: &str) -> Option<u32> {
+        if !self.is_running(service) {
+            return None;
+        }
+        self.procs.get(service).map(|proc| proc.child.id())
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to `service`; panics when it does
+    /// not run.
+    pub fn signal(&mut self, service: &str, signal: libc::c_int) {
+        let pid = self
+            .pid(service)
+            .unwrap_or_else(|| panic!("{service} does not run: cannot send it signal {signal}"));
+        let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on the pid of a child this process has not reaped yet.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill({pid}, {signal}) for {service} failed");
+        append_log(
+            &self.log_path(service),
+            &format!("===== {service} sent signal {signal} ====="),
+        );
+    }
+
     /// Kills the orchestrator with SIGKILL, mid-whatever it was doing.
     pub fn kill_orchestrator(&mut self) {
         self.kill(ORCHESTRATOR);
@@ -672,9 +696,22 @@ impl System {
     /// The last lines of every log, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
-        let mut services: Vec<&str> = vec![ORCHESTRATOR];
-        services.extend(PARTICIPANTS);
-        for service in services {
+        let mut services: Vec<String> = vec![ORCHESTRATOR.to_owned()];
+        services.extend(PARTICIPANTS.map(str::to_owned));
+        // Processes started under other names (a second orchestrator) have logs too.
+        let mut others: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".log").map(str::to_owned)
+            })
+            .filter(|name| !services.contains(name))
+            .collect();
+        others.sort();
+        services.extend(others);
+        for service in &services {
             let path = self.log_path(service);
             if path.exists() {
                 out.push_str(&format!(
@@ -1092,10 +1129,11 @@ pub fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 
-/// Whether a saga (view or summary) is completed, compensated or compensation_failed.
+/// Whether a saga (view or summary) is completed, compensated, or waits for an operator
+/// (compensation_failed, completion_failed).
 pub fn is_settled(saga: &Value) -> bool {
     matches!(
         saga["status"].as_str(),
-        Some("completed" | "compensated" | "compensation_failed")
+        Some("completed" | "compensated" | "compensation_failed" | "completion_failed")
     )
 }
