@@ -13,6 +13,13 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    /// The broker did not complete the connection handshake in time (a node starting or
+    /// stopping can accept the TCP connection and never answer).
+    #[error("the broker at {url} did not complete the connection within {after:?}")]
+    ConnectTimeout {
+        url: String,
+        after: std::time::Duration,
+    },
     /// A channel or connection operation failed: the broker closed the channel (a soft error
     /// such as `PRECONDITION_FAILED` or `NOT_FOUND`), the connection is gone, an IO error...
     #[error("AMQP error while {context}")]

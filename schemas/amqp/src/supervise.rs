@@ -20,6 +20,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A session that ran this long before failing starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Longest wait for the connection handshake: a broker node that is starting or stopping may
+/// accept the TCP connection and never answer, which must not hang a reconnect for ever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often a running session's connection is checked (besides lapin's connection events).
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -28,12 +31,16 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// shown in the management UI. lapin's automatic recovery stays off: see [`supervise`].
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect(url, properties)
-        .await
-        .map_err(|source| AmqpError::Connect {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connected) => connected.map_err(|source| AmqpError::Connect {
             url: redact_url(url),
             source,
-        })
+        }),
+        Err(_) => Err(AmqpError::ConnectTimeout {
+            url: redact_url(url),
+            after: CONNECT_TIMEOUT,
+        }),
+    }
 }
 
 /// Runs `session(conn)` on a fresh connection named `connection_name`, again and again:

@@ -122,3 +122,36 @@ async fn supervise_refuses_a_url_it_cannot_parse() {
     .unwrap_err();
     assert!(matches!(err, AmqpError::Invalid(_)), "{err}");
 }
+
+/// A broker node that accepts the TCP connection and never answers (one starting or stopping)
+/// fails the connect after a bounded wait, so the supervisor tries again instead of hanging.
+#[tokio::test]
+async fn a_handshake_that_never_completes_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            held.push(socket);
+        }
+    });
+    let started = Instant::now();
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        saga_amqp::connect(&url, "silent broker test"),
+    )
+    .await
+    .expect("connect returns on its own");
+    assert!(
+        matches!(result, Err(AmqpError::ConnectTimeout { .. })),
+        "{:?}",
+        result.map(|_| ())
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "it waited for the handshake"
+    );
+    silent.abort();
+}
