@@ -202,6 +202,7 @@ impl Store {
                 options.map_sqlx_sqlite_opts(move |o| {
                     let o = o
                         .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                        .statement_cache_capacity(16)
                         .foreign_keys(true)
                         .synchronous(SqliteSynchronous::Full);
                     if memory {
