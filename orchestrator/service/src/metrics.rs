@@ -214,6 +214,16 @@ mod tests {
         record(&events, first_seq, &state, now);
     }
 
+    fn started(saga: &str) -> SagaEvent {
+        SagaEvent::SagaStarted {
+            saga_name: saga.into(),
+            definition_version: "v1".into(),
+            input: Data::new(),
+            business_key: None,
+            deadline_at: None,
+        }
+    }
+
     fn failed(step: &str) -> SagaEvent {
         SagaEvent::CompensationFailed {
             step: step.into(),
@@ -227,16 +237,7 @@ mod tests {
         // A name of this test's own: the recorder is shared by the whole test process.
         let saga = format!("metrics-{}", Uuid::new_v4().simple());
         let mut log = Vec::new();
-        commit(
-            &mut log,
-            vec![SagaEvent::SagaStarted {
-                saga_name: saga.clone(),
-                definition_version: "v1".into(),
-                input: Data::new(),
-                business_key: None,
-                deadline_at: None,
-            }],
-        );
+        commit(&mut log, vec![started(&saga)]);
         commit(
             &mut log,
             vec![
@@ -282,16 +283,7 @@ mod tests {
         let metrics = Metrics::install(Duration::from_secs(300));
         let saga = format!("metrics-{}", Uuid::new_v4().simple());
         let mut log = Vec::new();
-        commit(
-            &mut log,
-            vec![SagaEvent::SagaStarted {
-                saga_name: saga.clone(),
-                definition_version: "v1".into(),
-                input: Data::new(),
-                business_key: None,
-                deadline_at: None,
-            }],
-        );
+        commit(&mut log, vec![started(&saga)]);
         commit(
             &mut log,
             vec![SagaEvent::CompletionFailed {
