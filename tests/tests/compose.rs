@@ -416,7 +416,7 @@ fn docker_compose_accepts_the_file() {
         Err(e) => panic!(
             "`docker-compose` is not installed ({e}), and this test validates {COMPOSE_FILE} with \
              it (no Docker engine needed). Install it: `apt-get update && apt-get install -y \
-             docker-compose` (.ci/run does), or the Docker Compose v2 plugin (`docker compose`)"
+             docker-compose` (scripts/test does), or the Docker Compose v2 plugin (`docker compose`)"
         ),
     };
     let output = command
