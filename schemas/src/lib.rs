@@ -7,6 +7,7 @@
 pub mod amqp;
 pub mod definition;
 pub mod generate;
+pub mod limits;
 mod messages;
 
 pub use messages::*;
