@@ -44,12 +44,13 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = saga_amqp::DEFAULT_AMQP_URL
+        default_value = saga_amqp::DEFAULT_AMQP_URL,
+        hide_env_values = true
     )]
     amqp_url: String,
     /// `postgres://...` (a fresh database is created on that server and dropped afterwards), or
     /// empty for SQLite files in a temporary directory.
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "")]
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "", hide_env_values = true)]
     database_url: String,
     /// Unacknowledged commands each participant handles at once.
     #[arg(long, default_value_t = 64)]

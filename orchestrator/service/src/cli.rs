@@ -67,10 +67,10 @@ pub struct RunArgs {
     #[arg(long, env = "SAGA_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
     /// The RabbitMQ broker.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
     /// `sqlite://FILE?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     /// PostgreSQL: the most connections the orchestrator opens (SQLite ignores it).
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = orchestrator::store::DEFAULT_POOL_SIZE,
@@ -93,7 +93,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct RebuildArgs {
     /// The database whose read model to rebuild.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 }
 

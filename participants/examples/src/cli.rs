@@ -8,11 +8,11 @@ use saga_participant::SdkConfig;
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// The broker.
-    #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL)]
+    #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
     /// The service's own database: `sqlite://<file>?mode=rwc` or `postgres://...`
     /// [default: sqlite://<service>.db?mode=rwc].
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// PostgreSQL only: keep the service's tables in this schema (created if missing).
     #[arg(long, env = "DATABASE_SCHEMA")]

@@ -30,6 +30,16 @@ pub async fn connect_with_pool(
     schema: Option<&str>,
     pool_size: Option<u32>,
 ) -> Result<DatabaseConnection, DbErr> {
+    // sea-orm's "no supporting driver" error would echo the URL with its password.
+    if !["sqlite:", "postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+    {
+        return Err(DbErr::Custom(format!(
+            "unsupported database URL `{}`: expected sqlite://... or postgres://...",
+            saga_amqp::redact_url(url)
+        )));
+    }
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .sqlx_logging(false)

@@ -182,7 +182,8 @@ impl Store {
             Backend::Postgres
         } else {
             return Err(StoreError::Db(DbErr::Custom(format!(
-                "unsupported database URL `{url}`: expected sqlite://... or postgres://..."
+                "unsupported database URL `{}`: expected sqlite://... or postgres://...",
+                saga_amqp::redact_url(url)
             ))));
         };
         let mut options = ConnectOptions::new(url.to_owned());
