@@ -50,7 +50,12 @@ struct Args {
     amqp_url: String,
     /// `postgres://...` (a fresh database is created on that server and dropped afterwards), or
     /// empty for SQLite files in a temporary directory.
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "",
+        hide_env_values = true
+    )]
     database_url: String,
     /// Unacknowledged commands each participant handles at once.
     #[arg(long, default_value_t = 64)]
