@@ -32,6 +32,9 @@ pub enum Input {
         step: String,
         direction: Direction,
         attempt: u32,
+        /// The message id of the command the participant answers: it must be the command this
+        /// saga sent for `step`, `direction` and `attempt` ([`command_message_id`]).
+        in_reply_to: Uuid,
         outcome: ReplyOutcome,
     },
     Timer(TimerKind),
@@ -95,9 +98,12 @@ pub enum OperatorCommand {
     /// The operator undid the step by hand.
     MarkCompensated { step: String },
     /// Retry the step whose definitive failure past the point of no return stopped the saga,
-    /// with a fresh budget (after the participant's cause was fixed and its record cleared).
+    /// with a fresh budget (after the participant's cause was fixed and its record cleared);
+    /// or, while the saga runs past that point, send the step being retried again now, with
+    /// its backoff starting over.
     RetryStep,
-    /// The operator did the failed step by hand; `output` is merged into the saga data.
+    /// The operator did the failed step (or the step past the point of no return that keeps
+    /// being retried) by hand; `output` is merged into the saga data.
     MarkCompleted {
         step: String,
         #[serde(default)]
@@ -134,6 +140,15 @@ pub enum Ignored {
         direction: Direction,
         attempt: u32,
     },
+    #[error(
+        "the reply to {direction} attempt {attempt} of step `{step}` names command {in_reply_to}, which this saga did not send"
+    )]
+    UnknownCommand {
+        step: String,
+        direction: Direction,
+        attempt: u32,
+        in_reply_to: Uuid,
+    },
     #[error("step `{step}` already completed")]
     AlreadyCompleted { step: String },
     #[error("step `{step}` already failed")]
@@ -166,11 +181,13 @@ pub enum Rejection {
     PastPointOfNoReturn,
     #[error("no compensation has failed; the saga is {0}")]
     NoFailedCompensation(SagaStatus),
-    #[error("no step failed past the point of no return; the saga is {0}")]
+    #[error("no step past the point of no return failed or keeps failing; the saga is {0}")]
     NoFailedStep(SagaStatus),
+    #[error("the saga has not passed its point of no return: abort it instead")]
+    NotPastPointOfNoReturn,
     #[error("step `{step}` has no compensation: reconcile it by hand, then mark it compensated")]
     NoCompensation { step: String },
-    #[error("step `{step}` is not the one that failed (`{failed}`)")]
+    #[error("step `{step}` is not the one that failed or keeps failing (`{failed}`)")]
     NotTheFailedStep { step: String, failed: String },
 }
 
@@ -229,8 +246,9 @@ pub fn decide(
             step,
             direction,
             attempt,
+            in_reply_to,
             outcome,
-        } => ctx.reply(step, *direction, *attempt, outcome),
+        } => ctx.reply(step, *direction, *attempt, *in_reply_to, outcome),
         Input::Timer(timer) => ctx.timer(timer),
         Input::Operator(command) => ctx.operator(command),
     };
@@ -445,6 +463,7 @@ impl Ctx<'_> {
         name: &str,
         direction: Direction,
         attempt: u32,
+        in_reply_to: Uuid,
         outcome: &ReplyOutcome,
     ) -> Verdict {
         let (index, step) = self.sent_step(name)?;
@@ -453,6 +472,16 @@ impl Ctx<'_> {
                 step: name.to_owned(),
                 direction,
                 attempt,
+            });
+        }
+        // Only an answer to a command this saga sent may move it: a reply naming any other
+        // command (forged, or meant for another saga) is not the participant's answer.
+        if in_reply_to != command_message_id(self.state.saga_id, name, direction, attempt) {
+            return ignore(Ignored::UnknownCommand {
+                step: name.to_owned(),
+                direction,
+                attempt,
+                in_reply_to,
             });
         }
         match direction {
@@ -899,7 +928,8 @@ impl Ctx<'_> {
                 Ok(())
             }
             OperatorCommand::RetryStep => {
-                let (index, failed) = self.failed_completion()?;
+                let (index, failed) = self.step_past_no_return()?;
+                self.cancel_pending(&failed, Direction::Execute);
                 self.emit(SagaEvent::StepRetryRequested {
                     step: failed.clone(),
                 });
@@ -908,13 +938,14 @@ impl Ctx<'_> {
                 Ok(())
             }
             OperatorCommand::MarkCompleted { step, output } => {
-                let (index, failed) = self.failed_completion()?;
+                let (index, failed) = self.step_past_no_return()?;
                 if *step != failed {
                     return reject(Rejection::NotTheFailedStep {
                         step: step.clone(),
                         failed,
                     });
                 }
+                self.cancel_pending(step, Direction::Execute);
                 let attempt = self.state.step(step).map_or(0, |s| s.action.sent);
                 self.emit(SagaEvent::StepCompleted {
                     step: step.clone(),
@@ -943,21 +974,34 @@ impl Ctx<'_> {
             .expect("compensation_failed status has a failed step"))
     }
 
-    /// The step whose definitive failure past the point of no return stopped the saga.
-    fn failed_completion(&self) -> Result<(usize, String), Outcome> {
-        if self.state.status != SagaStatus::CompletionFailed {
-            return Err(Outcome::Rejected(Rejection::NoFailedStep(
-                self.state.status,
-            )));
-        }
-        let name = self
-            .state
-            .steps
-            .iter()
-            .rev()
-            .find(|s| s.failed && !s.completed)
+    /// The step an operator may retry or mark completed: the one whose definitive failure past
+    /// the point of no return stopped the saga, or, while the saga runs past that point, the
+    /// step being retried. A retriable step is retried without end on retryable errors, so a
+    /// cause that never goes away would otherwise hold the saga forever: neither abort (too
+    /// late) nor a failure (there is none) can end it.
+    fn step_past_no_return(&self) -> Result<(usize, String), Outcome> {
+        let status = self.state.status;
+        let stuck = match status {
+            SagaStatus::CompletionFailed => self
+                .state
+                .steps
+                .iter()
+                .rev()
+                .find(|s| s.failed && !s.completed),
+            SagaStatus::Running if !self.committed() => {
+                return Err(Outcome::Rejected(Rejection::NotPastPointOfNoReturn));
+            }
+            SagaStatus::Running => self
+                .state
+                .steps
+                .iter()
+                .rev()
+                .find(|s| s.action.is_pending() && !s.completed),
+            _ => None,
+        };
+        let name = stuck
             .map(|s| s.name.clone())
-            .expect("completion_failed status has a failed step");
+            .ok_or(Outcome::Rejected(Rejection::NoFailedStep(status)))?;
         let (index, _) = self.def.step(&name).expect("a sent step is defined");
         Ok((index, name))
     }

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use common::*;
 use saga_engine::definition::{MAX_REASK_WAIT, RetryPolicy};
+use saga_engine::engine::command_message_id;
 use saga_engine::{
     Ignored, Input, OperatorCommand, Outcome, Rejection, StepKind, TimerKind, decide,
 };
-use saga_schemas::{Data, Direction, SagaStatus};
+use saga_schemas::{Data, Direction, Outcome as Reply, SagaStatus};
 use serde_json::json;
+use uuid::Uuid;
 
 // --- forward path -------------------------------------------------------------------------
 
@@ -447,6 +449,68 @@ fn replies_for_unknown_sagas_steps_or_attempts_are_ignored() {
 }
 
 #[test]
+fn a_reply_to_a_command_never_sent_is_ignored() {
+    let s = given(checkout()).started();
+    let success = || Reply::Success {
+        output: object(json!({"order_id": "forged"})),
+    };
+    let forged = Uuid::from_u128(7);
+    let ignored = s
+        .clone()
+        .when(answer_to("order", Direction::Execute, 1, forged, success()));
+    assert_eq!(
+        ignored.outcome(),
+        &Outcome::Ignored(Ignored::UnknownCommand {
+            step: "order".into(),
+            direction: Direction::Execute,
+            attempt: 1,
+            in_reply_to: forged,
+        })
+    );
+    assert_eq!(ignored.status(), SagaStatus::Running);
+    // The id of another command of the saga does not do either: not another step's, not
+    // another direction's, not another attempt's.
+    for (step, direction, attempt) in [
+        ("stock", Direction::Execute, 1),
+        ("order", Direction::Compensate, 1),
+        ("order", Direction::Execute, 2),
+    ] {
+        let id = command_message_id(SAGA_ID, step, direction, attempt);
+        assert!(
+            s.clone()
+                .when(answer_to("order", Direction::Execute, 1, id, success()))
+                .ignored(),
+            "{step} {direction} {attempt}"
+        );
+    }
+    // Nor the command of the same step of another saga.
+    let elsewhere = command_message_id(Uuid::from_u128(43), "order", Direction::Execute, 1);
+    let s = s.when(answer_to(
+        "order",
+        Direction::Execute,
+        1,
+        elsewhere,
+        Reply::Failure {
+            reason: "forged".into(),
+        },
+    ));
+    assert!(s.ignored());
+    // Ids are deterministic, so the id of an attempt not yet sent can be computed: it does
+    // not count either.
+    assert_eq!(
+        s.clone().when(ok("order", 2, json!({}))).outcome(),
+        &Outcome::Ignored(Ignored::NoSuchAttempt {
+            step: "order".into(),
+            direction: Direction::Execute,
+            attempt: 2
+        })
+    );
+    // The genuine answer still counts.
+    let s = s.when(ok("order", 1, json!({"order_id": 1})));
+    assert_eq!(s.commands(), [exec("stock", 1)]);
+}
+
+#[test]
 fn a_second_start_is_ignored() {
     let s = given(checkout()).started().started();
     assert!(s.ignored());
@@ -878,6 +942,135 @@ fn an_operator_marks_the_failed_step_done_by_hand() {
     assert_eq!(s.events(), ["step_completed", "saga_completed"]);
     assert_eq!(s.state.as_ref().unwrap().data["tracking"], "by hand");
     assert_eq!(s.status(), SagaStatus::Completed);
+}
+
+/// Past the pivot, a retriable step whose participant keeps answering with retryable errors
+/// (a cause that never goes away) is retried without end.
+fn stuck_past_the_pivot() -> Scenario {
+    past_the_pivot().and([
+        error("ship", 1, "carrier rejects the parcel"),
+        retry_due("ship", Direction::Execute, 2),
+        error("ship", 2, "carrier rejects the parcel"),
+    ])
+}
+
+#[test]
+fn an_operator_marks_a_step_that_keeps_failing_past_the_pivot_done_by_hand() {
+    let s = stuck_past_the_pivot();
+    assert_eq!(s.status(), SagaStatus::Running);
+    assert!(s.clone().when(abort()).rejected(), "too late to abort");
+    let s = s.when(operator(OperatorCommand::MarkCompleted {
+        step: "ship".into(),
+        output: object(json!({"tracking": "by hand"})),
+    }));
+    assert_eq!(s.events(), ["step_completed", "saga_completed"]);
+    assert_eq!(
+        s.cancelled(),
+        [TimerKind::Retry {
+            step: "ship".into(),
+            direction: Direction::Execute,
+            attempt: 3
+        }],
+        "the pending retry is called off"
+    );
+    assert_eq!(s.state.as_ref().unwrap().data["tracking"], "by hand");
+    assert_eq!(s.status(), SagaStatus::Completed);
+    // The retry timer, had it fired meanwhile, and a late answer change nothing.
+    assert!(
+        s.clone()
+            .when(retry_due("ship", Direction::Execute, 3))
+            .ignored()
+    );
+    assert!(s.when(ok("ship", 2, json!({}))).ignored());
+}
+
+#[test]
+fn an_operator_marks_a_step_done_while_an_attempt_is_in_flight() {
+    let s = stuck_past_the_pivot()
+        .and([retry_due("ship", Direction::Execute, 3)])
+        .when(operator(OperatorCommand::MarkCompleted {
+            step: "ship".into(),
+            output: Data::new(),
+        }));
+    assert_eq!(s.events(), ["step_completed", "saga_completed"]);
+    assert_eq!(
+        s.cancelled(),
+        [TimerKind::StepTimeout {
+            step: "ship".into(),
+            direction: Direction::Execute,
+            attempt: 3
+        }]
+    );
+    assert!(
+        s.when(timed_out("ship", Direction::Execute, 3)).ignored(),
+        "its timeout no longer asks again"
+    );
+}
+
+#[test]
+fn an_operator_retries_a_step_that_keeps_failing_past_the_pivot_at_once() {
+    let s = stuck_past_the_pivot().when(operator(OperatorCommand::RetryStep));
+    assert_eq!(s.events(), ["step_retry_requested", "command_sent"]);
+    assert_eq!(s.commands(), [exec("ship", 3)]);
+    assert!(s.cancelled().contains(&TimerKind::Retry {
+        step: "ship".into(),
+        direction: Direction::Execute,
+        attempt: 3
+    }));
+    assert_eq!(s.status(), SagaStatus::Running);
+    let state = s.state.as_ref().unwrap().step("ship").unwrap().clone();
+    assert_eq!(
+        (state.action.errors, state.action.budget_start),
+        (0, 2),
+        "a fresh budget: the backoff starts again from its first delay"
+    );
+    // The scheduled retry of attempt 3, had it fired meanwhile, sends nothing more.
+    assert!(
+        s.clone()
+            .when(retry_due("ship", Direction::Execute, 3))
+            .ignored()
+    );
+    let s = s.when(ok("ship", 3, json!({})));
+    assert_eq!(s.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn an_operator_cannot_skip_or_retry_a_step_before_the_point_of_no_return() {
+    // Before the pivot, abort is the way out; a step is not marked done over its saga's head.
+    let s = given(checkout())
+        .started()
+        .and([ok("order", 1, json!({})), error("stock", 1, "busy")]);
+    for command in [
+        OperatorCommand::RetryStep,
+        OperatorCommand::MarkCompleted {
+            step: "stock".into(),
+            output: Data::new(),
+        },
+    ] {
+        assert_eq!(
+            s.clone().when(operator(command)).outcome(),
+            &Outcome::Rejected(Rejection::NotPastPointOfNoReturn)
+        );
+    }
+    // Past it, only the step that is stuck may be marked.
+    let wrong = stuck_past_the_pivot().when(operator(OperatorCommand::MarkCompleted {
+        step: "pay".into(),
+        output: Data::new(),
+    }));
+    assert_eq!(
+        wrong.outcome(),
+        &Outcome::Rejected(Rejection::NotTheFailedStep {
+            step: "pay".into(),
+            failed: "ship".into()
+        })
+    );
+    // A settled saga has nothing to retry.
+    let done = stuck_past_the_pivot().and([ok("ship", 2, json!({}))]);
+    assert_eq!(done.status(), SagaStatus::Completed);
+    assert_eq!(
+        done.when(operator(OperatorCommand::RetryStep)).outcome(),
+        &Outcome::Rejected(Rejection::NoFailedStep(SagaStatus::Completed))
+    );
 }
 
 #[test]

@@ -10,9 +10,10 @@ use chrono::{DateTime, Utc};
 use common::{saga, step, t0};
 use proptest::prelude::*;
 use saga_engine::definition::RetryPolicy;
+use saga_engine::engine::command_message_id;
 use saga_engine::{
-    Decision, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, StepKind, TimerChange,
-    TimerKind, decide,
+    Decision, Ignored, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, StepKind,
+    TimerChange, TimerKind, decide,
 };
 use saga_schemas::{Data, Direction, Outcome as Reply, SagaEvent, SagaStatus};
 use uuid::Uuid;
@@ -64,6 +65,9 @@ enum Move {
     Answer(usize, Answer),
     /// The broker redelivers a reply already delivered.
     Duplicate(usize),
+    /// Someone else's message on the replies queue: a reply naming a step and attempt the saga
+    /// sent, but not its command (a forged or misrouted `in_reply_to`).
+    Forge(usize, Answer),
     /// A pending timer fires (not necessarily the earliest: timers race).
     Fire(usize),
     Abort,
@@ -94,6 +98,7 @@ fn moves(with_operator: bool) -> impl Strategy<Value = Vec<Move>> {
     let world = prop_oneof![
         6 => (any::<usize>(), answers()).prop_map(|(i, a)| Move::Answer(i, a)),
         2 => any::<usize>().prop_map(Move::Duplicate),
+        1 => (any::<usize>(), answers()).prop_map(|(i, a)| Move::Forge(i, a)),
         3 => any::<usize>().prop_map(Move::Fire),
     ];
     let operator = prop_oneof![
@@ -211,6 +216,7 @@ impl World {
         self.outstanding.retain(|k| *k != key);
         let (step, direction, attempt) = key;
         let input = Input::Reply {
+            in_reply_to: command_message_id(self.saga_id, &step, direction, attempt),
             step,
             direction,
             attempt,
@@ -218,6 +224,52 @@ impl World {
         };
         self.delivered.push(input.clone());
         self.apply(input);
+    }
+
+    /// A reply to no command of the saga changes nothing.
+    fn forge(&mut self, index: usize, answer: Answer) {
+        let Some(state) = &self.state else { return };
+        let sent: Vec<CommandKey> = state
+            .steps
+            .iter()
+            .flat_map(|s| {
+                [Direction::Execute, Direction::Compensate]
+                    .into_iter()
+                    .filter(|d| s.attempts(*d).sent > 0)
+                    .map(|d| (s.name.clone(), d, s.attempts(d).sent))
+            })
+            .collect();
+        if sent.is_empty() {
+            return;
+        }
+        let (step, direction, attempt) = sent[index % sent.len()].clone();
+        let outcome = match answer {
+            Answer::Success | Answer::Drop => Reply::Success {
+                output: Data::new(),
+            },
+            Answer::Failure => Reply::Failure {
+                reason: "forged".into(),
+            },
+            Answer::RetryableError => Reply::RetryableError {
+                error: "forged".into(),
+            },
+        };
+        let input = Input::Reply {
+            in_reply_to: Uuid::from_u128(index as u128),
+            step,
+            direction,
+            attempt,
+            outcome,
+        };
+        let decision = self.apply(input);
+        assert!(
+            matches!(
+                decision.outcome,
+                Outcome::Ignored(Ignored::UnknownCommand { .. })
+            ),
+            "a forged reply was taken: {:?}",
+            decision.outcome
+        );
     }
 
     /// What the participant answers (and records) when it handles `key`.
@@ -291,6 +343,7 @@ impl World {
     fn play(&mut self, m: &Move) {
         match m {
             Move::Answer(i, a) => self.answer(*i, *a),
+            Move::Forge(i, a) => self.forge(*i, *a),
             Move::Duplicate(i) => {
                 if !self.delivered.is_empty() {
                     let input = self.delivered[i % self.delivered.len()].clone();

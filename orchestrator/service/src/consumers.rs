@@ -70,6 +70,7 @@ async fn handle_replies(
                 step: reply.step,
                 direction: reply.direction,
                 attempt: reply.attempt,
+                in_reply_to: reply.in_reply_to,
                 outcome: reply.outcome,
             },
             inbox_id: Some(reply.message_id),

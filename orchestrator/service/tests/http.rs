@@ -102,6 +102,12 @@ impl App {
                 step: step.into(),
                 direction: Direction::Execute,
                 attempt,
+                in_reply_to: saga_engine::engine::command_message_id(
+                    saga.parse().unwrap(),
+                    step,
+                    Direction::Execute,
+                    attempt,
+                ),
                 outcome,
             },
             inbox_id: Some(Uuid::new_v4()),

@@ -10,6 +10,7 @@ use orchestrator::store::{
     Commit, CommitError, ListFilter, SagaRow, SetAsideKind, Store, StoreError,
 };
 use saga_engine::definition::{DEFAULT_RETRY, RetryPolicy};
+use saga_engine::engine::command_message_id;
 use saga_engine::{
     Decision, Input, OperatorCommand, SagaDefinition, SagaState, StepDefinition, StepKind,
     TimerChange, TimerKind, decide,
@@ -233,26 +234,35 @@ fn start_input(saga_id: Uuid) -> Input {
     }
 }
 
-fn ok(step: &str) -> Input {
+/// The participant's answer to the first attempt of `step` of saga `saga_id`.
+fn answer(saga_id: Uuid, step: &str, outcome: Reply) -> Input {
     Input::Reply {
         step: step.into(),
         direction: Direction::Execute,
         attempt: 1,
-        outcome: Reply::Success {
-            output: object(json!({ format!("{step}_id"): 7 })),
-        },
+        in_reply_to: command_message_id(saga_id, step, Direction::Execute, 1),
+        outcome,
     }
 }
 
-fn fail(step: &str) -> Input {
-    Input::Reply {
-        step: step.into(),
-        direction: Direction::Execute,
-        attempt: 1,
-        outcome: Reply::Failure {
+fn ok(saga_id: Uuid, step: &str) -> Input {
+    answer(
+        saga_id,
+        step,
+        Reply::Success {
+            output: object(json!({ format!("{step}_id"): 7 })),
+        },
+    )
+}
+
+fn fail(saga_id: Uuid, step: &str) -> Input {
+    answer(
+        saga_id,
+        step,
+        Reply::Failure {
             reason: "declined".into(),
         },
-    }
+    )
 }
 
 /// What the runtime would commit for `decision`, made on `before`.
@@ -402,7 +412,7 @@ async fn commit_then_load_gives_the_state_back(db: TestDb) {
 
     // The next step, a few seconds later.
     let later = t0() + secs(3);
-    let state = apply(&store, &def, saga_id, ok("order"), later).await;
+    let state = apply(&store, &def, saga_id, ok(saga_id, "order"), later).await;
     assert_eq!(store.load(saga_id).await.unwrap(), Some(state.clone()));
     let row = store.saga(saga_id).await.unwrap().unwrap();
     assert_eq!(row.version, state.version);
@@ -432,8 +442,8 @@ async fn a_stale_commit_conflicts_and_rolls_back_everything(db: TestDb) {
     let loaded = store.load(saga_id).await.unwrap().unwrap();
 
     // Two orchestrators decide on the same version.
-    let winner = decide(&def, Some(&loaded), &ok("order"), t0() + secs(1));
-    let loser = decide(&def, Some(&loaded), &fail("order"), t0() + secs(2));
+    let winner = decide(&def, Some(&loaded), &ok(saga_id, "order"), t0() + secs(1));
+    let loser = decide(&def, Some(&loaded), &fail(saga_id, "order"), t0() + secs(2));
     store
         .commit(&[commit_of(
             &def,
@@ -501,7 +511,7 @@ async fn a_stale_commit_conflicts_and_rolls_back_everything(db: TestDb) {
         &def,
         other,
         Some(&loaded),
-        &decide(&def, Some(&loaded), &ok("order"), t0()),
+        &decide(&def, Some(&loaded), &ok(other, "order"), t0()),
         t0(),
     );
     bogus.expected_version += 1;
@@ -525,7 +535,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
     let mut batch: Vec<Commit> = ids
         .iter()
         .map(|id| {
-            let decision = decide(&def, Some(&states[id]), &ok("order"), now);
+            let decision = decide(&def, Some(&states[id]), &ok(*id, "order"), now);
             Commit {
                 inbox_id: Some(Uuid::new_v4()),
                 ..commit_of(&def, *id, Some(&states[id]), &decision, now)
@@ -551,9 +561,9 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
 
     // Two decisions on one saga in the same batch, the second following the first.
     let s1 = store.load(ids[0]).await.unwrap().unwrap();
-    let d1 = decide(&def, Some(&s1), &ok("stock"), now + secs(1));
+    let d1 = decide(&def, Some(&s1), &ok(ids[0], "stock"), now + secs(1));
     let s2 = d1.state.clone().unwrap();
-    let d2 = decide(&def, Some(&s2), &ok("pay"), now + secs(2));
+    let d2 = decide(&def, Some(&s2), &ok(ids[0], "pay"), now + secs(2));
     let chained = vec![
         commit_of(&def, ids[0], Some(&s1), &d1, now + secs(1)),
         commit_of(&def, ids[0], Some(&s2), &d2, now + secs(2)),
@@ -574,7 +584,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
 
     // Chained commits that do not follow on are a conflict of the later one.
     let s3 = store.load(ids[1]).await.unwrap().unwrap();
-    let d3 = decide(&def, Some(&s3), &ok("stock"), now);
+    let d3 = decide(&def, Some(&s3), &ok(ids[1], "stock"), now);
     let broken = vec![
         commit_of(&def, ids[1], Some(&s3), &d3, now),
         commit_of(&def, ids[1], Some(&s3), &d3, now),
@@ -688,7 +698,7 @@ async fn an_inbox_id_is_recorded_once(db: TestDb) {
 
     // A duplicate reply with a real decision: nothing of the decision is written.
     let loaded = store.load(saga_id).await.unwrap().unwrap();
-    let decision = decide(&def, Some(&loaded), &ok("order"), t0() + secs(1));
+    let decision = decide(&def, Some(&loaded), &ok(saga_id, "order"), t0() + secs(1));
     let advance = Commit {
         inbox_id: Some(m1),
         ..commit_of(&def, saga_id, Some(&loaded), &decision, t0() + secs(1))
@@ -957,10 +967,10 @@ async fn list_pages_newest_first_with_filters(db: TestDb) {
         .filter(|(_, name, _)| *name == "refund")
         .map(|(id, _, _)| *id)
         .collect();
-    let done = apply(&store, &refund, refunds[0], ok("refund"), t0() + secs(30)).await;
+    let done = apply(&store, &refund, refunds[0], ok(refunds[0], "refund"), t0() + secs(30)).await;
     assert_eq!(done.status, SagaStatus::Completed);
     for id in &refunds[1..] {
-        let state = apply(&store, &refund, *id, fail("refund"), t0() + secs(30)).await;
+        let state = apply(&store, &refund, *id, fail(*id, "refund"), t0() + secs(30)).await;
         assert_eq!(state.status, SagaStatus::Compensated);
     }
 
@@ -1047,15 +1057,15 @@ async fn the_read_model_is_rebuilt_from_the_events(db: TestDb) {
         .await
         .unwrap();
     let running = start(&store, &def, now + secs(1)).await;
-    apply(&store, &def, running, ok("order"), now + secs(2)).await;
+    apply(&store, &def, running, ok(running, "order"), now + secs(2)).await;
     let completed = start(&store, &def, now + secs(3)).await;
     for (i, step) in ["order", "stock", "pay", "ship"].iter().enumerate() {
-        apply(&store, &def, completed, ok(step), now + secs(4 + i as i64)).await;
+        apply(&store, &def, completed, ok(completed, step), now + secs(4 + i as i64)).await;
     }
     let compensating = start(&store, &def, now + secs(10)).await;
-    apply(&store, &def, compensating, ok("order"), now + secs(11)).await;
-    apply(&store, &def, compensating, ok("stock"), now + secs(12)).await;
-    let state = apply(&store, &def, compensating, fail("pay"), now + secs(13)).await;
+    apply(&store, &def, compensating, ok(compensating, "order"), now + secs(11)).await;
+    apply(&store, &def, compensating, ok(compensating, "stock"), now + secs(12)).await;
+    let state = apply(&store, &def, compensating, fail(compensating, "pay"), now + secs(13)).await;
     assert_eq!(state.status, SagaStatus::Compensating);
     let aborted = start(&store, &def, now + secs(14)).await;
     apply(
@@ -1127,7 +1137,7 @@ async fn the_read_model_is_rebuilt_from_the_events(db: TestDb) {
     assert_eq!(after, without_keys);
 
     // The write side carries on from the rebuilt snapshots.
-    let state = apply(&store, &def, running, ok("stock"), now + secs(20)).await;
+    let state = apply(&store, &def, running, ok(running, "stock"), now + secs(20)).await;
     assert_eq!(store.load(running).await.unwrap(), Some(state));
 }
 
@@ -1305,7 +1315,7 @@ async fn an_unreadable_snapshot_is_rebuilt_from_the_log(db: TestDb) {
     let store = db.store().await;
     let def = checkout();
     let saga = start(&store, &def, t0()).await;
-    let state = apply(&store, &def, saga, ok("order"), t0() + secs(1)).await;
+    let state = apply(&store, &def, saga, ok(saga, "order"), t0() + secs(1)).await;
     let other = start(&store, &def, t0() + secs(2)).await;
 
     corrupt(&store, "sagas", "state", ("id", saga), "{not json").await;
@@ -1322,7 +1332,7 @@ async fn an_unreadable_snapshot_is_rebuilt_from_the_log(db: TestDb) {
     );
 
     // The saga moves on from the rebuilt state, and its next commit writes a good snapshot.
-    let next = apply(&store, &def, saga, ok("stock"), t0() + secs(3)).await;
+    let next = apply(&store, &def, saga, ok(saga, "stock"), t0() + secs(3)).await;
     assert_eq!(
         next.version,
         state.version + 2,

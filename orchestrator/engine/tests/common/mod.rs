@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use saga_engine::definition::{DEFAULT_RETRY, RetryPolicy};
+use saga_engine::engine::command_message_id;
 use saga_engine::{
     Decision, Input, OperatorCommand, Outcome, SagaDefinition, SagaState, StepDefinition, StepKind,
     TimerChange, TimerKind, decide,
@@ -127,11 +128,33 @@ pub fn undo_fail(step: &str, attempt: u32) -> Input {
     )
 }
 
+/// The saga every scenario runs.
+pub const SAGA_ID: Uuid = Uuid::from_u128(42);
+
+/// The participant's answer to the command the saga sent for (step, direction, attempt).
 pub fn reply(step: &str, direction: Direction, attempt: u32, outcome: Reply) -> Input {
+    answer_to(
+        step,
+        direction,
+        attempt,
+        command_message_id(SAGA_ID, step, direction, attempt),
+        outcome,
+    )
+}
+
+/// A reply that says it answers the command `in_reply_to`.
+pub fn answer_to(
+    step: &str,
+    direction: Direction,
+    attempt: u32,
+    in_reply_to: Uuid,
+    outcome: Reply,
+) -> Input {
     Input::Reply {
         step: step.into(),
         direction,
         attempt,
+        in_reply_to,
         outcome,
     }
 }
@@ -184,7 +207,7 @@ pub struct Scenario {
 pub fn given(def: SagaDefinition) -> Scenario {
     Scenario {
         def,
-        saga_id: Uuid::from_u128(42),
+        saga_id: SAGA_ID,
         state: None,
         log: Vec::new(),
         now: t0(),
