@@ -16,7 +16,8 @@ use saga_engine::{
     TimerChange, TimerKind, decide,
 };
 use saga_schemas::amqp::OutgoingMessage;
-use saga_schemas::{Data, Direction, Outcome as Reply, SagaEvent, SagaStatus};
+use saga_schemas::limits::{MAX_DATA_BYTES, MAX_DEPTH};
+use saga_schemas::{Data, Direction, Outcome as Reply, SagaEvent, SagaStatus, StepCommand};
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use serde_json::{Value, json};
@@ -162,6 +163,7 @@ on_both_backends!(
     concurrent_writers_never_both_advance_a_saga,
     a_timer_is_set_aside_once_and_only_as_read,
     an_unreadable_snapshot_is_rebuilt_from_the_log,
+    the_deepest_and_largest_data_accepted_is_read_back_unchanged,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -967,7 +969,14 @@ async fn list_pages_newest_first_with_filters(db: TestDb) {
         .filter(|(_, name, _)| *name == "refund")
         .map(|(id, _, _)| *id)
         .collect();
-    let done = apply(&store, &refund, refunds[0], ok(refunds[0], "refund"), t0() + secs(30)).await;
+    let done = apply(
+        &store,
+        &refund,
+        refunds[0],
+        ok(refunds[0], "refund"),
+        t0() + secs(30),
+    )
+    .await;
     assert_eq!(done.status, SagaStatus::Completed);
     for id in &refunds[1..] {
         let state = apply(&store, &refund, *id, fail(*id, "refund"), t0() + secs(30)).await;
@@ -1060,12 +1069,40 @@ async fn the_read_model_is_rebuilt_from_the_events(db: TestDb) {
     apply(&store, &def, running, ok(running, "order"), now + secs(2)).await;
     let completed = start(&store, &def, now + secs(3)).await;
     for (i, step) in ["order", "stock", "pay", "ship"].iter().enumerate() {
-        apply(&store, &def, completed, ok(completed, step), now + secs(4 + i as i64)).await;
+        apply(
+            &store,
+            &def,
+            completed,
+            ok(completed, step),
+            now + secs(4 + i as i64),
+        )
+        .await;
     }
     let compensating = start(&store, &def, now + secs(10)).await;
-    apply(&store, &def, compensating, ok(compensating, "order"), now + secs(11)).await;
-    apply(&store, &def, compensating, ok(compensating, "stock"), now + secs(12)).await;
-    let state = apply(&store, &def, compensating, fail(compensating, "pay"), now + secs(13)).await;
+    apply(
+        &store,
+        &def,
+        compensating,
+        ok(compensating, "order"),
+        now + secs(11),
+    )
+    .await;
+    apply(
+        &store,
+        &def,
+        compensating,
+        ok(compensating, "stock"),
+        now + secs(12),
+    )
+    .await;
+    let state = apply(
+        &store,
+        &def,
+        compensating,
+        fail(compensating, "pay"),
+        now + secs(13),
+    )
+    .await;
     assert_eq!(state.status, SagaStatus::Compensating);
     let aborted = start(&store, &def, now + secs(14)).await;
     apply(
@@ -1370,4 +1407,145 @@ async fn an_unreadable_snapshot_is_rebuilt_from_the_log(db: TestDb) {
         store.load_many(&[saga, other]).await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+/// `levels` objects, one inside the other, around `leaf`: `{"d": {"d": ... leaf}}`.
+fn nested(levels: usize, leaf: Value) -> Value {
+    (0..levels).fold(leaf, |inner, _| json!({ "d": inner }))
+}
+
+/// The nesting depth of `value` as JSON (an object or array counts one level).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Data at the limits a door accepts: nested `MAX_DEPTH` levels in all (the object itself and
+/// `MAX_DEPTH - 1` inside it, as deep as a whole request body may be), with text in many
+/// scripts and escapes, integers at the 64-bit edges, padded to `bytes` as compact JSON.
+fn data_at_the_limits(prefix: &str, bytes: usize) -> Data {
+    let mut data = object(json!({
+        format!("{prefix}_deep"): nested(MAX_DEPTH - 2, json!([1, "deepest"])),
+        format!("{prefix}_ünïcødé_キー"): "Grüße, 世界! 🦀👩‍👩‍👧 עִבְרִית العربية e\u{301} \"quoted\" back\\slash \u{1} tab\t line\n",
+        format!("{prefix}_u64_max"): u64::MAX,
+        format!("{prefix}_i64_min"): i64::MIN,
+        format!("{prefix}_i64_max"): i64::MAX,
+        format!("{prefix}_fractions"): [0.5, -2.25, 0, -1],
+        format!("{prefix}_padding"): "",
+    }));
+    let size = serde_json::to_vec(&data).unwrap().len();
+    data[&format!("{prefix}_padding")] = Value::String("ж".repeat((bytes - size) / 2));
+    data
+}
+
+async fn the_deepest_and_largest_data_accepted_is_read_back_unchanged(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let saga_id = Uuid::new_v4();
+    // Half the data limit from the start input, half from the first step's output: the saga
+    // data after the merge is as large as a saga's data may be.
+    let input = data_at_the_limits("input", MAX_DATA_BYTES / 2);
+    let output = data_at_the_limits("output", MAX_DATA_BYTES / 2 - 1);
+    assert_eq!(depth(&Value::Object(input.clone())), MAX_DEPTH);
+    assert_eq!(depth(&Value::Object(output.clone())), MAX_DEPTH);
+    let started = decide(
+        &def,
+        None,
+        &Input::Start {
+            saga_id,
+            input: input.clone(),
+            business_key: Some("ключ-🔑".into()),
+        },
+        t0(),
+    );
+    store
+        .commit(&[commit_of(&def, saga_id, None, &started, t0())])
+        .await
+        .unwrap();
+    let state = apply(
+        &store,
+        &def,
+        saga_id,
+        answer(
+            saga_id,
+            "order",
+            Reply::Success {
+                output: output.clone(),
+            },
+        ),
+        t0() + secs(1),
+    )
+    .await;
+    let mut merged = input.clone();
+    merged.extend(output.clone());
+    assert_eq!(state.data, merged);
+    let size = serde_json::to_vec(&state.data).unwrap().len();
+    assert!(
+        (MAX_DATA_BYTES - 8..=MAX_DATA_BYTES).contains(&size),
+        "the merged data is {size} bytes"
+    );
+
+    // The snapshot, the log, the read model and the outbox all give back what went in; the
+    // snapshot as stored, not rebuilt from the log.
+    let snapshot: String = store
+        .connection()
+        .query_one(
+            Query::select()
+                .column(Alias::new("state"))
+                .from(Alias::new("sagas"))
+                .and_where(Expr::col(Alias::new("id")).eq(saga_id)),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index(0)
+        .unwrap();
+    assert_eq!(serde_json::from_str::<SagaState>(&snapshot).unwrap(), state);
+    assert_eq!(store.load(saga_id).await.unwrap().as_ref(), Some(&state));
+    let row = store.saga(saga_id).await.unwrap().unwrap();
+    assert_eq!((&row.state, &row.data), (&state, &merged));
+    assert_eq!(row.business_key.as_deref(), Some("ключ-🔑"));
+    let history = store.history(saga_id).await.unwrap();
+    let events: Vec<SagaEvent> = history.into_iter().map(|e| e.event).collect();
+    let mut log = started.events.clone();
+    log.extend(
+        decide(
+            &def,
+            started.state.as_ref(),
+            &answer(saga_id, "order", Reply::Success { output }),
+            t0() + secs(1),
+        )
+        .events,
+    );
+    assert_eq!(events, log);
+    assert_eq!(SagaState::fold(saga_id, &events).as_ref(), Some(&state));
+    assert!(
+        store
+            .list(&all(10))
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.state == state)
+    );
+    let batch = store.outbox_batch(10).await.unwrap();
+    let commands: Vec<StepCommand> = batch
+        .rows
+        .iter()
+        .map(|r| serde_json::from_str(&r.message.body).unwrap())
+        .collect();
+    batch.release().await.unwrap();
+    assert_eq!(
+        commands.iter().map(|c| &c.data).collect::<Vec<_>>(),
+        [&input, &merged]
+    );
+    // Integers kept their 64-bit types (not turned into floats on the way).
+    assert!(row.state.data["input_u64_max"].is_u64());
+    assert_eq!(row.state.data["output_i64_min"].as_i64(), Some(i64::MIN));
+
+    // The rebuild folds the same log into the same row.
+    store.rebuild_read_model().await.unwrap();
+    assert_eq!(store.saga(saga_id).await.unwrap().unwrap().state, state);
 }
