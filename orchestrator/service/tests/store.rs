@@ -164,6 +164,7 @@ on_both_backends!(
     a_timer_is_set_aside_once_and_only_as_read,
     an_unreadable_snapshot_is_rebuilt_from_the_log,
     the_deepest_and_largest_data_accepted_is_read_back_unchanged,
+    one_unreadable_saga_does_not_break_the_listing,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1548,4 +1549,61 @@ async fn the_deepest_and_largest_data_accepted_is_read_back_unchanged(db: TestDb
     // The rebuild folds the same log into the same row.
     store.rebuild_read_model().await.unwrap();
     assert_eq!(store.saga(saga_id).await.unwrap().unwrap().state, state);
+}
+
+async fn one_unreadable_saga_does_not_break_the_listing(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let first = start(&store, &def, t0()).await;
+    let unreadable = start(&store, &def, t0() + secs(1)).await;
+    let odd = start(&store, &def, t0() + secs(2)).await;
+    // Its snapshot and its log cannot be read: it is corrupt.
+    corrupt(&store, "sagas", "state", ("id", unreadable), "{not json").await;
+    corrupt(
+        &store,
+        "saga_events",
+        "payload",
+        ("saga_id", unreadable),
+        "[]",
+    )
+    .await;
+    corrupt(&store, "sagas", "data", ("id", unreadable), "[").await;
+    // Only its `data` column is bad: the data is the snapshot's, so it reads as before.
+    corrupt(&store, "sagas", "data", ("id", odd), "{not json").await;
+
+    assert!(matches!(
+        store.saga(unreadable).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let row = store.saga(odd).await.unwrap().unwrap();
+    assert_eq!(row.data, object(json!({"customer": "ada"})));
+    assert_eq!(row.data, row.state.data);
+
+    // Listing needs no saga's state: every row is there, the unreadable one included.
+    assert!(
+        matches!(store.list(&all(10)).await, Err(StoreError::Corrupt(_))),
+        "rows with their state cannot be listed past it"
+    );
+    let page = store.listing(&all(10)).await.unwrap();
+    assert_eq!(
+        page.iter()
+            .map(|r| (r.id, r.status, r.current_step.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (odd, SagaStatus::Running, Some("order")),
+            (unreadable, SagaStatus::Running, Some("order")),
+            (first, SagaStatus::Running, Some("order")),
+        ]
+    );
+    // Paging walks past it.
+    let after_odd = store
+        .listing(&ListFilter {
+            limit: 1,
+            before: Some((page[0].created_at, page[0].id)),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(after_odd.len(), 1);
+    assert_eq!(after_odd[0].id, unreadable);
 }

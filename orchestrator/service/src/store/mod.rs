@@ -60,7 +60,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 pub use event_log::{Commit, CommitError};
 pub use migration::Migrator;
 pub use outbox::{OutboxBatch, OutboxRow};
-pub use read_model::{ListFilter, RecordedEvent, SagaRow, current_step};
+pub use read_model::{ListFilter, RecordedEvent, SagaListing, SagaRow, current_step};
 pub use set_aside::{SetAside, SetAsideKind};
 pub use timers::DueTimer;
 

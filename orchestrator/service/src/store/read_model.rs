@@ -32,6 +32,21 @@ pub struct SagaRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A row of a listing: the read model's columns alone. Listing decodes no saga's state, so one
+/// saga that cannot be read does not stop the others from being listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaListing {
+    pub id: Uuid,
+    pub name: String,
+    pub status: SagaStatus,
+    pub business_key: Option<String>,
+    pub definition_version: String,
+    pub current_step: Option<String>,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedEvent {
     pub seq: u64,
@@ -82,37 +97,67 @@ impl Store {
             .collect()
     }
 
-    /// Sagas newest first by `(created_at desc, id desc)`, filtered, one keyset page.
+    /// Sagas newest first by `(created_at desc, id desc)`, filtered, one keyset page, each
+    /// with its state (so one saga that cannot be read fails the page: see [`Store::listing`]).
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRow>, StoreError> {
-        let mut query = sagas::Entity::find();
-        if let Some(status) = filter.status {
-            query = query.filter(sagas::Column::Status.eq(status.as_str()));
-        }
-        if let Some(name) = &filter.name {
-            query = query.filter(sagas::Column::Name.eq(name.as_str()));
-        }
-        if let Some((created_at, id)) = filter.before {
-            query = query.filter(
-                Condition::any()
-                    .add(sagas::Column::CreatedAt.lt(created_at))
-                    .add(
-                        Condition::all()
-                            .add(sagas::Column::CreatedAt.eq(created_at))
-                            .add(sagas::Column::Id.lt(id)),
-                    ),
-            );
-        }
-        let rows = query
-            .order_by_desc(sagas::Column::CreatedAt)
-            .order_by_desc(sagas::Column::Id)
-            .limit(filter.limit)
-            .all(&self.db)
-            .await?;
+        let rows = page(filter).all(&self.db).await?;
         let mut sagas = Vec::with_capacity(rows.len());
         for row in rows {
             sagas.push(self.saga_row(row).await?);
         }
         Ok(sagas)
+    }
+
+    /// The page [`Store::list`] gives, from the read model's columns alone: no saga's state or
+    /// data is decoded, so a saga that cannot be read is listed like any other (reading it
+    /// says why).
+    pub async fn listing(&self, filter: &ListFilter) -> Result<Vec<SagaListing>, StoreError> {
+        let rows: Vec<ListingColumns> = page(filter)
+            .select_only()
+            .columns([
+                sagas::Column::Id,
+                sagas::Column::Name,
+                sagas::Column::Status,
+                sagas::Column::BusinessKey,
+                sagas::Column::DefinitionVersion,
+                sagas::Column::CurrentStep,
+                sagas::Column::Version,
+                sagas::Column::CreatedAt,
+                sagas::Column::UpdatedAt,
+            ])
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    name,
+                    status,
+                    business_key,
+                    definition_version,
+                    current_step,
+                    version,
+                    created_at,
+                    updated_at,
+                )| {
+                    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+                        StoreError::Corrupt(format!("{what} of saga {id}: {e}"))
+                    };
+                    Ok(SagaListing {
+                        status: status.parse().map_err(|e| corrupt("status", &e))?,
+                        version: u64::try_from(version).map_err(|e| corrupt("version", &e))?,
+                        id,
+                        name,
+                        business_key,
+                        definition_version,
+                        current_step,
+                        created_at,
+                        updated_at,
+                    })
+                },
+            )
+            .collect()
     }
 
     /// Ids of the sagas still moving on their own (running or compensating).
@@ -180,15 +225,57 @@ impl Store {
     }
 }
 
+/// `(id, name, status, business_key, definition_version, current_step, version, created_at,
+/// updated_at)`: the columns of a [`SagaListing`].
+type ListingColumns = (
+    Uuid,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+/// The query of one page of a listing: filtered, newest first by `(created_at, id)`.
+fn page(filter: &ListFilter) -> sea_orm::Select<sagas::Entity> {
+    let mut query = sagas::Entity::find();
+    if let Some(status) = filter.status {
+        query = query.filter(sagas::Column::Status.eq(status.as_str()));
+    }
+    if let Some(name) = &filter.name {
+        query = query.filter(sagas::Column::Name.eq(name.as_str()));
+    }
+    if let Some((created_at, id)) = filter.before {
+        query = query.filter(
+            Condition::any()
+                .add(sagas::Column::CreatedAt.lt(created_at))
+                .add(
+                    Condition::all()
+                        .add(sagas::Column::CreatedAt.eq(created_at))
+                        .add(sagas::Column::Id.lt(id)),
+                ),
+        );
+    }
+    query
+        .order_by_desc(sagas::Column::CreatedAt)
+        .order_by_desc(sagas::Column::Id)
+        .limit(filter.limit)
+}
+
 impl SagaRow {
-    /// The row, with `state` already parsed (or rebuilt) from its `state` column.
+    /// The row, with `state` already parsed (or rebuilt) from its `state` column. The data is
+    /// the state's: the `data` column is written for people querying the table, never read
+    /// back, so it cannot make a readable saga unreadable.
     fn from_model(row: sagas::Model, state: SagaState) -> Result<Self, StoreError> {
         let corrupt = |what: &str, e: &dyn std::fmt::Display| {
             StoreError::Corrupt(format!("{what} of saga {}: {e}", row.id))
         };
         Ok(SagaRow {
             status: row.status.parse().map_err(|e| corrupt("status", &e))?,
-            data: serde_json::from_str(&row.data).map_err(|e| corrupt("data", &e))?,
+            data: state.data.clone(),
             state,
             version: u64::try_from(row.version).map_err(|e| corrupt("version", &e))?,
             id: row.id,
