@@ -11,7 +11,7 @@ use saga_engine::{
     decide,
 };
 use saga_schemas::amqp::{OutgoingMessage, REPLIES_QUEUE};
-use saga_schemas::{Data, EventEnvelope, SagaEvent};
+use saga_schemas::{Data, EventEnvelope, SagaEvent, limits};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -28,7 +28,10 @@ const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x8b1e_4d2c_7a3f_4e9b_a6c1_5d2e
 pub enum RuntimeError {
     #[error("no saga named `{0}` is defined")]
     UnknownSaga(String),
-    #[error("the input does not match the saga's input_schema: {0}")]
+    /// An input that can never be taken, and why: a start input that does not match the
+    /// saga's `input_schema` or is larger than the saga data limit, or a step output (from a
+    /// reply or an operator) that would take the saga data over that limit.
+    #[error("{0}")]
     InvalidInput(String),
     #[error("no saga with id {0}")]
     NotFound(Uuid),
@@ -56,6 +59,34 @@ impl RuntimeError {
             RuntimeError::Store(error) => error.is_permanent(),
         }
     }
+}
+
+/// A decision that merges a step's output (a success reply, or an operator marking the step
+/// completed) is refused when it takes the saga data over [`limits::MAX_DATA_BYTES`]: the
+/// output is not applied, nothing is recorded, and the error is permanent, so a reply is set
+/// aside with the reason. The step stays awaited: an operator may mark it completed with a
+/// smaller output, or abort the saga before its point of no return. (Data that was already
+/// larger, from before the limit, may still take an output that does not make it grow.)
+fn check_data_size(before: &SagaState, decision: &Decision) -> Result<(), RuntimeError> {
+    let (Some(state), Some(step)) = (
+        &decision.state,
+        decision.events.iter().find_map(|e| match e {
+            SagaEvent::StepCompleted { step, .. } => Some(step),
+            _ => None,
+        }),
+    ) else {
+        return Ok(());
+    };
+    let size = |data: &Data| serde_json::to_vec(data).map_or(usize::MAX, |json| json.len());
+    let after = size(&state.data);
+    if after <= limits::MAX_DATA_BYTES || after <= size(&before.data) {
+        return Ok(());
+    }
+    Err(RuntimeError::InvalidInput(format!(
+        "the output of step `{step}` is not applied: the saga data with it would be {after} \
+         bytes as JSON; the limit is {}",
+        limits::MAX_DATA_BYTES
+    )))
 }
 
 /// One input for one saga, with what must be recorded alongside it.
@@ -139,6 +170,7 @@ impl Runtime {
         let def = self
             .definition(name)
             .ok_or_else(|| RuntimeError::UnknownSaga(name.to_owned()))?;
+        limits::check_data_size("the saga input", &input).map_err(RuntimeError::InvalidInput)?;
         if let Some(validator) = self.inner.input_validators.get(name) {
             let value = serde_json::Value::Object(input.clone());
             let problems: Vec<String> = validator
@@ -153,7 +185,10 @@ impl Runtime {
                 })
                 .collect();
             if !problems.is_empty() {
-                return Err(RuntimeError::InvalidInput(problems.join("; ")));
+                return Err(RuntimeError::InvalidInput(format!(
+                    "the input does not match the saga's input_schema: {}",
+                    problems.join("; ")
+                )));
             }
         }
         if let Some(key) = &idempotency_key
@@ -332,6 +367,7 @@ impl Runtime {
                 "the saga's definition changed since it started; continuing with the current one");
         }
         let decision = decide(def, Some(state), &work.input, now);
+        check_data_size(state, &decision)?;
         match &decision.outcome {
             Outcome::Applied => {
                 debug!(saga_id = %work.saga_id, events = ?decision.events.iter().map(SagaEvent::kind).collect::<Vec<_>>(), "decided")
