@@ -104,6 +104,7 @@ async fn run(
         connection_name: "saga-bench orchestrator".into(),
         prefetch: 256,
         long_running_threshold: Duration::from_secs(300),
+        inbox_retention: orchestrator::retention::DEFAULT_INBOX_RETENTION,
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
     for (i, name) in participants.iter().enumerate() {

@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// Sagas in flight for longer than this are counted in the `saga_long_running` metric.
     #[arg(long, env = "LONG_RUNNING_THRESHOLD", default_value = "5m", value_parser = humantime::parse_duration)]
     pub long_running_threshold: std::time::Duration,
+    /// How long the inbox keeps the id of a handled reply, to spot its redeliveries.
+    #[arg(long, env = "INBOX_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub inbox_retention: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 //! - [`relay`]: publishes committed outbox rows with publisher confirms;
 //! - [`consumers`]: the replies and start queues;
 //! - [`timers`]: fires due step timeouts, retries and deadlines;
+//! - [`retention`]: forgets handled replies' ids after the inbox's retention;
 //! - [`api`]: the HTTP API;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`presence`]: notices another orchestrator with another database on the same vhost;
@@ -15,6 +16,7 @@ pub mod consumers;
 pub mod metrics;
 pub mod presence;
 pub mod relay;
+pub mod retention;
 pub mod runtime;
 pub mod service;
 pub mod store;

@@ -25,7 +25,7 @@ use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::{Store, StoreOptions};
-use crate::{consumers, presence, relay, timers};
+use crate::{consumers, presence, relay, retention, timers};
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -39,11 +39,14 @@ pub struct ServiceConfig {
     pub prefetch: u16,
     /// Sagas in flight longer than this show in the `saga_long_running` gauge.
     pub long_running_threshold: std::time::Duration,
+    /// How long the inbox keeps a handled reply's id (see [`crate::retention`]).
+    pub inbox_retention: std::time::Duration,
 }
 
 /// The names of the supervised tasks, as `/readyz` and the exit error give them.
 pub const HTTP_TASK: &str = "http";
 pub const TIMERS_TASK: &str = "timers";
+pub const RETENTION_TASK: &str = "inbox retention";
 pub const BROKER_TASK: &str = "broker session";
 
 /// What `/readyz` reports besides the database: whether the broker connection is open right
@@ -276,6 +279,14 @@ pub async fn serve_runtime(
         let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
         async move {
             timers::run(runtime, shutdown).await;
+            Ok(())
+        }
+    });
+    tasks.spawn(RETENTION_TASK, {
+        let (store, shutdown) = (runtime.store().clone(), shutdown.clone());
+        let retention = config.inbox_retention;
+        async move {
+            retention::run(store, retention, shutdown).await;
             Ok(())
         }
     });

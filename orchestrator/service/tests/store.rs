@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use orchestrator::retention::{DEFAULT_INBOX_RETENTION, prune_inbox};
 use orchestrator::store::{
     Commit, CommitError, ListFilter, SagaRow, SetAsideKind, Store, StoreError,
 };
@@ -165,6 +166,7 @@ on_both_backends!(
     an_unreadable_snapshot_is_rebuilt_from_the_log,
     the_deepest_and_largest_data_accepted_is_read_back_unchanged,
     one_unreadable_saga_does_not_break_the_listing,
+    the_inbox_forgets_replies_after_its_retention,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1258,6 +1260,7 @@ async fn concurrent_writers_never_both_advance_a_saga(db: TestDb) {
 /// `StoreOptions::pool_size` bounds the PostgreSQL pool (`--database-pool-size`).
 #[tokio::test]
 async fn the_postgres_pool_has_the_size_given() {
+    use orchestrator::retention::{DEFAULT_INBOX_RETENTION, prune_inbox};
     use orchestrator::store::{DEFAULT_POOL_SIZE, StoreOptions};
     let db = TestDb::postgres().await;
     let store = Store::connect_with(&db.url, StoreOptions { pool_size: 3 })
@@ -1606,4 +1609,45 @@ async fn one_unreadable_saga_does_not_break_the_listing(db: TestDb) {
         .unwrap();
     assert_eq!(after_odd.len(), 1);
     assert_eq!(after_odd[0].id, unreadable);
+}
+
+async fn the_inbox_forgets_replies_after_its_retention(db: TestDb) {
+    let store = db.store().await;
+    let saga = start(&store, &checkout(), t0()).await;
+    let day = secs(24 * 60 * 60);
+    let record = |id: Uuid, at: DateTime<Utc>| Commit {
+        inbox_id: Some(id),
+        ..Commit::empty(saga, at)
+    };
+    // 12 replies handled 8 days before `now`, 3 handled 6 days before it.
+    let now = t0() + day * 10;
+    let old: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    let recent: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let commits: Vec<Commit> = old
+        .iter()
+        .map(|id| record(*id, now - day * 8))
+        .chain(recent.iter().map(|id| record(*id, now - day * 6)))
+        .collect();
+    store.commit(&commits).await.unwrap();
+
+    let week = DEFAULT_INBOX_RETENTION;
+    assert_eq!(week, Duration::from_secs(7 * 24 * 60 * 60));
+    assert_eq!(prune_inbox(&store, week, now).await.unwrap(), 12);
+    assert_eq!(prune_inbox(&store, week, now).await.unwrap(), 0, "once");
+    let all_ids: Vec<Uuid> = old.iter().chain(&recent).copied().collect();
+    let seen = store.seen(&all_ids).await.unwrap();
+    assert_eq!(seen, recent.iter().copied().collect::<HashSet<_>>());
+
+    // A kept reply is still caught as a duplicate; a forgotten one could be recorded again.
+    let (_, error) = expect_err(store.commit(&[record(recent[0], now)]).await);
+    assert!(matches!(error, StoreError::Duplicate), "{error:?}");
+    store.commit(&[record(old[0], now)]).await.unwrap();
+
+    // More than one statement's worth is pruned in several.
+    let many: Vec<Commit> = (0..12_000)
+        .map(|_| record(Uuid::new_v4(), now - day * 30))
+        .collect();
+    store.commit(&many).await.unwrap();
+    assert_eq!(prune_inbox(&store, week, now).await.unwrap(), 12_000);
+    assert_eq!(store.seen(&recent).await.unwrap().len(), 3);
 }

@@ -21,6 +21,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         connection_name,
         prefetch: args.prefetch,
         long_running_threshold: args.long_running_threshold,
+        inbox_retention: args.inbox_retention,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

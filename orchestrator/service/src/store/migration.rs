@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0001CreateTables),
             Box::new(M0002CreateSetAside),
             Box::new(M0003CreateMeta),
+            Box::new(M0004IndexInboxReceivedAt),
         ]
     }
 }
@@ -318,6 +319,43 @@ impl MigrationTrait for M0003CreateMeta {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .drop_table(Table::drop().table(Meta::Table).if_exists().to_owned())
+            .await
+    }
+}
+
+/// The inbox is pruned by age (`Store::prune_inbox`): find the old rows without a full scan.
+struct M0004IndexInboxReceivedAt;
+
+impl MigrationName for M0004IndexInboxReceivedAt {
+    fn name(&self) -> &str {
+        "m0004_index_inbox_received_at"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0004IndexInboxReceivedAt {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .name("inbox_received_at")
+                    .table(Inbox::Table)
+                    .col(Inbox::ReceivedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("inbox_received_at")
+                    .table(Inbox::Table)
+                    .if_exists()
+                    .to_owned(),
+            )
             .await
     }
 }
