@@ -1,15 +1,51 @@
 //! The participant's own database: connecting (SQLite or PostgreSQL with a schema of its own)
-//! and the SDK's de-duplication table, `saga_inbox`.
+//! and the SDK's de-duplication table, `saga_inbox`, pruned after a retention.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Schema,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    QueryFilter, Schema,
 };
+use tokio_util::sync::CancellationToken;
 
 /// PostgreSQL connections per participant process unless configured otherwise.
 pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 16;
+
+/// How long a handled command's record is kept in `saga_inbox` unless configured otherwise
+/// ([`Participant::inbox_retention`](crate::Participant::inbox_retention)).
+///
+/// Why forgetting a record then is safe:
+///
+/// A record of `saga_inbox` (one per saga, step and direction) does three things, each only
+/// for as long as the orchestrator may still send a command for that step:
+///
+/// - **Answer a repeated command** with the recorded outcome instead of running the handler
+///   again. The orchestrator asks again only while it has no answer: once it has recorded one
+///   (moments after the reply is published) it sends no further attempt, and the copies
+///   already sent are dropped by the broker at their expiration (twice the step's timeout from
+///   publication). An action past its `expires_at` is refused anyway, record or not.
+/// - **Refuse a late action** after its compensation was recorded: the same holds, since
+///   compensation only begins once no further action is sent, and a stray copy expires.
+/// - **Decide that a compensation runs the handler** (the action succeeded here) rather than
+///   being a null one. A compensation can come long after its action: while the saga waits on
+///   a later step, or for an operator to retry a failed compensation. This is the one record
+///   that must outlive the saga, so the retention is a month: far longer than a saga is
+///   expected to stay unsettled.
+///
+/// The one assumption: no saga stays unsettled, still asking this participant about a step or
+/// yet to compensate it, for longer than the retention. One that does could have a step it
+/// asks about again run a second time (unless its action expired), or a compensation here
+/// taken for a null one.
+pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// How often records past the retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(10 * 60);
+/// Records deleted per statement: a long backlog is pruned in short writes, between which
+/// commands are handled as usual.
+const PRUNE_CHUNK: u64 = 5_000;
 
 /// Opens the participant's database.
 ///
@@ -123,7 +159,72 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     let mut table = schema.create_table_from_entity(inbox::Entity);
     table.if_not_exists();
     db.execute(&table).await?;
+    // Pruning looks for old records: without a full scan.
+    db.execute_unprepared(
+        r#"CREATE INDEX IF NOT EXISTS "saga_inbox_handled_at" ON "saga_inbox" ("handled_at")"#,
+    )
+    .await?;
     Ok(())
+}
+
+/// Deletes the records of commands handled before `handled_before`; returns how many.
+pub async fn prune_inbox(
+    db: &DatabaseConnection,
+    handled_before: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let key = || {
+        Expr::tuple([
+            Expr::col(inbox::Column::SagaId),
+            Expr::col(inbox::Column::Step),
+            Expr::col(inbox::Column::Direction),
+        ])
+    };
+    let mut pruned = 0;
+    loop {
+        let oldest = Query::select()
+            .columns([
+                inbox::Column::SagaId,
+                inbox::Column::Step,
+                inbox::Column::Direction,
+            ])
+            .from(inbox::Entity)
+            .and_where(Expr::col(inbox::Column::HandledAt).lt(handled_before))
+            .limit(PRUNE_CHUNK)
+            .to_owned();
+        let deleted = inbox::Entity::delete_many()
+            .filter(key().in_subquery(oldest))
+            .exec(db)
+            .await?
+            .rows_affected;
+        pruned += deleted;
+        if deleted < PRUNE_CHUNK {
+            return Ok(pruned);
+        }
+    }
+}
+
+/// Deletes records older than `retention` every [`PRUNE_EVERY`], the first time at once, until
+/// `shutdown`. A failed pass is logged and tried again at the next one.
+pub(crate) async fn prune_inbox_periodically(
+    db: DatabaseConnection,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let cutoff = chrono::TimeDelta::from_std(retention)
+            .ok()
+            .and_then(|retention| Utc::now().checked_sub_signed(retention))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        match prune_inbox(&db, cutoff).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, ?retention, "forgot old handled commands"),
+            Err(error) => tracing::warn!(%error, "cannot prune saga_inbox; trying again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// The de-duplication record of every command handled: one row per (saga, step, direction),

@@ -51,6 +51,8 @@
 //! - **Null compensation.** A compensation whose action never ran here (or failed) succeeds
 //!   without running the handler, and is recorded; the action arriving later is refused with
 //!   the failure `compensated before executed`.
+//! - **The records do not pile up**: each is deleted after the inbox retention (a month by
+//!   default, [`Participant::inbox_retention`]), once no command for its step can still come.
 //! - **Expired actions never start.** An action whose command carries an `expires_at` in the
 //!   past, and that has no record yet, is not handed to its handler: the SDK records and answers
 //!   the failure [`EXPIRED`] (`"expired"`), in the same transaction as the inbox record, so
@@ -73,12 +75,13 @@ mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction};
 
 pub use db::{
-    DEFAULT_DATABASE_POOL_SIZE, connect as connect_database, connect_with_pool, inbox,
-    migrate as migrate_sdk_tables,
+    DEFAULT_DATABASE_POOL_SIZE, DEFAULT_INBOX_RETENTION, connect as connect_database,
+    connect_with_pool, inbox, migrate as migrate_sdk_tables, prune_inbox,
 };
 pub use handler::{
     CommandExt, Handler, HandlerError, HandlerFuture, MigrationFuture, Migrations, failure, success,
@@ -157,6 +160,7 @@ pub struct Participant {
     actions: BTreeMap<String, Arc<dyn Handler>>,
     compensations: BTreeMap<String, Arc<dyn Handler>>,
     migrations: Vec<Arc<dyn Migrations>>,
+    inbox_retention: Duration,
 }
 
 impl Participant {
@@ -168,7 +172,16 @@ impl Participant {
             actions: BTreeMap::new(),
             compensations: BTreeMap::new(),
             migrations: Vec::new(),
+            inbox_retention: DEFAULT_INBOX_RETENTION,
         }
+    }
+
+    /// How long the record of a handled command is kept in `saga_inbox` before it is deleted
+    /// (default [`DEFAULT_INBOX_RETENTION`], a month, which says why that is safe): make it
+    /// longer than any saga may wait before it compensates a step done here.
+    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
     }
 
     /// The participant's name.
@@ -266,7 +279,18 @@ impl Participant {
             compensations = ?self.compensations.keys().collect::<Vec<_>>(),
             "database ready"
         );
+        // Stopped with the worker, whether it ends by shutdown or by an error.
+        let stop_pruning = shutdown.child_token();
+        let pruning = tokio::spawn(db::prune_inbox_periodically(
+            db.clone(),
+            self.inbox_retention,
+            stop_pruning.clone(),
+        ));
         let result = worker::run(Arc::new(self), db.clone(), config, shutdown).await;
+        stop_pruning.cancel();
+        if let Err(err) = pruning.await {
+            tracing::warn!(error = %err, "the inbox pruning task failed");
+        }
         if let Err(err) = db.close().await {
             tracing::warn!(error = %err, "closing the database");
         }
