@@ -1260,7 +1260,6 @@ async fn concurrent_writers_never_both_advance_a_saga(db: TestDb) {
 /// `StoreOptions::pool_size` bounds the PostgreSQL pool (`--database-pool-size`).
 #[tokio::test]
 async fn the_postgres_pool_has_the_size_given() {
-    use orchestrator::retention::{DEFAULT_INBOX_RETENTION, prune_inbox};
     use orchestrator::store::{DEFAULT_POOL_SIZE, StoreOptions};
     let db = TestDb::postgres().await;
     let store = Store::connect_with(&db.url, StoreOptions { pool_size: 3 })
