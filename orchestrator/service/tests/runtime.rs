@@ -1,12 +1,16 @@
 //! The runtime against hostile input: saga data held to its size limit, operators settling a
-//! step past the point of no return. In-process, on SQLite in memory; no broker needed.
+//! step past the point of no return, a saga stored deeper than can be read back. In-process,
+//! on SQLite in memory; no broker needed.
 
 use orchestrator::runtime::{Runtime, RuntimeError, Work};
-use orchestrator::store::Store;
+use orchestrator::store::{ListFilter, Store};
+use orchestrator::timers::{Pass, fire_due};
 use saga_engine::engine::command_message_id;
-use saga_engine::{Definitions, Input, OperatorCommand, Outcome};
+use saga_engine::{Definitions, Input, OperatorCommand, Outcome, Rejection};
 use saga_schemas::limits::MAX_DATA_BYTES;
 use saga_schemas::{Data, Direction, Outcome as Reply, SagaStatus};
+use sea_orm::ConnectionTrait;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -153,4 +157,161 @@ async fn an_output_that_would_take_the_saga_data_over_the_limit_is_not_applied()
     );
     assert_eq!(handle(&rt, fits).await.unwrap(), Outcome::Applied);
     assert_eq!(status(&rt, saga).await, SagaStatus::Completed);
+}
+
+#[tokio::test]
+async fn an_operator_settles_a_step_that_keeps_failing_past_the_point_of_no_return() {
+    let rt = runtime().await;
+    let saga = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let refused = || Reply::RetryableError {
+        error: "the carrier refuses the parcel".into(),
+    };
+    assert_eq!(
+        handle(&rt, reply(saga, 1, refused())).await.unwrap(),
+        Outcome::Applied
+    );
+    // Too late to abort; the operator sends the step again at once instead.
+    assert_eq!(
+        rt.operate(
+            saga,
+            OperatorCommand::Abort {
+                reason: "stuck".into()
+            }
+        )
+        .await
+        .unwrap(),
+        Outcome::Rejected(Rejection::PastPointOfNoReturn)
+    );
+    assert_eq!(
+        rt.operate(saga, OperatorCommand::RetryStep).await.unwrap(),
+        Outcome::Applied
+    );
+    let state = rt.store().load(saga).await.unwrap().unwrap();
+    assert_eq!(state.step("ship").unwrap().action.in_flight, Some(2));
+    assert_eq!(
+        handle(&rt, reply(saga, 2, refused())).await.unwrap(),
+        Outcome::Applied
+    );
+    // The cause never goes away: the operator ships it by hand.
+    assert_eq!(
+        rt.operate(
+            saga,
+            OperatorCommand::MarkCompleted {
+                step: "ship".into(),
+                output: object(json!({"tracking": "by hand"})),
+            }
+        )
+        .await
+        .unwrap(),
+        Outcome::Applied
+    );
+    let state = rt.store().load(saga).await.unwrap().unwrap();
+    assert_eq!(state.status, SagaStatus::Completed);
+    assert_eq!(state.data["tracking"], "by hand");
+    assert_eq!(rt.store().timer_count().await.unwrap(), 0, "no retry left");
+}
+
+/// `levels` arrays, one inside the other: deeper than serde_json reads back (128).
+fn too_deep(levels: usize) -> String {
+    format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+#[tokio::test]
+async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
+    // Before the limits, a saga could be stored with data nested deeper than serde_json reads
+    // back: written here straight into its rows, as no door accepts it any more.
+    let rt = runtime().await;
+    let saga = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let other = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let deep = too_deep(130);
+    for (table, column, key, text) in [
+        ("sagas", "state", "id", format!(r#"{{"data": {deep}}}"#)),
+        (
+            "saga_events",
+            "payload",
+            "saga_id",
+            format!(r#"{{"input": {deep}}}"#),
+        ),
+    ] {
+        rt.store()
+            .connection()
+            .execute(
+                Query::update()
+                    .table(Alias::new(table))
+                    .value(Alias::new(column), text)
+                    .and_where(Expr::col(Alias::new(key)).eq(saga)),
+            )
+            .await
+            .unwrap();
+    }
+
+    // Its step timeout is set aside, once, with why; the other saga's fires.
+    let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let pass = fire_due(&rt, later).await;
+    assert!(
+        matches!(
+            pass,
+            Pass::Handled {
+                fired: 1,
+                set_aside: 1,
+                kept: 0
+            }
+        ),
+        "{pass:?}"
+    );
+    let items = rt.store().list_set_aside(10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].saga_id, saga);
+    assert!(
+        items[0].reason.contains("recursion limit exceeded"),
+        "{}",
+        items[0].reason
+    );
+    // Nothing of it is left to spin on: the next pass only has the other saga's new timeout.
+    let pass = fire_due(&rt, later).await;
+    assert!(
+        matches!(
+            pass,
+            Pass::Idle
+                | Pass::Handled {
+                    set_aside: 0,
+                    kept: 0,
+                    ..
+                }
+        ),
+        "{pass:?}"
+    );
+    assert_eq!(rt.store().list_set_aside(10).await.unwrap().len(), 1);
+
+    // A reply for it can never be handled: set aside by the consumer, not requeued.
+    let error = handle(
+        &rt,
+        reply(
+            saga,
+            1,
+            Reply::Success {
+                output: Data::new(),
+            },
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(error.is_permanent(), "{error:?}");
+    // Reading it says why; listing shows it with the others.
+    assert!(rt.store().saga(saga).await.is_err());
+    let mut listed: Vec<Uuid> = rt
+        .store()
+        .listing(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.id)
+        .collect();
+    listed.sort();
+    let mut both = [other, saga];
+    both.sort();
+    assert_eq!(listed, both);
 }
