@@ -1,16 +1,23 @@
 //! The HTTP API (axum): start sagas, read status and history from the read model, operator
 //! commands, health. Handlers are thin: they parse, call the runtime or the store, and map the
 //! result onto a status code with a JSON body that says why.
+//!
+//! Every error answer is `{"error": "..."}`, the reason cut to [`limits::MAX_REASON_CHARS`]:
+//! unmatched routes and methods, axum's own rejections, and failures of the store, whose
+//! detail goes to the log only. Bodies are JSON sent as `application/json`, checked against
+//! the shared [`limits`] before they are parsed. [`crate::http`] serves this router.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use saga_engine::state::StepStatus;
 use saga_engine::{OperatorCommand, Outcome, SagaState};
+use saga_schemas::limits::{self, LimitError, MAX_MESSAGE_BYTES};
 use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -19,10 +26,16 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::service::Health;
-use crate::store::{ListFilter, RecordedEvent, SagaRow};
+use crate::store::{ListFilter, RecordedEvent, SagaRow, StoreError};
 
 const MAX_PAGE: u64 = 500;
 const DEFAULT_PAGE: u64 = 50;
+/// The longest query parameter value, in bytes: far above any name, status, limit or cursor.
+pub const MAX_QUERY_VALUE_BYTES: usize = 1024;
+/// Cursors are (created_at, id) of sagas: their years lie in what both databases store.
+const CURSOR_YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+/// What a client is told when the store fails; the error itself is logged.
+const STORE_UNAVAILABLE: &str = "the database is unavailable; try again";
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -45,12 +58,58 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        // `crate::http` reads bodies up to this limit before routing; the router keeps it too.
+        .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
 }
 
-/// An error answer: a status and a sentence saying why.
+/// An error answer: a status and a sentence saying why, cut to [`limits::MAX_REASON_CHARS`]
+/// since it may echo what the client sent.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, why: impl AsRef<str>) -> Self {
+        ApiError(status, limits::reason(why.as_ref()))
+    }
+
+    /// The answer to a failed runtime call; `saga_id` is the saga it concerns, for the log.
+    fn runtime(error: RuntimeError, saga_id: Option<Uuid>) -> Self {
+        let status = match &error {
+            RuntimeError::UnknownSaga(_) | RuntimeError::NotFound(_) => StatusCode::NOT_FOUND,
+            RuntimeError::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RuntimeError::Contended
+            | RuntimeError::DefinitionGone { .. }
+            | RuntimeError::Store(StoreError::Conflict | StoreError::Duplicate) => {
+                StatusCode::CONFLICT
+            }
+            RuntimeError::Store(StoreError::Db(_)) => {
+                tracing::error!(
+                    saga_id = saga_id.map(tracing::field::display),
+                    %error,
+                    "the database failed a request"
+                );
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, STORE_UNAVAILABLE);
+            }
+            // Stored data that cannot be read fails the requests that need it, no others.
+            RuntimeError::Store(StoreError::Corrupt(_)) => {
+                tracing::error!(
+                    saga_id = saga_id.map(tracing::field::display),
+                    %error,
+                    "a request met stored data it cannot read"
+                );
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "stored data cannot be read; the orchestrator's log says which",
+                );
+            }
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -60,32 +119,118 @@ impl IntoResponse for ApiError {
 
 impl From<RuntimeError> for ApiError {
     fn from(error: RuntimeError) -> Self {
-        let status = match &error {
-            RuntimeError::UnknownSaga(_) | RuntimeError::NotFound(_) => StatusCode::NOT_FOUND,
-            RuntimeError::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            RuntimeError::Contended => StatusCode::CONFLICT,
-            RuntimeError::DefinitionGone { .. } => StatusCode::CONFLICT,
-            RuntimeError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(%error, "request failed");
-        }
-        ApiError(status, error.to_string())
+        ApiError::runtime(error, None)
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(error: crate::store::StoreError) -> Self {
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
         RuntimeError::from(error).into()
     }
 }
 
-fn bad_request(why: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, why.into())
+fn bad_request(why: impl AsRef<str>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, why)
 }
 
-fn unprocessable(why: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::UNPROCESSABLE_ENTITY, why.into())
+fn unprocessable(why: impl AsRef<str>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("nothing answers {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+/// Turns an error answer that is not JSON (axum's rejections of a path or query it cannot
+/// decode, say) into `{"error": ...}` with its text, keeping its status and other headers.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(is_json_type);
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let why = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("refused").to_owned(),
+        false => text,
+    };
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut answer = ApiError::new(status, why).into_response();
+    answer.headers_mut().extend(parts.headers);
+    answer
+}
+
+/// `application/json`, with or without parameters such as `charset`.
+fn is_json_type(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(';')
+            .next()
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+    })
+}
+
+/// The body of an endpoint that takes JSON, checked against the shared limits
+/// ([`limits::check_json`]) before anything parses it. A body must come as
+/// `application/json` (so no cross-site form can post one); an empty body, all a bodiless
+/// operator command sends, needs no content type, but may not declare another.
+struct JsonBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let declared = match request.headers().get(header::CONTENT_TYPE) {
+            None => false,
+            Some(value) if is_json_type(value) => true,
+            Some(value) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!(
+                        "send the body as Content-Type: application/json, not `{}`",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ),
+                ));
+            }
+        };
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(body));
+        }
+        if !declared {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body with Content-Type: application/json",
+            ));
+        }
+        limits::check_json(&body).map_err(|error| {
+            let status = match error {
+                LimitError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            ApiError::new(status, error.to_string())
+        })?;
+        Ok(JsonBody(body))
+    }
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -129,30 +274,34 @@ struct StartResponse {
     status_url: String,
 }
 
+/// The `Idempotency-Key` header, under the same rule as a start over AMQP.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad_request("send one Idempotency-Key header, not several"));
+    }
+    let key = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| bad_request("the idempotency key must be printable ASCII (space to `~`)"))?;
+    limits::check_idempotency_key(key).map_err(bad_request)?;
+    Ok(Some(key.to_owned()))
+}
+
 async fn start_saga(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     if state.runtime.definitions().get(&name).is_none() {
         return Err(RuntimeError::UnknownSaga(name).into());
     }
     let input = json_object(&body, false)?;
-    let key = match headers.get("idempotency-key") {
-        Some(value) => {
-            let key = value
-                .to_str()
-                .map_err(|_| bad_request("the Idempotency-Key header must be visible ASCII"))?;
-            if key.is_empty() || key.len() > 255 {
-                return Err(bad_request(
-                    "the Idempotency-Key header must have 1 to 255 characters",
-                ));
-            }
-            Some(key.to_owned())
-        }
-        None => None,
-    };
+    limits::check_data_size("the input", &input)
+        .map_err(|why| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why))?;
+    let key = idempotency_key(&headers)?;
     let started = state.runtime.start(&name, input, key).await?;
     let status_url = format!("/sagas/{}", started.saga_id);
     let body = StartResponse {
@@ -315,8 +464,13 @@ async fn get_saga(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     let store = state.runtime.store();
-    let row = store.saga(id).await?.ok_or(RuntimeError::NotFound(id))?;
-    let history = store.history(id).await?;
+    let failed = |error: StoreError| ApiError::runtime(error.into(), Some(id));
+    let row = store
+        .saga(id)
+        .await
+        .map_err(failed)?
+        .ok_or(RuntimeError::NotFound(id))?;
+    let history = store.history(id).await.map_err(failed)?;
     Ok(Json(saga_view(&state.runtime, &row, history)))
 }
 
@@ -326,6 +480,26 @@ struct ListQuery {
     name: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+}
+
+/// A query parameter's value, refused with 400 when it holds a control character (NUL, which
+/// PostgreSQL cannot take, among them) or is longer than [`MAX_QUERY_VALUE_BYTES`].
+fn query_value<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.chars().any(char::is_control) {
+        return Err(bad_request(format!(
+            "the query parameter `{name}` contains a control character"
+        )));
+    }
+    if value.len() > MAX_QUERY_VALUE_BYTES {
+        return Err(bad_request(format!(
+            "the query parameter `{name}` has {} bytes; the limit is {MAX_QUERY_VALUE_BYTES}",
+            value.len()
+        )));
+    }
+    Ok(Some(value))
 }
 
 /// `limit` of a listing: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
@@ -350,7 +524,9 @@ fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let invalid = || bad_request(format!("`{raw}` is not a cursor from a previous page"));
     let (micros, id) = raw.split_once('_').ok_or_else(invalid)?;
     let micros: i64 = micros.parse().map_err(|_| invalid())?;
-    let at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    let at = DateTime::from_timestamp_micros(micros)
+        .filter(|at| CURSOR_YEARS.contains(&at.year()))
+        .ok_or_else(invalid)?;
     Ok((at, Uuid::parse_str(id).map_err(|_| invalid())?))
 }
 
@@ -358,7 +534,11 @@ async fn list_sagas(
     State(state): State<ApiState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
+    let status = query_value("status", query.status.as_deref())?;
+    let name = query_value("name", query.name.as_deref())?;
+    let limit = query_value("limit", query.limit.as_deref())?;
+    let cursor = query_value("cursor", query.cursor.as_deref())?;
+    let status = match status.filter(|s| !s.is_empty()) {
         Some(raw) => Some(raw.parse::<SagaStatus>().map_err(|e| {
             bad_request(format!(
                 "{e}; use running, compensating, completed, compensated, compensation_failed or completion_failed"
@@ -366,16 +546,14 @@ async fn list_sagas(
         })?),
         None => None,
     };
-    let limit = page_limit(query.limit.as_deref())?;
-    let before = query
-        .cursor
-        .as_deref()
+    let limit = page_limit(limit)?;
+    let before = cursor
         .filter(|c| !c.is_empty())
         .map(decode_cursor)
         .transpose()?;
     let filter = ListFilter {
         status,
-        name: query.name.filter(|n| !n.is_empty()),
+        name: name.filter(|n| !n.is_empty()).map(str::to_owned),
         limit: limit + 1,
         before,
     };
@@ -400,7 +578,7 @@ async fn list_set_aside(
     State(state): State<ApiState>,
     Query(query): Query<SetAsideQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(query.limit.as_deref())?;
+    let limit = page_limit(query_value("limit", query.limit.as_deref())?)?;
     let items = state.runtime.store().list_set_aside(limit).await?;
     Ok(Json(json!({ "set_aside": items })))
 }
@@ -426,6 +604,11 @@ struct MarkCompletedBody {
     output: Data,
 }
 
+/// The body of a command that takes none: empty, or `{}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: &Bytes,
     empty: Option<T>,
@@ -444,14 +627,18 @@ async fn operate(
     command: OperatorCommand,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    let outcome = state.runtime.operate(id, command).await?;
+    let outcome = state
+        .runtime
+        .operate(id, command)
+        .await
+        .map_err(|error| ApiError::runtime(error, Some(id)))?;
     let (status, body) = match outcome {
         Outcome::Applied => (StatusCode::OK, json!({ "saga_id": id, "applied": true })),
         Outcome::Ignored(why) => (
             StatusCode::OK,
             json!({ "saga_id": id, "applied": false, "reason": why.to_string() }),
         ),
-        Outcome::Rejected(why) => return Err(ApiError(StatusCode::CONFLICT, why.to_string())),
+        Outcome::Rejected(why) => return Err(ApiError::new(StatusCode::CONFLICT, why.to_string())),
     };
     Ok((status, Json(body)).into_response())
 }
@@ -459,35 +646,49 @@ async fn operate(
 async fn abort(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: AbortBody = parse_body(&body, Some(AbortBody { reason: None }))?;
     let reason = body
         .reason
         .unwrap_or_else(|| "aborted through the API".into());
+    // It is stored and shown with the saga: held to the length of the system's own reasons.
+    let chars = reason.chars().count();
+    if chars > limits::MAX_REASON_CHARS {
+        return Err(unprocessable(format!(
+            "the reason has {chars} characters; the limit is {}",
+            limits::MAX_REASON_CHARS
+        )));
+    }
     operate(&state, &id, OperatorCommand::Abort { reason }).await
 }
 
 async fn retry(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    parse_body(&body, Some(NoBody {}))?;
     operate(&state, &id, OperatorCommand::RetryCompensation).await
 }
 
 async fn retry_step(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    parse_body(&body, Some(NoBody {}))?;
     operate(&state, &id, OperatorCommand::RetryStep).await
 }
 
 async fn mark_completed(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: MarkCompletedBody = parse_body(&body, None)?;
+    limits::check_data_size("the output", &body.output)
+        .map_err(|why| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why))?;
     operate(
         &state,
         &id,
@@ -502,7 +703,7 @@ async fn mark_completed(
 async fn mark_compensated(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: MarkBody = parse_body(&body, None)?;
     operate(

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod consumers;
+pub mod http;
 pub mod metrics;
 pub mod presence;
 pub mod relay;

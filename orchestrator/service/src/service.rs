@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::api::{self, ApiState};
+use crate::http::{self, HttpConfig};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::{Store, StoreOptions};
@@ -269,10 +270,8 @@ pub async fn serve_runtime(
     tasks.spawn(HTTP_TASK, {
         let shutdown = shutdown.clone();
         async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .context("the HTTP server failed")
+            http::serve(listener, app, HttpConfig::default(), shutdown).await;
+            Ok(())
         }
     });
     tasks.spawn(TIMERS_TASK, {

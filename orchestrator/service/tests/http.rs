@@ -2,133 +2,44 @@
 //! on `sqlite::memory:`, served on a free port, with no broker. Participants' replies are fed
 //! to the runtime directly, so every status and every 4xx answer is reachable.
 
-use std::time::Duration;
+mod support;
 
 use chrono::Utc;
-use orchestrator::api::{self, ApiState};
-use orchestrator::metrics::Metrics;
-use orchestrator::runtime::{Runtime, Work};
-use orchestrator::service::{Health, TIMERS_TASK};
-use orchestrator::store::Store;
-use saga_engine::{Definitions, Input};
+use orchestrator::runtime::Work;
+use orchestrator::service::TIMERS_TASK;
+use saga_engine::Input;
 use saga_schemas::{Direction, Outcome};
 use serde_json::{Value, json};
+use support::{App, spawn_app};
 use uuid::Uuid;
 
-const SAGAS: &str = "
-sagas:
-  - name: order
-    input_schema:
-      type: object
-      required: [customer]
-      properties:
-        customer: {type: string}
-    steps:
-      - name: reserve
-        participant: stock
-        action: reserve
-        compensation: release
-        timeout: 30s
-      - name: ship
-        participant: shipping
-        action: ship
-        kind: retriable
-        timeout: 30s
-";
-
-struct App {
-    url: String,
-    client: reqwest::Client,
-    runtime: Runtime,
-    health: Health,
-}
-
-/// The API on a port of its own, over a fresh in-memory database.
-async fn spawn_app() -> App {
-    let store = Store::connect("sqlite::memory:").await.expect("a store");
-    let definitions = Definitions::parse("sagas.yaml", SAGAS).expect("valid definitions");
-    let runtime = Runtime::new(definitions, store).expect("a runtime");
-    let health = Health::new();
-    let router = api::router(ApiState {
-        runtime: runtime.clone(),
-        health: health.clone(),
-        metrics: Metrics::install(Duration::from_secs(300)),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    App {
-        url,
-        client: reqwest::Client::new(),
-        runtime,
-        health,
-    }
-}
-
-impl App {
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        answer(response).await
-    }
-
-    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        answer(response).await
-    }
-
-    /// Starts an `order` saga; returns its id.
-    async fn start(&self) -> String {
-        let (status, body) = self.post("/sagas/order", r#"{"customer": "ada"}"#).await;
-        assert_eq!(status, 202, "{body}");
-        body["saga_id"].as_str().unwrap().to_owned()
-    }
-
-    /// A participant's reply to attempt `attempt` of `step`, as the consumer would pass it on.
-    async fn reply(&self, saga: &str, step: &str, attempt: u32, outcome: Outcome) {
-        let work = Work {
-            saga_id: saga.parse().unwrap(),
-            input: Input::Reply {
-                step: step.into(),
-                direction: Direction::Execute,
+/// A participant's reply to attempt `attempt` of `step`, as the consumer would pass it on.
+async fn reply(app: &App, saga: &str, step: &str, attempt: u32, outcome: Outcome) {
+    let work = Work {
+        saga_id: saga.parse().unwrap(),
+        input: Input::Reply {
+            step: step.into(),
+            direction: Direction::Execute,
+            attempt,
+            in_reply_to: saga_engine::engine::command_message_id(
+                saga.parse().unwrap(),
+                step,
+                Direction::Execute,
                 attempt,
-                in_reply_to: saga_engine::engine::command_message_id(
-                    saga.parse().unwrap(),
-                    step,
-                    Direction::Execute,
-                    attempt,
-                ),
-                outcome,
-            },
-            inbox_id: Some(Uuid::new_v4()),
-            fired_timer: None,
-        };
-        for result in self.runtime.handle(&[work]).await {
-            result.expect("the reply is handled");
-        }
-    }
-
-    async fn status(&self, saga: &str) -> String {
-        let (_, body) = self.get(&format!("/sagas/{saga}")).await;
-        body["status"].as_str().unwrap().to_owned()
+            ),
+            outcome,
+        },
+        inbox_id: Some(Uuid::new_v4()),
+        fired_timer: None,
+    };
+    for result in app.runtime.handle(&[work]).await {
+        result.expect("the reply is handled");
     }
 }
 
-async fn answer(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
+async fn saga_status(app: &App, saga: &str) -> String {
+    let (_, body) = app.get(&format!("/sagas/{saga}")).await;
+    body["status"].as_str().unwrap().to_owned()
 }
 
 fn error(body: &Value) -> &str {
@@ -228,28 +139,26 @@ async fn an_operator_command_for_another_state_is_409_with_the_reason() {
         )
         .await;
     assert_eq!(status, 422);
-    assert_eq!(app.status(&saga).await, "running");
+    assert_eq!(saga_status(&app, &saga).await, "running");
 }
 
 #[tokio::test]
 async fn a_failed_step_past_the_point_of_no_return_is_retried_or_marked_completed() {
     let app = spawn_app().await;
     let saga = app.start().await;
-    app.reply(&saga, "reserve", 1, success()).await;
-    app.reply(&saga, "ship", 1, failure("no such address"))
-        .await;
-    assert_eq!(app.status(&saga).await, "completion_failed");
+    reply(&app, &saga, "reserve", 1, success()).await;
+    reply(&app, &saga, "ship", 1, failure("no such address")).await;
+    assert_eq!(saga_status(&app, &saga).await, "completion_failed");
 
     let (status, body) = app.post(&format!("/sagas/{saga}/retry-step"), "").await;
     assert_eq!((status, &body["applied"]), (200, &json!(true)), "{body}");
-    assert_eq!(app.status(&saga).await, "running");
+    assert_eq!(saga_status(&app, &saga).await, "running");
     let (_, view) = app.get(&format!("/sagas/{saga}")).await;
     assert_eq!(view["waiting_on"]["step"], "ship", "{view}");
     assert_eq!(view["waiting_on"]["attempt"], 2, "{view}");
 
-    app.reply(&saga, "ship", 2, failure("no such address"))
-        .await;
-    assert_eq!(app.status(&saga).await, "completion_failed");
+    reply(&app, &saga, "ship", 2, failure("no such address")).await;
+    assert_eq!(saga_status(&app, &saga).await, "completion_failed");
     let (status, body) = app
         .post(
             &format!("/sagas/{saga}/mark-completed"),
