@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::service::Health;
-use crate::store::{ListFilter, RecordedEvent, SagaRow, StoreError};
+use crate::store::{ListFilter, RecordedEvent, SagaListing, SagaRow, StoreError};
 
 const MAX_PAGE: u64 = 500;
 const DEFAULT_PAGE: u64 = 50;
@@ -350,8 +350,8 @@ struct SagaSummary {
     updated_at: DateTime<Utc>,
 }
 
-impl From<&SagaRow> for SagaSummary {
-    fn from(row: &SagaRow) -> Self {
+impl From<&SagaListing> for SagaSummary {
+    fn from(row: &SagaListing) -> Self {
         SagaSummary {
             id: row.id,
             name: row.name.clone(),
@@ -516,7 +516,7 @@ fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
 }
 
 /// The cursor is the (created_at, id) of the last saga on the previous page.
-fn encode_cursor(row: &SagaRow) -> String {
+fn encode_cursor(row: &SagaListing) -> String {
     format!("{}_{}", row.created_at.timestamp_micros(), row.id)
 }
 
@@ -557,7 +557,8 @@ async fn list_sagas(
         limit: limit + 1,
         before,
     };
-    let mut rows = state.runtime.store().list(&filter).await?;
+    // The columns alone: one saga whose state cannot be read must not fail every listing.
+    let mut rows = state.runtime.store().listing(&filter).await?;
     let next_cursor = if rows.len() as u64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(encode_cursor)

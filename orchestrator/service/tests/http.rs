@@ -252,3 +252,53 @@ async fn readyz_says_which_component_is_down() {
     let (status, _) = app.get("/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn one_unreadable_saga_fails_its_own_reads_not_the_listing() {
+    use sea_orm::ConnectionTrait;
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+
+    let app = spawn_app().await;
+    let broken = app.start().await;
+    let fine = app.start().await;
+    // Deeper than serde_json reads back: no door accepts it now, older versions stored it.
+    let deep = format!("{}1{}", "[".repeat(130), "]".repeat(130));
+    // Both the snapshot and the log it would be folded from again.
+    for (table, column, key, text) in [
+        ("sagas", "state", "id", format!(r#"{{"data": {deep}}}"#)),
+        (
+            "saga_events",
+            "payload",
+            "saga_id",
+            format!(r#"{{"input": {deep}}}"#),
+        ),
+    ] {
+        app.runtime
+            .store()
+            .connection()
+            .execute(
+                Query::update()
+                    .table(Alias::new(table))
+                    .value(Alias::new(column), text)
+                    .and_where(Expr::col(Alias::new(key)).eq(broken.parse::<Uuid>().unwrap())),
+            )
+            .await
+            .unwrap();
+    }
+
+    let (status, body) = app.get("/sagas").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<&str> = body["sagas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [fine.as_str(), broken.as_str()], "{body}");
+
+    let (status, body) = app.get(&format!("/sagas/{broken}")).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(!error(&body).contains("recursion"), "no raw detail: {body}");
+    let (status, _) = app.get(&format!("/sagas/{fine}")).await;
+    assert_eq!(status, 200);
+}
