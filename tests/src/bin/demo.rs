@@ -443,6 +443,6 @@ fn hints(env: &TestEnv, system: &System) {
     );
     println!(
         "Drive it by hand: {bin}/orchestrator run --config orchestrator/sagas.yaml and the four participants, then\n  \
-         curl -X POST localhost:8080/sagas/order-checkout -d '{{\"customer\":\"you\",\"amount\":1000,\"items\":[{{\"sku\":\"book\",\"quantity\":1}}]}}'"
+         curl -X POST localhost:8080/sagas/order-checkout -H 'Content-Type: application/json' -d '{{\"customer\":\"you\",\"amount\":1000,\"items\":[{{\"sku\":\"book\",\"quantity\":1}}]}}'"
     );
 }
