@@ -50,6 +50,9 @@ pub mod header {
     pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
     /// The queue a dead-lettered message was taken from.
     pub const DEAD_LETTER_QUEUE: &str = "x-dead-letter-from";
+    /// On a dead letter whose original headers were too large to copy whole (with the reason,
+    /// they would not fit in one frame): the headers left out, with their sizes.
+    pub const DEAD_LETTER_DROPPED_HEADERS: &str = "x-dead-letter-dropped-headers";
 }
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";

@@ -48,8 +48,13 @@ pub struct StartRejected {
 pub enum RejectionReason {
     /// No saga of that name is defined.
     UnknownSaga,
-    /// The input does not match the saga's `input_schema`.
+    /// The input does not match the saga's `input_schema`, or is larger than the saga data
+    /// limit.
     InvalidInput,
+    /// The request breaks a rule every request follows: a message limit (size, nesting, a NUL
+    /// character, an integer beyond 64 bits) or the idempotency key rule (1 to 255 printable
+    /// ASCII characters); or it can never be handled. `detail` says which.
+    InvalidRequest,
 }
 
 /// Whether a command runs a step's action or undoes it.
