@@ -17,6 +17,7 @@
 //! consumers (a soft error closes the whole channel; lapin's own recovery is not used).
 
 mod error;
+mod frame;
 mod publish;
 mod receive;
 mod supervise;

@@ -9,18 +9,24 @@ use lapin::{
 };
 use saga_schemas::amqp::{CONTENT_TYPE_JSON, HeaderValue, OutgoingMessage};
 
-use crate::{AmqpError, short};
+use crate::{AmqpError, frame, short};
 
 /// Publishes on a channel of its own with publisher confirms enabled. Every publish is
 /// `mandatory`, so an unroutable message comes back as an error instead of vanishing.
 ///
+/// A message whose properties would not fit in one frame is refused with
+/// [`AmqpError::Invalid`] before it is sent: the broker would close the whole connection.
+///
 /// Cheap to clone (clones share the channel) and usable from several tasks at once. After any
-/// error other than [`AmqpError::NotConfirmed`] the channel is probably closed
-/// ([`Publisher::is_open`]): end the session and let [`crate::supervise`] open a new one.
+/// error other than [`AmqpError::NotConfirmed`] and [`AmqpError::Invalid`] the channel is
+/// probably closed ([`Publisher::is_open`]): end the session and let [`crate::supervise`] open a
+/// new one.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     channel: Channel,
     app_id: Option<ShortString>,
+    /// The largest content header the connection carries, from its negotiated frame size.
+    max_content_header: usize,
 }
 
 impl Publisher {
@@ -37,6 +43,7 @@ impl Publisher {
         Ok(Publisher {
             channel,
             app_id: None,
+            max_content_header: frame::max_content_header(conn.configuration().frame_max()),
         })
     }
 
@@ -55,6 +62,31 @@ impl Publisher {
     /// Whether its channel is still open; `false` after a channel or connection error.
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
+    }
+
+    /// The largest content header (properties and headers, in bytes on the wire) that fits in
+    /// one frame of this connection.
+    pub(crate) fn max_content_header(&self) -> usize {
+        self.max_content_header
+    }
+
+    /// Whether `msg` could be published: its names fit AMQP short strings and its properties
+    /// fit in one frame. The same check [`publish`](Self::publish) makes, without sending.
+    pub fn check(&self, msg: &OutgoingMessage) -> Result<(), AmqpError> {
+        let properties = properties(msg, self.app_id.as_ref())?;
+        self.check_size(&properties, &describe(msg))
+    }
+
+    fn check_size(&self, properties: &BasicProperties, what: &str) -> Result<(), AmqpError> {
+        let size = frame::content_header_size(properties);
+        if size > self.max_content_header {
+            return Err(AmqpError::Invalid(format!(
+                "{what}: its properties and headers take {size} bytes, more than one frame of \
+                 this connection holds ({} bytes)",
+                self.max_content_header
+            )));
+        }
+        Ok(())
     }
 
     /// Publishes one message and waits for the broker's confirm.
@@ -117,6 +149,7 @@ impl Publisher {
         mandatory: bool,
         what: &str,
     ) -> Result<PublisherConfirm, AmqpError> {
+        self.check_size(&properties, what)?;
         self.channel
             .basic_publish(
                 short(exchange, "exchange")?,

@@ -9,10 +9,11 @@ use lapin::{
 use saga_schemas::{
     SCHEMA_VERSION,
     amqp::{DEAD_LETTER_EXCHANGE, dead_letter_queue, header},
+    limits::{self, LimitError},
 };
 use serde::de::DeserializeOwned;
 
-use crate::{AmqpError, Publisher, error::chain, short};
+use crate::{AmqpError, Publisher, error::chain, frame, short};
 
 /// A decoded message together with its delivery, which is still to be acknowledged.
 #[derive(Debug)]
@@ -39,6 +40,10 @@ pub enum DecodeError {
     /// The header is there but is not an integer; the text names what it is.
     #[error("the x-schema-version header is not an integer: {0}")]
     SchemaVersionNotInteger(String),
+    /// The body breaks a limit every message follows ([`limits::check_json`]: its size, its
+    /// nesting, a NUL character, an integer beyond 64 bits).
+    #[error("{0}")]
+    Limit(LimitError),
     /// The body is not UTF-8 JSON.
     #[error("the body is not JSON: {0}")]
     NotJson(String),
@@ -80,9 +85,11 @@ pub fn header_int(delivery: &Delivery, key: &str) -> Option<i64> {
     amqp_int(header_value(delivery, key)?)
 }
 
-/// Checks the `x-schema-version` header against [`SCHEMA_VERSION`], then parses the body as
-/// JSON into `T`. Unknown fields in the body are ignored (as the contract requires) unless `T`
-/// says otherwise.
+/// Checks the `x-schema-version` header against [`SCHEMA_VERSION`], the body against the
+/// message limits ([`limits::check_json`], one pass over the bytes, so that no body is parsed
+/// that is too large or too deep, or would store something that cannot be read back), then
+/// parses the body as JSON into `T`. Unknown fields in the body are ignored (as the contract
+/// requires) unless `T` says otherwise.
 pub fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, DecodeError> {
     let version =
         header_value(delivery, header::SCHEMA_VERSION).ok_or(DecodeError::MissingSchemaVersion)?;
@@ -91,6 +98,7 @@ pub fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, DecodeError
     if version != i64::from(SCHEMA_VERSION) {
         return Err(DecodeError::UnsupportedSchemaVersion(version));
     }
+    limits::check_json(&delivery.data).map_err(DecodeError::Limit)?;
     serde_json::from_slice(&delivery.data).map_err(|e| {
         if e.is_data() {
             DecodeError::Invalid(e.to_string())
@@ -137,6 +145,12 @@ pub async fn nack(delivery: &Delivery, requeue: bool) -> Result<(), AmqpError> {
 /// `<from_queue>.dlq`, waits for the confirm, and only then acks the original. The copy is
 /// persistent and has no `expiration` nor `user_id` (the broker would refuse another user's).
 ///
+/// The reason is cut to [`limits::MAX_REASON_CHARS`] (it may echo a huge value). If the
+/// original headers leave no room in the copy's header frame for the two added ones, the
+/// largest original headers are left out and named in `x-dead-letter-dropped-headers`: a
+/// content header larger than the frame size would make the broker close the connection, and
+/// the message would come back forever. The body is always kept.
+///
 /// Never loses the message: if the copy is not confirmed, the original is nacked with requeue
 /// (so it is delivered again) and the publish error is returned; end the session with it, so
 /// that [`crate::supervise`] retries after a backoff instead of looping hot.
@@ -148,16 +162,36 @@ pub async fn dead_letter(
     from_queue: &str,
     reason: &str,
 ) -> Result<(), AmqpError> {
-    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
+    let mut own = FieldTable::default();
+    own.insert(
         short(header::DEAD_LETTER_REASON, "header key")?,
-        AMQPValue::LongString(reason.into()),
+        AMQPValue::LongString(limits::reason(reason).into()),
     );
-    headers.insert(
+    own.insert(
         short(header::DEAD_LETTER_QUEUE, "header key")?,
         AMQPValue::LongString(from_queue.into()),
     );
-    let properties = copy_properties(&delivery.properties, headers);
+    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let mut headers = original.clone();
+    for (key, value) in own.inner() {
+        headers.insert(key.clone(), value.clone());
+    }
+    let mut properties = copy_properties(&delivery.properties, headers);
+    let max = publisher.max_content_header();
+    if frame::content_header_size(&properties) > max {
+        let room = max.saturating_sub(frame::content_header_size(&copy_properties(
+            &delivery.properties,
+            FieldTable::default(),
+        )));
+        let (headers, dropped) = fitting_headers(&original, own, room);
+        tracing::warn!(
+            queue = from_queue,
+            delivery_tag = delivery.delivery_tag,
+            %dropped,
+            "the message's headers leave no room for the dead letter's own; leaving out the largest"
+        );
+        properties = copy_properties(&delivery.properties, headers);
+    }
     let dlq = dead_letter_queue(from_queue);
     let published = publisher
         .publish_raw(DEAD_LETTER_EXCHANGE, &dlq, &delivery.data, properties)
@@ -175,6 +209,39 @@ pub async fn dead_letter(
         return Err(error);
     }
     ack(delivery).await
+}
+
+/// The longest note of the headers left out, in bytes: [`limits::reason`] keeps
+/// [`limits::MAX_REASON_CHARS`] characters (at most 4 bytes each) and adds a short note.
+const DROPPED_NOTE_BYTES: usize = 4 * limits::MAX_REASON_CHARS + 64;
+
+/// The dead letter's headers within `room` bytes: its `own` (the reason and the queue), then
+/// the `original` ones from the smallest up while they fit, then
+/// `x-dead-letter-dropped-headers` naming those left out (with their sizes). Also returns that
+/// note.
+fn fitting_headers(original: &FieldTable, own: FieldTable, room: usize) -> (FieldTable, String) {
+    let mut entries: Vec<_> = original
+        .inner()
+        .iter()
+        .filter(|(key, _)| !own.contains_key(key.as_str()))
+        .map(|(key, value)| (frame::entry_size(key, value), key, value))
+        .collect();
+    entries.sort_by_key(|(size, _, _)| *size);
+    let note_key = header::DEAD_LETTER_DROPPED_HEADERS;
+    let mut used = frame::table_size(&own) + 1 + note_key.len() + 1 + 4 + DROPPED_NOTE_BYTES;
+    let mut headers = own;
+    let mut dropped = Vec::new();
+    for (size, key, value) in entries {
+        if used + size <= room {
+            headers.insert(key.clone(), value.clone());
+            used += size;
+        } else {
+            dropped.push(format!("{key} ({size} bytes)"));
+        }
+    }
+    let note = limits::reason(&dropped.join(", "));
+    headers.insert(note_key.into(), AMQPValue::LongString(note.as_str().into()));
+    (headers, note)
 }
 
 /// The properties of the dead-letter copy: the original's, with `headers`, persistent, and
@@ -231,10 +298,11 @@ pub async fn decode_or_dead_letter<T: DeserializeOwned>(
         Err(error) => {
             let reason = format!("cannot decode the message: {error}");
             tracing::warn!(
-                saga_id = header_str(&delivery, header::SAGA_ID).unwrap_or("unknown"),
+                saga_id = header_str(&delivery, header::SAGA_ID)
+                    .map_or_else(|| "unknown".into(), |id| limits::truncate(id, 64)),
                 queue = from_queue,
                 message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-                %reason,
+                reason = %limits::reason(&reason),
                 "dead-lettering a message"
             );
             dead_letter(publisher, &delivery, from_queue, &reason).await?;
@@ -350,6 +418,66 @@ mod tests {
             invalid.to_string().contains("missing field `a`"),
             "{invalid}"
         );
+    }
+
+    #[test]
+    fn refuses_bodies_that_break_the_limits_before_parsing() {
+        let one = || Some(AMQPValue::LongLongInt(1));
+        let deep = format!(r#"{{"a": 1, "b": {}1{}}}"#, "[".repeat(40), "]".repeat(40));
+        let cases = [
+            (deep, "nested deeper than 32"),
+            (r#"{"a": 1, "b": "x\u0000"}"#.to_owned(), "NUL"),
+            (
+                r#"{"a": 123456789012345678901234567890}"#.to_owned(),
+                "64 bits",
+            ),
+            (
+                format!(
+                    r#"{{"a": 1, "b": "{}"}}"#,
+                    "x".repeat(limits::MAX_MESSAGE_BYTES)
+                ),
+                "the limit is 1048576",
+            ),
+        ];
+        for (body, reason) in cases {
+            let error = decode::<Msg>(&delivery(one(), &body)).unwrap_err();
+            assert!(matches!(error, DecodeError::Limit(_)), "{error}");
+            assert!(error.to_string().contains(reason), "{error}");
+        }
+    }
+
+    fn long(len: usize) -> AMQPValue {
+        AMQPValue::LongString("v".repeat(len).into())
+    }
+
+    #[test]
+    fn the_largest_headers_are_left_out_and_named() {
+        let mut original = FieldTable::default();
+        original.insert("small".into(), long(10));
+        original.insert("medium".into(), long(1_000));
+        original.insert("large".into(), long(100_000));
+        original.insert(header::DEAD_LETTER_REASON.into(), long(50_000));
+        let mut own = FieldTable::default();
+        own.insert(header::DEAD_LETTER_REASON.into(), long(20));
+        let (headers, note) = fitting_headers(&original, own, 5_000);
+        let kept: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            kept,
+            [
+                "medium",
+                "small",
+                header::DEAD_LETTER_DROPPED_HEADERS,
+                header::DEAD_LETTER_REASON,
+            ]
+        );
+        assert_eq!(headers.inner()[header::DEAD_LETTER_REASON], long(20));
+        assert_eq!(note, "large (100011 bytes)");
+        assert!(frame::table_size(&headers) <= 5_000);
+
+        // Nothing fits beside the dead letter's own: all are named.
+        let (headers, note) = fitting_headers(&original, FieldTable::default(), 100);
+        assert_eq!(headers.inner().len(), 1);
+        assert!(note.contains("small (21 bytes)"), "{note}");
     }
 
     #[test]
