@@ -6,11 +6,12 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::{Channel, Consumer};
-use saga_amqp::{AmqpError, Publisher, Received};
+use saga_amqp::{AmqpError, DecodeError, Publisher, Received};
 use saga_engine::{Ignored, Input, Outcome};
 use saga_schemas::amqp::{
     HeaderValue, OutgoingMessage, REPLIES_QUEUE, START_QUEUE, header, message_type,
 };
+use saga_schemas::limits::{self, LimitError};
 use saga_schemas::{
     RejectionReason, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepReply,
 };
@@ -204,6 +205,77 @@ fn start_answer(
     }
 }
 
+/// A start request refused: what the requester is told, and why it is dead-lettered.
+struct Refusal {
+    reason: RejectionReason,
+    /// The answer's `detail` (cut to the reason limit).
+    detail: String,
+    /// The dead letter's reason.
+    why: String,
+}
+
+impl Refusal {
+    /// The same words for the answer and the dead letter.
+    fn new(reason: RejectionReason, why: String) -> Self {
+        Refusal {
+            reason,
+            detail: why.clone(),
+            why,
+        }
+    }
+
+    /// A start the runtime refused for good.
+    fn from_runtime(error: &RuntimeError) -> Self {
+        let (reason, detail) = match error {
+            RuntimeError::UnknownSaga(_) => (RejectionReason::UnknownSaga, error.to_string()),
+            RuntimeError::InvalidInput(detail) => (RejectionReason::InvalidInput, detail.clone()),
+            other => (RejectionReason::InvalidRequest, other.to_string()),
+        };
+        Refusal {
+            reason,
+            detail,
+            why: error.to_string(),
+        }
+    }
+}
+
+/// Answers the requester (if it named a `reply_to`) and dead-letters the request, logging why.
+async fn refuse_start(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    saga: &str,
+    refusal: Refusal,
+) -> Result<(), AmqpError> {
+    info!(saga_id = "none", saga = %limits::truncate(saga, 64), reason = %limits::reason(&refusal.why),
+        "rejecting a start message; dead-lettering it");
+    answer_rejection(publisher, delivery, saga, refusal.reason, &refusal.detail).await;
+    saga_amqp::dead_letter(publisher, delivery, START_QUEUE, &refusal.why).await
+}
+
+/// The rules a start follows before the runtime sees it, as over HTTP: the idempotency key
+/// rule, and the input within the saga data limit.
+fn check_start(start: &StartSaga) -> Result<(), Refusal> {
+    if let Some(key) = &start.idempotency_key {
+        limits::check_idempotency_key(key)
+            .map_err(|why| Refusal::new(RejectionReason::InvalidRequest, why))?;
+    }
+    limits::check_data_size("the input", &start.input)
+        .map_err(|why| Refusal::new(RejectionReason::InvalidInput, why))
+}
+
+/// The saga a request that breaks a message limit names, if it can be read safely: not when
+/// the body is too large to parse (serde_json bounds the nesting it reads itself).
+fn saga_named(delivery: &Delivery, limit: &LimitError) -> String {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        saga: String,
+    }
+    if matches!(limit, LimitError::TooLarge { .. }) {
+        return String::new();
+    }
+    serde_json::from_slice::<Named>(&delivery.data).map_or_else(|_| String::new(), |n| n.saga)
+}
+
 /// Tells the requester why its start message was refused: a [`StartRejected`]
 /// (`saga.start_rejected`) on its `reply_to` queue, whose `correlation_id` is the request's own
 /// `correlation_id`, or else its `message_id` (the saga has no id to correlate by). A failure to
@@ -212,23 +284,16 @@ async fn answer_rejection(
     publisher: &Publisher,
     delivery: &Delivery,
     saga: &str,
-    error: &RuntimeError,
+    reason: RejectionReason,
+    detail: &str,
 ) {
     let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
         return;
     };
-    let reason = match error {
-        RuntimeError::UnknownSaga(_) => RejectionReason::UnknownSaga,
-        _ => RejectionReason::InvalidInput,
-    };
-    let detail = match error {
-        RuntimeError::InvalidInput(detail) => detail.clone(),
-        other => other.to_string(),
-    };
     let body = StartRejected {
         saga: saga.to_owned(),
         reason,
-        detail,
+        detail: limits::reason(detail),
     };
     let message = start_answer(
         reply_to.as_str(),
@@ -282,14 +347,31 @@ pub async fn starts(
     while let Some(delivery) =
         next_delivery(&mut consumer, &channel, START_QUEUE, &shutdown).await?
     {
-        let Some(Received {
-            message: start,
-            delivery,
-        }) =
-            saga_amqp::decode_or_dead_letter::<StartSaga>(publisher, delivery, START_QUEUE).await?
-        else {
-            continue;
+        let start = match saga_amqp::decode::<StartSaga>(&delivery) {
+            Ok(start) => start,
+            // JSON, but beyond what any message may be: refused like a bad input, with an
+            // answer, since the requester may be waiting for one.
+            Err(DecodeError::Limit(limit)) => {
+                let saga = saga_named(&delivery, &limit);
+                let refusal = Refusal {
+                    reason: RejectionReason::InvalidRequest,
+                    detail: limit.to_string(),
+                    why: format!("cannot decode the message: {limit}"),
+                };
+                refuse_start(publisher, &delivery, &saga, refusal).await?;
+                continue;
+            }
+            Err(_) => {
+                // Unreadable: dead-lettered unanswered, with the reason.
+                saga_amqp::decode_or_dead_letter::<StartSaga>(publisher, delivery, START_QUEUE)
+                    .await?;
+                continue;
+            }
         };
+        if let Err(refusal) = check_start(&start) {
+            refuse_start(publisher, &delivery, &start.saga, refusal).await?;
+            continue;
+        }
         match runtime
             .start(&start.saga, start.input, start.idempotency_key)
             .await
@@ -303,11 +385,10 @@ pub async fn starts(
                 }
                 saga_amqp::ack(&delivery).await?;
             }
-            Err(error @ (RuntimeError::UnknownSaga(_) | RuntimeError::InvalidInput(_))) => {
-                info!(saga_id = "none", saga = %start.saga, reason = %error, "rejecting a start message; dead-lettering it");
-                answer_rejection(publisher, &delivery, &start.saga, &error).await;
-                saga_amqp::dead_letter(publisher, &delivery, START_QUEUE, &error.to_string())
-                    .await?;
+            // Trying again can never help: set it aside with why instead of requeueing it forever.
+            Err(error) if error.is_permanent() => {
+                let refusal = Refusal::from_runtime(&error);
+                refuse_start(publisher, &delivery, &start.saga, refusal).await?;
             }
             Err(error) => {
                 warn!(%error, "start not handled; it will be redelivered");
