@@ -18,7 +18,9 @@ pub type HandlerFuture<'a> =
 /// It gets the command and a database transaction, writes through the transaction, and returns:
 ///
 /// - `Ok(Outcome::Success { output })`: the writes commit together with the de-dup record;
-///   `output` is merged into the saga data (for an action).
+///   `output` is merged into the saga data (for an action). An output the orchestrator could
+///   not take (over [`saga_schemas::limits::MAX_DATA_BYTES`] as JSON, a NUL, nested too deep)
+///   becomes a failure saying why, and the writes are rolled back.
 /// - `Ok(Outcome::Failure { reason })`: a business outcome (declined, out of stock). Final: the
 ///   orchestrator does not retry it. The handler's writes are rolled back (a failure changes
 ///   nothing), and the failure is recorded so every copy of the command gets it again.

@@ -62,8 +62,15 @@
 //! - **Business failures change nothing**: the handler's writes are rolled back (a savepoint)
 //!   and only the failure is recorded.
 //! - It acks a command only after its reply was confirmed by the broker. A message it cannot use
-//!   (bad JSON, missing or unsupported `x-schema-version`, no `reply_to`, unknown action) goes
-//!   to the dead-letter queue with the reason in `x-dead-letter-reason`.
+//!   (bad JSON, a body over the message limits of [`saga_schemas::limits`], missing or
+//!   unsupported `x-schema-version`, no `reply_to`, unknown action, names too long for the
+//!   reply's headers) goes to the dead-letter queue with the reason in `x-dead-letter-reason`,
+//!   cut to 512 characters. So does a command whose reply the broker refused 5 times (its
+//!   `reply_to` queue does not exist); its outcome stays recorded.
+//! - **Replies stay readable.** An output over the saga data limit, or breaking a message limit
+//!   (a NUL, nesting, a 64-bit integer), is answered as a `failure` saying why, and the
+//!   handler's writes are rolled back: the step did not happen. Failure reasons and errors are
+//!   cut to 512 characters, NUL replaced.
 //! - It reconnects after the broker restarts, and on shutdown (the [`CancellationToken`]) stops
 //!   consuming, lets in-flight commands finish, and returns.
 //! - Every log line about a command carries `saga_id` (a tracing span per command).

@@ -4,6 +4,7 @@
 use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
+use saga_schemas::limits::{self, LimitError, MAX_DATA_BYTES, MAX_DEPTH};
 use saga_schemas::{Data, Direction, Outcome, StepCommand};
 use sea_orm::{
     ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
@@ -16,6 +17,10 @@ use crate::handler::Handler;
 
 /// The reason given to an action that arrives after its compensation was recorded.
 pub const COMPENSATED_BEFORE_EXECUTED: &str = "compensated before executed";
+
+/// How deep a step's output sits in its reply (`{"outcome": {"output": …}}`): the whole reply
+/// must stay within [`MAX_DEPTH`].
+const OUTPUT_DEPTH_IN_REPLY: usize = 2;
 
 /// How a command was answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,26 +184,35 @@ async fn run_handler(
         .catch_unwind()
         .await;
     match result {
-        Ok(Ok(outcome @ Outcome::Success { .. })) => {
-            savepoint.commit().await?;
-            Ok(Ok(outcome))
-        }
-        Ok(Ok(outcome @ Outcome::Failure { .. })) => {
-            savepoint.rollback().await?;
-            if let Outcome::Failure { reason } = &outcome {
-                tracing::info!(reason = %reason, "business failure");
+        Ok(Ok(Outcome::Success { output })) => match check_output(&output) {
+            Ok(()) => {
+                savepoint.commit().await?;
+                Ok(Ok(Outcome::Success { output }))
             }
-            Ok(Ok(outcome))
+            // The orchestrator could not take it: the step did not happen.
+            Err(reason) => {
+                savepoint.rollback().await?;
+                tracing::warn!(%reason, "the handler's output breaks a limit: answering a failure");
+                Ok(Ok(Outcome::Failure { reason }))
+            }
+        },
+        Ok(Ok(Outcome::Failure { reason })) => {
+            savepoint.rollback().await?;
+            let reason = clean(&reason);
+            tracing::info!(reason = %reason, "business failure");
+            Ok(Ok(Outcome::Failure { reason }))
         }
         Ok(Ok(Outcome::RetryableError { error })) => {
             savepoint.rollback().await?;
+            let error = clean(&error);
             tracing::warn!(error = %error, "retryable error");
             Ok(Err(error))
         }
         Ok(Err(err)) => {
             savepoint.rollback().await?;
-            tracing::warn!(error = %err, "retryable error");
-            Ok(Err(err.message().to_owned()))
+            let error = clean(err.message());
+            tracing::warn!(error = %error, "retryable error");
+            Ok(Err(error))
         }
         Err(panic) => {
             savepoint.rollback().await?;
@@ -207,10 +221,31 @@ async fn run_handler(
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!(panic = %message, "the handler panicked");
-            Ok(Err(format!("the handler panicked: {message}")))
+            let error = clean(&format!("the handler panicked: {message}"));
+            tracing::error!(%error, "the handler panicked");
+            Ok(Err(error))
         }
     }
+}
+
+/// Why a step's output cannot go in a reply, if it cannot: larger than the saga data limit, or
+/// breaking a message limit (a NUL, nesting, an integer beyond 64 bits) that would make the
+/// reply unreadable to the orchestrator.
+fn check_output(output: &Data) -> Result<(), String> {
+    let json = serde_json::to_vec(output).map_err(|e| format!("the step's output: {e}"))?;
+    match limits::check_json_with(&json, MAX_DATA_BYTES, MAX_DEPTH - OUTPUT_DEPTH_IN_REPLY) {
+        Ok(()) => Ok(()),
+        Err(LimitError::TooLarge { bytes, limit }) => Err(format!(
+            "the step's output is {bytes} bytes as JSON; the limit is {limit}"
+        )),
+        Err(other) => Err(format!("the step's output is refused: {other}")),
+    }
+}
+
+/// A handler's reason or error as it can travel in a reply: cut to the limit, without NUL (which
+/// no reply may carry).
+fn clean(text: &str) -> String {
+    limits::reason(&text.replace('\0', "\u{FFFD}"))
 }
 
 /// A 64-bit key for `pg_advisory_xact_lock`, stable across processes.

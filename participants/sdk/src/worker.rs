@@ -1,7 +1,8 @@
 //! The AMQP side: consuming the participant's queue, one task per delivery, replies with
 //! publisher confirms, acks after them, dead-letters, reconnects, graceful shutdown.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -9,7 +10,8 @@ use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::options::BasicCancelOptions;
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
 use saga_schemas::amqp::{REPLIES_QUEUE, command_queue, header};
-use saga_schemas::{StepCommand, StepReply};
+use saga_schemas::limits;
+use saga_schemas::{Data, Outcome, StepCommand, StepReply};
 use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +24,42 @@ use crate::{Error, Participant, SdkConfig, default_connection_name};
 /// How long to wait before handing back a command whose reply could not be published while the
 /// channel stayed open (e.g. its `reply_to` queue does not exist), so it does not loop hot.
 const REPUBLISH_DELAY: Duration = Duration::from_secs(1);
+/// How many times a command's reply may be refused by the broker (no such `reply_to` queue)
+/// before the command is dead-lettered instead of handed back again.
+pub(crate) const MAX_REPLY_TRIES: u32 = 5;
+/// The most commands whose refused replies are counted at once; past it the counts start over
+/// (a command redelivered to another consumer is never seen again here).
+const MAX_COUNTED_REPLIES: usize = 10_000;
 
 struct Context {
     participant: Arc<Participant>,
     db: DatabaseConnection,
     queue: String,
+    /// Per command message id: how many times its reply was refused.
+    refused_replies: Mutex<HashMap<uuid::Uuid, u32>>,
+}
+
+impl Context {
+    /// Counts one more refused reply for command `id`; returns the count so far.
+    fn reply_refused(&self, id: uuid::Uuid) -> u32 {
+        let mut counts = self
+            .refused_replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if counts.len() >= MAX_COUNTED_REPLIES && !counts.contains_key(&id) {
+            counts.clear();
+        }
+        let count = counts.entry(id).or_default();
+        *count += 1;
+        *count
+    }
+
+    fn forget_refusals(&self, id: uuid::Uuid) {
+        self.refused_replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
 }
 
 pub(crate) async fn run(
@@ -43,6 +76,7 @@ pub(crate) async fn run(
         queue: command_queue(participant.name()),
         participant,
         db,
+        refused_replies: Mutex::new(HashMap::new()),
     });
     // Tasks handling deliveries outlive a lost connection (their database work finishes; the
     // reply or ack then fails and the broker redelivers), and shutdown waits for all of them.
@@ -145,10 +179,11 @@ async fn handle_delivery(
     delivery: Delivery,
     failed: mpsc::Sender<AmqpError>,
 ) {
-    let header_saga_id = saga_amqp::header_str(&delivery, header::SAGA_ID)
-        .unwrap_or("")
-        .to_owned();
-    let result = match check(&ctx, &delivery) {
+    let header_saga_id = limits::truncate(
+        saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or(""),
+        64,
+    );
+    let result = match check(&ctx, &publisher, &delivery) {
         Ok((cmd, reply_to)) => {
             let span = tracing::info_span!(
                 "command",
@@ -168,7 +203,7 @@ async fn handle_delivery(
                 tracing::warn!(
                     delivery_tag = delivery.delivery_tag,
                     message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-                    %reason,
+                    reason = %limits::reason(&reason),
                     "dead-lettering a message"
                 );
                 saga_amqp::dead_letter(&publisher, &delivery, &ctx.queue, &reason).await
@@ -185,7 +220,11 @@ async fn handle_delivery(
 }
 
 /// Checks and decodes a delivery; `Err` is the reason to dead-letter it.
-fn check(ctx: &Context, delivery: &Delivery) -> Result<(StepCommand, String), String> {
+fn check(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+) -> Result<(StepCommand, String), String> {
     let cmd: StepCommand =
         saga_amqp::decode(delivery).map_err(|e| format!("cannot decode the command: {e}"))?;
     let reply_to = delivery
@@ -223,7 +262,36 @@ fn check(ctx: &Context, delivery: &Delivery) -> Result<(StepCommand, String), St
             }
         ));
     }
+    // The reply carries the saga name, step and action in its headers: names too long for one
+    // frame would make the broker close the connection. Refuse the command before its handler
+    // runs, rather than do work nobody can be told about.
+    let skeleton = reply_to_command(
+        &cmd,
+        Outcome::Success {
+            output: Data::new(),
+        },
+    );
+    publisher
+        .check(&OutgoingMessage::reply(
+            &skeleton,
+            &cmd.saga_name,
+            &cmd.action,
+            &reply_to,
+        ))
+        .map_err(|e| format!("the reply to this command could not be published: {e}"))?;
     Ok((cmd, reply_to))
+}
+
+fn reply_to_command(cmd: &StepCommand, outcome: Outcome) -> StepReply {
+    StepReply {
+        message_id: uuid::Uuid::new_v4(),
+        in_reply_to: cmd.message_id,
+        saga_id: cmd.saga_id,
+        step: cmd.step.clone(),
+        direction: cmd.direction,
+        attempt: cmd.attempt,
+        outcome,
+    }
 }
 
 /// Handles a valid command, publishes the reply with a confirm, then acks.
@@ -247,27 +315,31 @@ async fn answer(
         saga_schemas::Outcome::Failure { .. } => "failure",
         saga_schemas::Outcome::RetryableError { .. } => "retryable_error",
     };
-    let reply = StepReply {
-        message_id: uuid::Uuid::new_v4(),
-        in_reply_to: cmd.message_id,
-        saga_id: cmd.saga_id,
-        step: cmd.step.clone(),
-        direction: cmd.direction,
-        attempt: cmd.attempt,
-        outcome,
-    };
+    let reply = reply_to_command(&cmd, outcome);
     let message = OutgoingMessage::reply(&reply, &cmd.saga_name, &cmd.action, &reply_to);
     match publisher.publish(&message).await {
         Ok(()) => {
+            ctx.forget_refusals(cmd.message_id);
             saga_amqp::ack(delivery).await?;
             tracing::info!(status, recorded, reply_to = %reply_to, "replied");
             Ok(())
         }
         Err(error) if publisher.is_open() => {
             // The broker refused the reply (no such reply queue, or a nack) but the channel is
-            // fine: hand the command back after a pause; its outcome is recorded, so the
-            // redelivery sends the same answer.
-            tracing::error!(error = %error, reply_to = %reply_to, "the reply was not accepted; the command will be redelivered");
+            // fine. The outcome is recorded, so a redelivery sends the same answer: hand the
+            // command back after a pause, a few times; then set it aside, so that it does not
+            // hold a prefetch slot forever (the orchestrator asks again if it still waits).
+            let tries = ctx.reply_refused(cmd.message_id);
+            if tries >= MAX_REPLY_TRIES {
+                ctx.forget_refusals(cmd.message_id);
+                let reason = format!(
+                    "the reply could not be delivered to the reply_to queue {reply_to:?} in \
+                     {tries} tries (does that queue exist?): {error}"
+                );
+                tracing::error!(reason = %limits::reason(&reason), "dead-lettering the command");
+                return saga_amqp::dead_letter(publisher, delivery, &ctx.queue, &reason).await;
+            }
+            tracing::error!(error = %error, reply_to = %reply_to, tries, "the reply was not accepted; the command will be redelivered");
             tokio::time::sleep(REPUBLISH_DELAY).await;
             saga_amqp::nack(delivery, true).await
         }
