@@ -246,7 +246,7 @@ async fn refuse_start(
     saga: &str,
     refusal: Refusal,
 ) -> Result<(), AmqpError> {
-    info!(saga_id = "none", saga = %limits::truncate(saga, 64), reason = %limits::reason(&refusal.why),
+    info!(saga_id = "none", saga = %limits::reason(saga), reason = %limits::reason(&refusal.why),
         "rejecting a start message; dead-lettering it");
     answer_rejection(publisher, delivery, saga, refusal.reason, &refusal.detail).await;
     saga_amqp::dead_letter(publisher, delivery, START_QUEUE, &refusal.why).await

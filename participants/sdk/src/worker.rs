@@ -179,16 +179,15 @@ async fn handle_delivery(
     delivery: Delivery,
     failed: mpsc::Sender<AmqpError>,
 ) {
-    let header_saga_id = limits::truncate(
-        saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or(""),
-        64,
-    );
+    // Header values and names are logged cut: a hostile message may carry huge ones.
+    let header_saga_id =
+        limits::reason(saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or(""));
     let result = match check(&ctx, &publisher, &delivery) {
         Ok((cmd, reply_to)) => {
             let span = tracing::info_span!(
                 "command",
                 saga_id = %cmd.saga_id,
-                step = %cmd.step,
+                step = %limits::reason(&cmd.step),
                 direction = cmd.direction.as_str(),
                 action = %cmd.action,
                 attempt = cmd.attempt,

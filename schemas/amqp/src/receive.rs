@@ -299,7 +299,7 @@ pub async fn decode_or_dead_letter<T: DeserializeOwned>(
             let reason = format!("cannot decode the message: {error}");
             tracing::warn!(
                 saga_id = header_str(&delivery, header::SAGA_ID)
-                    .map_or_else(|| "unknown".into(), |id| limits::truncate(id, 64)),
+                    .map_or_else(|| "unknown".into(), limits::reason),
                 queue = from_queue,
                 message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
                 reason = %limits::reason(&reason),
