@@ -582,11 +582,29 @@ fn action_of(participant: &str) -> &'static str {
 
 /// A message `target` must refuse, whatever the draw: (what it is, body).
 fn junk_body(rng: &mut Rng, target: Target) -> (String, Vec<u8>) {
-    let mut message = target.template();
-    let fields: Vec<String> = message.as_object().unwrap().keys().cloned().collect();
+    let fields: Vec<String> = target
+        .template()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     let field = rng.pick(&fields).clone();
+    let kind = rng.below(JUNK_KINDS);
+    junk_of_kind(rng, target, kind, field)
+}
+
+/// Kinds of junk [`junk_of_kind`] makes.
+const JUNK_KINDS: usize = 9;
+const HUGE_FIELD: usize = 4;
+/// A NUL, too deep, an integer beyond 64 bits, over the message limit.
+const LIMIT_KINDS: [usize; 4] = [5, 6, 7, 8];
+
+/// Junk of one kind; `field` is the field it changes, where it changes one.
+fn junk_of_kind(rng: &mut Rng, target: Target, kind: usize, field: String) -> (String, Vec<u8>) {
+    let mut message = target.template();
     let json_body = |v: &Value| serde_json::to_vec(v).unwrap();
-    match rng.below(9) {
+    match kind {
         0 => {
             let len = rng.below(2048);
             (format!("{len} random bytes"), rng.bytes(len))
@@ -759,27 +777,49 @@ async fn junk_on_every_queue(backend: Backend) {
         .chain(PARTICIPANTS.iter().map(|p| Target::Commands(p)))
         .collect();
     let good = async { start_good_sagas(&system, 9).await };
+    // First every field of every message huge, and every limit broken, on each queue (the
+    // failures seen), then random junk of every kind.
+    let mut bodies: Vec<(Target, String, Vec<u8>)> = Vec::new();
+    for target in &targets {
+        let fields: Vec<String> = target
+            .template()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        for field in fields {
+            let (what, body) = junk_of_kind(&mut rng, *target, HUGE_FIELD, field);
+            bodies.push((*target, what, body));
+        }
+        for kind in LIMIT_KINDS {
+            let (what, body) = junk_of_kind(&mut rng, *target, kind, String::new());
+            bodies.push((*target, what, body));
+        }
+    }
+    for _ in 0..20 {
+        for target in &targets {
+            let (what, body) = junk_body(&mut rng, *target);
+            bodies.push((*target, what, body));
+        }
+    }
     let junk = async {
         let mut sent: BTreeMap<String, Vec<Sent>> = BTreeMap::new();
-        for round in 0..20 {
-            for target in &targets {
-                let (what_body, body) = junk_body(&mut rng, *target);
-                let (what_headers, headers) = junk_headers(&mut rng);
-                let (exchange, routing_key) = match target {
-                    Target::Commands(participant) => (COMMANDS_EXCHANGE, (*participant).to_owned()),
-                    _ => ("", target.queue()),
-                };
-                let reply_to = match target {
-                    Target::Start => None,
-                    Target::Replies => None,
-                    Target::Commands(_) if rng.chance(10) => None,
-                    Target::Commands(_) => Some(REPLIES_QUEUE),
-                };
-                let what = format!("{target:?} #{round}: {what_body}; headers: {what_headers}");
-                let message =
-                    publish(&amqp, exchange, &routing_key, body, headers, reply_to, what).await;
-                sent.entry(target.queue()).or_default().push(message);
-            }
+        for (n, (target, what_body, body)) in bodies.into_iter().enumerate() {
+            let (what_headers, headers) = junk_headers(&mut rng);
+            let (exchange, routing_key) = match target {
+                Target::Commands(participant) => (COMMANDS_EXCHANGE, participant.to_owned()),
+                _ => ("", target.queue()),
+            };
+            let reply_to = match target {
+                Target::Start | Target::Replies => None,
+                Target::Commands(_) if rng.chance(10) => None,
+                Target::Commands(_) => Some(REPLIES_QUEUE),
+            };
+            let what = format!("{target:?} #{n}: {what_body}; headers: {what_headers}");
+            let message =
+                publish(&amqp, exchange, &routing_key, body, headers, reply_to, what).await;
+            sent.entry(target.queue()).or_default().push(message);
         }
         sent
     };
