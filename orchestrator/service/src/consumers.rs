@@ -252,15 +252,13 @@ async fn refuse_start(
     saga_amqp::dead_letter(publisher, delivery, START_QUEUE, &refusal.why).await
 }
 
-/// The rules a start follows before the runtime sees it, as over HTTP: the idempotency key
-/// rule, and the input within the saga data limit.
-fn check_start(start: &StartSaga) -> Result<(), Refusal> {
-    if let Some(key) = &start.idempotency_key {
-        limits::check_idempotency_key(key)
-            .map_err(|why| Refusal::new(RejectionReason::InvalidRequest, why))?;
+/// The idempotency key rule, as over HTTP (the runtime checks the input itself).
+fn check_key(start: &StartSaga) -> Result<(), Refusal> {
+    match &start.idempotency_key {
+        Some(key) => limits::check_idempotency_key(key)
+            .map_err(|why| Refusal::new(RejectionReason::InvalidRequest, why)),
+        None => Ok(()),
     }
-    limits::check_data_size("the input", &start.input)
-        .map_err(|why| Refusal::new(RejectionReason::InvalidInput, why))
 }
 
 /// The saga a request that breaks a message limit names, if it can be read safely: not when
@@ -368,7 +366,7 @@ pub async fn starts(
                 continue;
             }
         };
-        if let Err(refusal) = check_start(&start) {
+        if let Err(refusal) = check_key(&start) {
             refuse_start(publisher, &delivery, &start.saga, refusal).await?;
             continue;
         }
