@@ -1,5 +1,5 @@
-//! Messages nobody can read, and replies for sagas nobody here knows, are dead-lettered with
-//! the reason, and nothing else stops.
+//! Messages nobody can read, replies for sagas nobody here knows and replies to commands never
+//! sent are dead-lettered with the reason, and nothing else stops.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use saga_schemas::amqp::{
 use saga_schemas::{Direction, Outcome, SCHEMA_VERSION, StepReply};
 use saga_system::checkout::*;
 use saga_system::prometheus::scrape;
-use saga_system::{Backend, Options, System, dead_letter_reason, pretty};
+use saga_system::{Backend, CHECKOUT, Options, System, dead_letter_reason, pretty};
 use uuid::Uuid;
 
 const MALFORMED: &[u8] = b"{\"saga_id\": \"not closed";
@@ -139,4 +139,77 @@ async fn replies_for_unknown_sagas(backend: Backend) {
     amqp.close().await;
 }
 
-saga_system::on_both_backends!(malformed_messages, replies_for_unknown_sagas);
+/// A reply naming a command its saga never sent (forged, or meant for another saga) is not
+/// applied, even while its step awaits an answer: it lands in `saga.replies.dlq` with the
+/// reason, and the real command's answer still counts.
+async fn replies_to_commands_never_sent(backend: Backend) {
+    // Without `orders`, the first command waits in its queue and the step awaits its reply.
+    let system = System::start(
+        Options::new(backend)
+            .without("orders")
+            .label("forged-reply"),
+    )
+    .await;
+    let amqp = system.amqp().await;
+    let saga_id = system
+        .start_checkout(&order("ada", 1000, &[("TEA-01", 1)]))
+        .await;
+    let queue = command_queue("orders");
+    let command = amqp
+        .wait_get(&queue, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no command in {queue}"));
+    let command: saga_schemas::StepCommand = serde_json::from_slice(&command.data).unwrap();
+    let reply = |in_reply_to| StepReply {
+        message_id: Uuid::new_v4(),
+        in_reply_to,
+        saga_id: saga_id.parse().unwrap(),
+        step: command.step.clone(),
+        direction: Direction::Execute,
+        attempt: command.attempt,
+        outcome: Outcome::Success {
+            output: Default::default(),
+        },
+    };
+    let publish =
+        |reply: StepReply| OutgoingMessage::reply(&reply, CHECKOUT, &command.action, REPLIES_QUEUE);
+
+    let forged = reply(Uuid::new_v4());
+    amqp.publish(&publish(forged.clone())).await;
+    let dlq = dead_letter_queue(REPLIES_QUEUE);
+    let dead = amqp
+        .wait_get(&dlq, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the forged reply did not reach {dlq}"));
+    let body: StepReply = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(body, forged, "{dlq} holds the reply as it was sent");
+    let reason = dead_letter_reason(&dead).unwrap_or_default().to_owned();
+    assert!(
+        reason.contains(&saga_id) && reason.contains("did not send"),
+        "{reason}"
+    );
+    let saga = system.saga(&saga_id).await;
+    assert_eq!(
+        step_status(&saga, &command.step),
+        "running",
+        "{}",
+        pretty(&saga)
+    );
+
+    amqp.publish(&publish(reply(command.message_id))).await;
+    system
+        .wait_until(
+            &saga_id,
+            Duration::from_secs(60),
+            "take the real reply",
+            |saga| step_status(saga, &command.step) == "completed",
+        )
+        .await;
+    amqp.close().await;
+}
+
+saga_system::on_both_backends!(
+    malformed_messages,
+    replies_for_unknown_sagas,
+    replies_to_commands_never_sent
+);

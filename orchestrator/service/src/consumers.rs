@@ -113,6 +113,13 @@ async fn handle_replies(
                 metrics::counter!(REPLIES_UNKNOWN).increment(1);
                 saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
             }
+            // Forged, or from another orchestrator's saga with a colliding id: never applied,
+            // and kept with why rather than acked away.
+            Ok(Outcome::Ignored(ignored @ Ignored::UnknownCommand { .. })) => {
+                let reason = result_reason(&w.saga_id, &ignored.to_string());
+                warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
+                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+            }
             Ok(_) => saga_amqp::ack(&delivery).await?,
             // It can never be handled (its saga's definition is gone, its saga unreadable):
             // set it aside with why, for an operator, instead of requeueing it forever.
