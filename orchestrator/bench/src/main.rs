@@ -105,6 +105,7 @@ async fn run(
         prefetch: 256,
         long_running_threshold: Duration::from_secs(300),
         inbox_retention: orchestrator::retention::DEFAULT_INBOX_RETENTION,
+        auth: Default::default(),
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
     for (i, name) in participants.iter().enumerate() {

@@ -91,6 +91,24 @@ pub struct RunArgs {
     /// How long the inbox keeps the id of a handled reply, to spot its redeliveries.
     #[arg(long, env = "INBOX_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub inbox_retention: std::time::Duration,
+    /// HTTP API bearer tokens: a file of `NAME ROLE TOKEN` lines, ROLE `read` or `operate`.
+    #[arg(long, env = "TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// HTTP API bearer tokens: `NAME ROLE TOKEN` entries separated by `;` or newlines. Prefer
+    /// the variable or --tokens-file: a command line is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "API_TOKENS",
+        value_name = "TOKENS",
+        hide_env_values = true
+    )]
+    pub api_tokens: Option<orchestrator::auth::TokenText>,
+    /// Serve /metrics without a token (with tokens set, it needs the `read` role otherwise).
+    #[arg(long, env = "METRICS_OPEN")]
+    pub metrics_open: bool,
+    /// Serve the HTTP API on a non-loopback address with no tokens configured.
+    #[arg(long, env = "INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,11 +7,13 @@
 //! - [`timers`]: fires due step timeouts, retries and deadlines;
 //! - [`retention`]: forgets handled replies' ids after the inbox's retention;
 //! - [`api`]: the HTTP API;
+//! - [`auth`]: its bearer tokens and roles;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`presence`]: notices another orchestrator with another database on the same vhost;
 //! - [`service`]: wires them together for `orchestrator run`.
 
 pub mod api;
+pub mod auth;
 pub mod consumers;
 pub mod http;
 pub mod metrics;

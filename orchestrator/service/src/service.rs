@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::api::{self, ApiState};
+use crate::auth::AuthConfig;
 use crate::http::{self, HttpConfig};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -42,6 +43,8 @@ pub struct ServiceConfig {
     pub long_running_threshold: std::time::Duration,
     /// How long the inbox keeps a handled reply's id (see [`crate::retention`]).
     pub inbox_retention: std::time::Duration,
+    /// Who may use the HTTP API (see [`crate::auth`]).
+    pub auth: AuthConfig,
 }
 
 /// The names of the supervised tasks, as `/readyz` and the exit error give them.
@@ -224,6 +227,7 @@ pub async fn serve(
     config: ServiceConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.auth.check_address(config.http)?;
     let options = StoreOptions {
         pool_size: config.database_pool_size,
     };
@@ -243,7 +247,9 @@ pub async fn serve(
     serve_runtime(runtime, config, shutdown).await
 }
 
-/// Serves an already built runtime (the benchmark drives the same runtime directly).
+/// Serves an already built runtime (the benchmark drives the same runtime directly). Unlike
+/// [`serve`], it does not refuse an unauthenticated non-loopback address: check
+/// [`AuthConfig::check_address`] first.
 pub async fn serve_runtime(
     runtime: Runtime,
     config: ServiceConfig,
@@ -266,6 +272,7 @@ pub async fn serve_runtime(
         health: health.clone(),
         metrics: Metrics::install(config.long_running_threshold),
     });
+    let app = crate::auth::protect(app, &config.auth);
     let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
     tasks.spawn(HTTP_TASK, {
         let shutdown = shutdown.clone();

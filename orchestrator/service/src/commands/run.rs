@@ -1,6 +1,7 @@
 //! `orchestrator run`: the service.
 
 use anyhow::Context;
+use orchestrator::auth::AuthConfig;
 use orchestrator::service::{self, ServiceConfig};
 use tracing::info;
 
@@ -13,6 +14,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let connection_name = args
         .connection_name
         .unwrap_or_else(|| saga_amqp::default_connection_name("orchestrator"));
+    let auth = AuthConfig::load(
+        args.tokens_file.as_deref(),
+        args.api_tokens.as_ref(),
+        args.metrics_open,
+        args.insecure_no_auth,
+    )?;
     let config = ServiceConfig {
         amqp_url: args.amqp_url,
         database_url: args.database_url,
@@ -22,6 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         long_running_threshold: args.long_running_threshold,
         inbox_retention: args.inbox_retention,
+        auth,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use orchestrator::api::{self, ApiState};
+use orchestrator::auth::AuthConfig;
 use orchestrator::metrics::Metrics;
 use orchestrator::runtime::Runtime;
 use orchestrator::service::Health;
@@ -155,6 +156,15 @@ pub async fn spawn_app_on(backend: Backend) -> App {
 
 /// The API as `orchestrator run` serves it, with `config` for the connection limits.
 pub async fn spawn_app_with(backend: Backend, config: orchestrator::http::HttpConfig) -> App {
+    spawn_app_behind(backend, config, &AuthConfig::default()).await
+}
+
+/// The API behind the tokens of `auth`, as `orchestrator run` serves it.
+pub async fn spawn_app_behind(
+    backend: Backend,
+    config: orchestrator::http::HttpConfig,
+    auth: &AuthConfig,
+) -> App {
     let db = TestDb::new(backend).await;
     let store = Store::connect(&db.url).await.expect("a store");
     let definitions = Definitions::parse("sagas.yaml", SAGAS).expect("valid definitions");
@@ -165,6 +175,7 @@ pub async fn spawn_app_with(backend: Backend, config: orchestrator::http::HttpCo
         health: health.clone(),
         metrics: Metrics::install(Duration::from_secs(300)),
     });
+    let router = orchestrator::auth::protect(router, auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
