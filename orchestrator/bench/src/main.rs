@@ -97,8 +97,8 @@ async fn run(
     let store = Store::connect(&databases.orchestrator).await?;
     let runtime = Runtime::new(definitions, store)?;
     let config = ServiceConfig {
-        amqp_url: args.amqp_url.clone(),
-        database_url: databases.orchestrator.clone(),
+        amqp_url: args.amqp_url.clone().into(),
+        database_url: databases.orchestrator.clone().into(),
         database_pool_size: orchestrator::store::DEFAULT_POOL_SIZE,
         http: "127.0.0.1:0".parse()?,
         connection_name: "saga-bench orchestrator".into(),
@@ -113,8 +113,8 @@ async fn run(
             .action("work", |_, _| Box::pin(async { Ok(success(json!({}))) }))
             .compensation("undo", |_, _| Box::pin(async { Ok(success(json!({}))) }));
         let mut sdk = SdkConfig::new(name);
-        sdk.amqp_url = args.amqp_url.clone();
-        sdk.database_url = databases.participants[i].0.clone();
+        sdk.amqp_url = args.amqp_url.clone().into();
+        sdk.database_url = databases.participants[i].0.clone().into();
         sdk.database_schema = databases.participants[i].1.clone();
         sdk.prefetch = args.participant_prefetch;
         tokio::spawn(participant.run(sdk, shutdown.clone()));

@@ -60,6 +60,7 @@ pub struct GraphArgs {
 /// default; use PostgreSQL in production.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
 pub use saga_amqp::DEFAULT_AMQP_URL;
+use saga_amqp::SecretUrl;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -68,10 +69,10 @@ pub struct RunArgs {
     pub config: PathBuf,
     /// The RabbitMQ broker.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     /// `sqlite://FILE?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// PostgreSQL: the most connections the orchestrator opens (SQLite ignores it).
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = orchestrator::store::DEFAULT_POOL_SIZE,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -115,7 +116,7 @@ pub struct RunArgs {
 pub struct RebuildArgs {
     /// The database whose read model to rebuild.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: SecretUrl,
 }
 
 #[cfg(test)]
@@ -155,5 +156,25 @@ mod tests {
             assert_eq!(run_args(&[]).unwrap().database_pool_size, 10);
         }
         assert!(run_args(&["--database-pool-size", "0"]).is_err());
+    }
+
+    #[test]
+    fn printing_the_arguments_never_shows_a_password_or_a_token() {
+        let token = "t0ken-t0ken-t0ken-t0ken-t0ken-t0ken";
+        let args = run_args(&[
+            "--amqp-url",
+            "amqp://app:amqp-pw@rabbit:5672/%2f",
+            "--database-url",
+            "postgres://app:db-pw@pg:5432/app",
+            "--api-tokens",
+            &format!("ops operate {token}"),
+        ])
+        .unwrap();
+        let shown = format!("{args:?}");
+        for secret in ["amqp-pw", "db-pw", token] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
+        assert!(shown.contains("postgres://app:***@pg:5432/app"), "{shown}");
     }
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use saga_amqp::lapin::ConnectionStatus;
-use saga_amqp::{AmqpError, Publisher};
+use saga_amqp::{AmqpError, Publisher, SecretUrl};
 use saga_engine::Definitions;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +31,8 @@ use crate::{consumers, presence, relay, retention, timers};
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub amqp_url: String,
-    pub database_url: String,
+    pub amqp_url: SecretUrl,
+    pub database_url: SecretUrl,
     /// PostgreSQL connections the orchestrator may hold (SQLite ignores it).
     pub database_pool_size: u32,
     pub http: SocketAddr,
@@ -233,12 +233,7 @@ pub async fn serve(
     };
     let store = Store::connect_with(&config.database_url, options)
         .await
-        .with_context(|| {
-            format!(
-                "cannot open the database at {}",
-                saga_amqp::redact_url(&config.database_url)
-            )
-        })?;
+        .with_context(|| format!("cannot open the database at {}", config.database_url))?;
     info!(
         backend = store.backend_name(),
         "database ready; migrations applied"

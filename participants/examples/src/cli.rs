@@ -2,18 +2,18 @@
 //! environment), logging, and shutdown on SIGTERM or ctrl-c.
 
 use clap::{Args, ValueEnum};
-use saga_participant::SdkConfig;
+use saga_participant::{SdkConfig, SecretUrl};
 
 /// The flags every example binary takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// The broker.
     #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     /// The service's own database: `sqlite://<file>?mode=rwc` or `postgres://...`
     /// [default: sqlite://<service>.db?mode=rwc].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
     /// PostgreSQL only: keep the service's tables in this schema (created if missing).
     #[arg(long, env = "DATABASE_SCHEMA")]
     pub database_schema: Option<String>,
@@ -57,11 +57,11 @@ impl CommonArgs {
     }
 
     /// The database URL, or `sqlite://<service>.db?mode=rwc`.
-    pub fn database_url(&self, service: &str) -> String {
+    pub fn database_url(&self, service: &str) -> SecretUrl {
         self.database_url
             .clone()
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| saga_participant::default_database_url(service))
+            .unwrap_or_else(|| saga_participant::default_database_url(service).into())
     }
 }
 
@@ -126,6 +126,25 @@ mod tests {
             Some(3)
         );
         assert!(Cli::try_parse_from(["payments", "--database-pool-size", "0"]).is_err());
+    }
+
+    #[test]
+    fn printing_the_settings_never_shows_a_password() {
+        let cli = Cli::try_parse_from([
+            "payments",
+            "--amqp-url",
+            "amqp://app:amqp-pw@rabbit:5672/%2f",
+            "--database-url",
+            "postgres://app:db-pw@pg:5432/app",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?} {:?}", cli.common.sdk_config("payments"));
+        assert!(
+            !shown.contains("amqp-pw") && !shown.contains("db-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
+        assert!(shown.contains("postgres://app:***@pg:5432/app"), "{shown}");
     }
 
     /// The SDK opens the pool with the size given (PostgreSQL: `DATABASE_URL`).

@@ -83,8 +83,8 @@ impl Env {
         shutdown: &CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let config = SdkConfig {
-            amqp_url: self.url.clone(),
-            database_url: self.database_url(service),
+            amqp_url: self.url.clone().into(),
+            database_url: self.database_url(service).into(),
             database_schema: None,
             database_pool_size: None,
             prefetch: 8,

@@ -95,7 +95,7 @@ pub use handler::{
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
 /// A [`CancellationToken`] cancelled on SIGTERM or Ctrl-C, for [`Participant::run`].
-pub use saga_amqp::shutdown_on_signal;
+pub use saga_amqp::{SecretUrl, shutdown_on_signal};
 pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;
@@ -109,9 +109,9 @@ pub const DEFAULT_PREFETCH: u16 = 32;
 #[derive(Debug, Clone)]
 pub struct SdkConfig {
     /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     /// The participant's own database: `sqlite://<file>?mode=rwc` or `postgres://...`.
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// PostgreSQL only: a schema of the participant's own, created if missing and set as the
     /// `search_path` of every pooled connection.
     pub database_schema: Option<String>,
@@ -130,7 +130,7 @@ impl SdkConfig {
     pub fn new(participant: &str) -> Self {
         SdkConfig {
             amqp_url: DEFAULT_AMQP_URL.into(),
-            database_url: default_database_url(participant),
+            database_url: default_database_url(participant).into(),
             database_schema: None,
             database_pool_size: None,
             prefetch: DEFAULT_PREFETCH,

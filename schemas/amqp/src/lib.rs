@@ -20,6 +20,7 @@ mod error;
 mod frame;
 mod publish;
 mod receive;
+mod secret;
 mod supervise;
 mod topology;
 
@@ -32,6 +33,7 @@ pub use receive::{
     DecodeError, Received, ack, dead_letter, decode, decode_or_dead_letter, header_int, header_str,
     nack, open_consumer,
 };
+pub use secret::SecretUrl;
 pub use supervise::{connect, default_connection_name, shutdown_on_signal, supervise};
 pub use topology::{
     declare_dead_letter_exchange, declare_orchestrator_topology, declare_participant_topology,

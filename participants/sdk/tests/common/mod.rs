@@ -401,8 +401,8 @@ impl Running {
     pub fn start(participant: Participant, vhost: &Vhost, db: &TestDb, prefetch: u16) -> Self {
         init_tracing();
         let config = SdkConfig {
-            amqp_url: vhost.url.clone(),
-            database_url: db.url.clone(),
+            amqp_url: vhost.url.clone().into(),
+            database_url: db.url.clone().into(),
             database_schema: db.schema.clone(),
             database_pool_size: None,
             prefetch,
