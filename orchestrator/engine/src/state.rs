@@ -78,16 +78,24 @@ pub struct StepState {
 }
 
 /// A step's status as shown to people (API, read model).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
+    /// No command sent yet.
     Pending,
+    /// An attempt of the action is in flight.
     Running,
+    /// An attempt failed with a retryable error or timed out; the next is scheduled.
     WaitingRetry,
+    /// The action committed.
     Completed,
+    /// The action failed definitively, or was interrupted by compensation before any reply.
     Failed,
+    /// Its compensation has been sent and has not finished.
     Compensating,
+    /// Its compensation committed.
     Compensated,
+    /// Its compensation failed definitively; an operator decides.
     CompensationFailed,
 }
 

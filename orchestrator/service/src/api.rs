@@ -12,7 +12,6 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Datelike, Utc};
 use saga_engine::state::StepStatus;
@@ -20,13 +19,17 @@ use saga_engine::{OperatorCommand, Outcome, SagaState};
 use saga_schemas::limits::{self, LimitError, MAX_MESSAGE_BYTES};
 use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+use crate::openapi::{BodyErrors, RequestErrors, StoreErrors, contract_ref};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::service::Health;
-use crate::store::{ListFilter, RecordedEvent, SagaListing, SagaRow, StoreError};
+use crate::store::{ListFilter, RecordedEvent, SagaListing, SagaRow, SetAside, StoreError};
 
 const MAX_PAGE: u64 = 500;
 const DEFAULT_PAGE: u64 = 50;
@@ -45,25 +48,57 @@ pub struct ApiState {
     pub metrics: Metrics,
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Saga orchestrator",
+        description = "Start sagas, read their status and history, and take an operator's \
+                       decisions. Every error answer is `{\"error\": \"...\"}`; request bodies \
+                       are JSON sent as `application/json`."
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// Every route, each registered with its description, so that the document and the router
+/// cannot differ.
+fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_sagas))
+        .routes(routes!(start_saga, get_saga))
+        .routes(routes!(abort))
+        .routes(routes!(retry))
+        .routes(routes!(mark_compensated))
+        .routes(routes!(retry_step))
+        .routes(routes!(mark_completed))
+        .routes(routes!(list_set_aside))
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// What utoipa describes of the routes; [`crate::openapi::document`] completes it.
+pub(crate) fn described() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/sagas", get(list_sagas))
-        .route("/sagas/{saga}", post(start_saga).get(get_saga))
-        .route("/sagas/{saga}/abort", post(abort))
-        .route("/sagas/{saga}/retry", post(retry))
-        .route("/sagas/{saga}/mark-compensated", post(mark_compensated))
-        .route("/sagas/{saga}/retry-step", post(retry_step))
-        .route("/sagas/{saga}/mark-completed", post(mark_completed))
-        .route("/set-aside", get(list_set_aside))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         // `crate::http` reads bodies up to this limit before routing; the router keeps it too.
         .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
         .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Why, for people; at most 512 characters.
+    error: String,
 }
 
 /// An error answer: a status and a sentence saying why, cut to [`limits::MAX_REASON_CHARS`]
@@ -113,7 +148,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -267,10 +302,12 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StartResponse {
     saga_id: Uuid,
+    /// False when an earlier request with the same idempotency key started the saga.
     created: bool,
+    /// Where the saga's status is (also the `Location` header).
     status_url: String,
 }
 
@@ -289,6 +326,34 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// Starts a saga; with an `Idempotency-Key`, a repeated request answers the saga the first
+/// one started.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}",
+    params(
+        ("saga" = String, Path, description = "The saga's name, as defined."),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+         description = "1 to 255 printable ASCII characters (space to `~`)."),
+    ),
+    request_body(
+        content = Object,
+        content_type = "application/json",
+        description = "The saga's input: a JSON object its `input_schema` accepts.",
+    ),
+    responses(
+        RequestErrors,
+        (status = 202, description = "Started, or started before under the same idempotency key.",
+         body = StartResponse,
+         headers(("Location" = String, description = "The saga's status URL."))),
+        (status = 400, description = "The idempotency key breaks its rule.", body = ErrorBody),
+        (status = 404, description = "No saga of that name is defined.", body = ErrorBody),
+        (status = 409, description = "A concurrent start or change won; try again.",
+         body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn start_saga(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -317,32 +382,42 @@ async fn start_saga(
         .into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StepView {
     name: String,
     participant: String,
+    #[schema(schema_with = contract_ref::<saga_engine::StepKind>)]
     kind: saga_engine::StepKind,
+    #[schema(schema_with = contract_ref::<StepStatus>)]
     status: StepStatus,
+    /// Commands sent for the action.
     attempts: u32,
+    /// Commands sent for the compensation.
     compensation_attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    /// What the action returned, merged into the saga data.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     output: Option<Data>,
 }
 
-#[derive(Serialize)]
+/// One event of the saga's log: the event's fields with its place in the log.
+#[derive(Serialize, ToSchema)]
 struct HistoryEntry {
+    /// Position in the log, from 1, without gaps.
     seq: u64,
     recorded_at: DateTime<Utc>,
     #[serde(flatten)]
-    event: saga_schemas::SagaEvent,
+    #[schema(schema_with = contract_ref::<SagaEvent>)]
+    event: SagaEvent,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct SagaSummary {
     id: Uuid,
     name: String,
+    #[schema(schema_with = contract_ref::<SagaStatus>)]
     status: SagaStatus,
     current_step: Option<String>,
     business_key: Option<String>,
@@ -365,9 +440,10 @@ impl From<&SagaListing> for SagaSummary {
 }
 
 /// What a saga in flight waits for: the step with an attempt in flight or a retry scheduled.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct WaitingOn {
     step: String,
+    #[schema(schema_with = contract_ref::<Direction>)]
     direction: Direction,
     /// The attempt in flight, or the one the scheduled retry will send.
     attempt: u32,
@@ -410,7 +486,31 @@ fn waiting_on(state: &SagaState, history: &[RecordedEvent]) -> Option<WaitingOn>
     })
 }
 
-fn saga_view(runtime: &Runtime, row: &SagaRow, history: Vec<RecordedEvent>) -> Value {
+/// A saga: its state from the read model, its steps as defined, and its whole log.
+#[derive(Serialize, ToSchema)]
+struct SagaView {
+    id: Uuid,
+    name: String,
+    #[schema(schema_with = contract_ref::<SagaStatus>)]
+    status: SagaStatus,
+    current_step: Option<String>,
+    /// While running or compensating: the step the saga waits for.
+    waiting_on: Option<WaitingOn>,
+    business_key: Option<String>,
+    /// Content hash of the saga definition the saga runs.
+    definition_version: String,
+    /// The start input with every completed step's output merged in.
+    #[schema(value_type = Object)]
+    data: Data,
+    compensation_reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    /// Every step of the definition, in order (none when the definition is gone).
+    steps: Vec<StepView>,
+    history: Vec<HistoryEntry>,
+}
+
+fn saga_view(runtime: &Runtime, row: SagaRow, history: Vec<RecordedEvent>) -> SagaView {
     let waiting_on = waiting_on(&row.state, &history);
     let def = runtime.definitions().get(&row.name);
     let steps: Vec<StepView> = def
@@ -441,27 +541,40 @@ fn saga_view(runtime: &Runtime, row: &SagaRow, history: Vec<RecordedEvent>) -> V
             event: e.event,
         })
         .collect();
-    json!({
-        "id": row.id,
-        "name": row.name,
-        "status": row.status,
-        "current_step": row.current_step,
-        "waiting_on": waiting_on,
-        "business_key": row.business_key,
-        "definition_version": row.definition_version,
-        "data": row.state.data,
-        "compensation_reason": row.state.compensation_reason,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-        "steps": steps,
-        "history": history,
-    })
+    SagaView {
+        id: row.id,
+        name: row.name,
+        status: row.status,
+        current_step: row.current_step,
+        waiting_on,
+        business_key: row.business_key,
+        definition_version: row.definition_version,
+        data: row.state.data,
+        compensation_reason: row.state.compensation_reason,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        steps,
+        history,
+    }
 }
 
+/// A saga's status, steps and history.
+#[utoipa::path(
+    get,
+    path = "/sagas/{saga}",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    responses(
+        RequestErrors,
+        (status = 200, description = "The saga.", body = SagaView),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        StoreErrors,
+    ),
+)]
 async fn get_saga(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SagaView>, ApiError> {
     let id = parse_id(&id)?;
     let store = state.runtime.store();
     let failed = |error: StoreError| ApiError::runtime(error.into(), Some(id));
@@ -471,15 +584,31 @@ async fn get_saga(
         .map_err(failed)?
         .ok_or(RuntimeError::NotFound(id))?;
     let history = store.history(id).await.map_err(failed)?;
-    Ok(Json(saga_view(&state.runtime, &row, history)))
+    Ok(Json(saga_view(&state.runtime, row, history)))
 }
 
-#[derive(Deserialize)]
+/// Every value is at most 1024 bytes without control characters; an empty one is absent.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only sagas in this status: running, compensating, completed, compensated,
+    /// compensation_failed or completion_failed.
     status: Option<String>,
+    /// Only sagas of this name.
     name: Option<String>,
+    /// Sagas per page (default 50).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 500)]
     limit: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+}
+
+/// A page of sagas, newest first.
+#[derive(Serialize, ToSchema)]
+struct SagaList {
+    sagas: Vec<SagaSummary>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 /// A query parameter's value, refused with 400 when it holds a control character (NUL, which
@@ -530,10 +659,22 @@ fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     Ok((at, Uuid::parse_str(id).map_err(|_| invalid())?))
 }
 
+/// Sagas, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/sagas",
+    params(ListQuery),
+    responses(
+        RequestErrors,
+        (status = 200, description = "A page of sagas.", body = SagaList),
+        (status = 400, description = "A query parameter is invalid.", body = ErrorBody),
+        StoreErrors,
+    ),
+)]
 async fn list_sagas(
     State(state): State<ApiState>,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SagaList>, ApiError> {
     let status = query_value("status", query.status.as_deref())?;
     let name = query_value("name", query.name.as_deref())?;
     let limit = query_value("limit", query.limit.as_deref())?;
@@ -566,49 +707,85 @@ async fn list_sagas(
         None
     };
     let sagas: Vec<SagaSummary> = rows.iter().map(SagaSummary::from).collect();
-    Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
+    Ok(Json(SagaList { sagas, next_cursor }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SetAsideQuery {
+    /// Entries at most (default 50).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 500)]
     limit: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct SetAsideList {
+    set_aside: Vec<SetAside>,
+}
+
 /// Timers and replies that can never be handled, newest first, with why.
+#[utoipa::path(
+    get,
+    path = "/set-aside",
+    params(SetAsideQuery),
+    responses(
+        RequestErrors,
+        (status = 200, description = "The set-aside inputs.", body = SetAsideList),
+        (status = 400, description = "`limit` is invalid.", body = ErrorBody),
+        StoreErrors,
+    ),
+)]
 async fn list_set_aside(
     State(state): State<ApiState>,
     Query(query): Query<SetAsideQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SetAsideList>, ApiError> {
     let limit = page_limit(query_value("limit", query.limit.as_deref())?)?;
     let items = state.runtime.store().list_set_aside(limit).await?;
-    Ok(Json(json!({ "set_aside": items })))
+    Ok(Json(SetAsideList { set_aside: items }))
 }
 
-#[derive(Deserialize)]
+/// An empty body aborts with the reason "aborted through the API".
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AbortBody {
+    /// Recorded with the saga; at most 512 characters.
+    #[schema(max_length = 512)]
     reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MarkBody {
+    /// The step whose compensation was done by hand.
     step: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MarkCompletedBody {
+    /// The step whose action was done by hand.
     step: String,
     /// Merged into the saga data, as a success's output would be.
     #[serde(default)]
+    #[schema(value_type = Object)]
     output: Data,
 }
 
 /// The body of a command that takes none: empty, or `{}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NoBody {}
+
+/// What became of an operator command.
+#[derive(Serialize, ToSchema)]
+struct CommandOutcome {
+    saga_id: Uuid,
+    /// False when the command changed nothing (the saga was already where it asked).
+    applied: bool,
+    /// Why it changed nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
 
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: &Bytes,
@@ -633,17 +810,39 @@ async fn operate(
         .operate(id, command)
         .await
         .map_err(|error| ApiError::runtime(error, Some(id)))?;
-    let (status, body) = match outcome {
-        Outcome::Applied => (StatusCode::OK, json!({ "saga_id": id, "applied": true })),
-        Outcome::Ignored(why) => (
-            StatusCode::OK,
-            json!({ "saga_id": id, "applied": false, "reason": why.to_string() }),
-        ),
+    let body = match outcome {
+        Outcome::Applied => CommandOutcome {
+            saga_id: id,
+            applied: true,
+            reason: None,
+        },
+        Outcome::Ignored(why) => CommandOutcome {
+            saga_id: id,
+            applied: false,
+            reason: Some(why.to_string()),
+        },
         Outcome::Rejected(why) => return Err(ApiError::new(StatusCode::CONFLICT, why.to_string())),
     };
-    Ok((status, Json(body)).into_response())
+    Ok((StatusCode::OK, Json(body)).into_response())
 }
 
+/// Stops the saga: it compensates its completed steps as soon as no pivot is in flight.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}/abort",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    request_body(content = Option<AbortBody>, content_type = "application/json"),
+    responses(
+        RequestErrors,
+        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        (status = 409, description = "The command does not apply to the saga as it is now, or \
+                                      a concurrent change won.", body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn abort(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -664,6 +863,23 @@ async fn abort(
     operate(&state, &id, OperatorCommand::Abort { reason }).await
 }
 
+/// Retries the failed compensation, with a fresh budget.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}/retry",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    request_body(content = Option<NoBody>, content_type = "application/json"),
+    responses(
+        RequestErrors,
+        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        (status = 409, description = "The command does not apply to the saga as it is now, or \
+                                      a concurrent change won.", body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn retry(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -673,6 +889,23 @@ async fn retry(
     operate(&state, &id, OperatorCommand::RetryCompensation).await
 }
 
+/// Retries the step whose failure past the point of no return stopped the saga.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}/retry-step",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    request_body(content = Option<NoBody>, content_type = "application/json"),
+    responses(
+        RequestErrors,
+        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        (status = 409, description = "The command does not apply to the saga as it is now, or \
+                                      a concurrent change won.", body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn retry_step(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -682,6 +915,23 @@ async fn retry_step(
     operate(&state, &id, OperatorCommand::RetryStep).await
 }
 
+/// Records that an operator did the failed step's action by hand.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}/mark-completed",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    request_body(content = MarkCompletedBody, content_type = "application/json"),
+    responses(
+        RequestErrors,
+        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        (status = 409, description = "The command does not apply to the saga as it is now, or \
+                                      a concurrent change won.", body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn mark_completed(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -701,6 +951,23 @@ async fn mark_completed(
     .await
 }
 
+/// Records that an operator undid the step by hand.
+#[utoipa::path(
+    post,
+    path = "/sagas/{saga}/mark-compensated",
+    params(("saga" = Uuid, Path, description = "The saga's id.")),
+    request_body(content = MarkBody, content_type = "application/json"),
+    responses(
+        RequestErrors,
+        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
+        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
+        (status = 404, description = "No saga has that id.", body = ErrorBody),
+        (status = 409, description = "The command does not apply to the saga as it is now, or \
+                                      a concurrent change won.", body = ErrorBody),
+        BodyErrors,
+        StoreErrors,
+    ),
+)]
 async fn mark_compensated(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -715,8 +982,43 @@ async fn mark_compensated(
     .await
 }
 
+/// Alive: answers as long as the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses(
+        RequestErrors,
+        (status = 200, description = "`ok`.", body = String, content_type = "text/plain"),
+    ),
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// What `/readyz` found.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    /// The database answers.
+    database: bool,
+    /// The broker connection is open now.
+    broker: bool,
+    /// Background tasks that stopped, with why.
+    stopped_tasks: std::collections::BTreeMap<String, String>,
+    /// Other orchestrators seen on the same vhost with another database.
+    foreign_orchestrators: Vec<String>,
+}
+
 /// `200` only when the database answers, the broker connection is open now, and no background
 /// task has stopped; the body says which of them is not.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        RequestErrors,
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "Not ready; the body says why.", body = Readiness),
+    ),
+)]
 async fn ready(State(state): State<ApiState>) -> Response {
     let database = state.runtime.store().ping().await.is_ok();
     let broker = state.health.broker_connected();
@@ -729,20 +1031,46 @@ async fn ready(State(state): State<ApiState>) -> Response {
     };
     (
         status,
-        Json(json!({
-            "database": database,
-            "broker": broker,
-            "stopped_tasks": stopped,
-            "foreign_orchestrators": foreign,
-        })),
+        Json(Readiness {
+            database,
+            broker,
+            stopped_tasks: stopped,
+            foreign_orchestrators: foreign,
+        }),
     )
         .into_response()
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses(
+        RequestErrors,
+        (status = 200, description = "The Prometheus text format.", body = String,
+         content_type = "text/plain"),
+        StoreErrors,
+    ),
+)]
 async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let text = state
         .metrics
         .render(state.runtime.store(), state.runtime.definitions())
         .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    responses(
+        RequestErrors,
+        (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object),
+    ),
+)]
+async fn openapi_json() -> Json<&'static Value> {
+    static DOCUMENT: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(crate::openapi::document);
+    Json(&DOCUMENT)
 }

@@ -26,6 +26,8 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild the read model (the `sagas` table) from the event log alone.
     Rebuild(RebuildArgs),
+    /// Print the HTTP API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
+    Openapi,
 }
 
 impl Command {
@@ -35,6 +37,7 @@ impl Command {
             Command::Graph(args) => commands::graph::run(args),
             Command::Run(args) => commands::run::run(args),
             Command::Rebuild(args) => commands::rebuild::run(args),
+            Command::Openapi => commands::openapi::run(),
         }
     }
 }

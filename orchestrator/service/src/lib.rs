@@ -6,7 +6,7 @@
 //! - [`consumers`]: the replies and start queues;
 //! - [`timers`]: fires due step timeouts, retries and deadlines;
 //! - [`retention`]: forgets handled replies' ids after the inbox's retention;
-//! - [`api`]: the HTTP API;
+//! - [`api`]: the HTTP API; [`openapi`]: its OpenAPI document;
 //! - [`auth`]: its bearer tokens and roles;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`presence`]: notices another orchestrator with another database on the same vhost;
@@ -17,6 +17,7 @@ pub mod auth;
 pub mod consumers;
 pub mod http;
 pub mod metrics;
+pub mod openapi;
 pub mod presence;
 pub mod relay;
 pub mod retention;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod graph;
+pub mod openapi;
 pub mod rebuild;
 pub mod run;
 pub mod validate;

@@ -16,7 +16,7 @@ use super::entity::{set_aside, timers};
 use super::{DueTimer, Store, StoreError};
 
 /// What kind of input was set aside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SetAsideKind {
     Timer,
@@ -41,12 +41,13 @@ impl SetAsideKind {
 }
 
 /// One set-aside input, as `GET /set-aside` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SetAside {
     pub id: i64,
     pub saga_id: Uuid,
     pub kind: SetAsideKind,
     /// The input itself: the timer row (`key`, `due_at`, `timer`), or the reply.
+    #[schema(value_type = Object)]
     pub item: Value,
     pub reason: String,
     pub at: DateTime<Utc>,
