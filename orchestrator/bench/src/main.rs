@@ -48,6 +48,10 @@ struct Args {
         hide_env_values = true
     )]
     amqp_url: String,
+    /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
+    /// (Mozilla) roots: for a broker certificate signed by a private CA.
+    #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]
+    amqp_ca_file: Option<std::path::PathBuf>,
     /// `postgres://...` (a fresh database is created on that server and dropped afterwards), or
     /// empty for SQLite files in a temporary directory.
     #[arg(
@@ -89,7 +93,8 @@ async fn run(
     let participants: Vec<String> = (0..args.steps).map(|i| format!("bench-p{i}")).collect();
 
     // Topology first, so the completion subscription has an exchange to bind to.
-    let conn = saga_amqp::connect(&args.amqp_url, "saga-bench driver").await?;
+    let tls = saga_amqp::Tls::from_ca_file(args.amqp_ca_file.as_deref())?;
+    let conn = saga_amqp::connect_with_tls(&args.amqp_url, "saga-bench driver", &tls).await?;
     let channel = conn.create_channel().await?;
     let names: Vec<&str> = participants.iter().map(String::as_str).collect();
     saga_amqp::declare_orchestrator_topology(&channel, &names).await?;
@@ -105,6 +110,7 @@ async fn run(
         prefetch: 256,
         long_running_threshold: Duration::from_secs(300),
         inbox_retention: orchestrator::retention::DEFAULT_INBOX_RETENTION,
+        amqp_tls: tls.clone(),
         auth: Default::default(),
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
@@ -117,6 +123,7 @@ async fn run(
         sdk.database_url = databases.participants[i].0.clone().into();
         sdk.database_schema = databases.participants[i].1.clone();
         sdk.prefetch = args.participant_prefetch;
+        sdk.amqp_ca_file = args.amqp_ca_file.clone();
         tokio::spawn(participant.run(sdk, shutdown.clone()));
     }
 
@@ -132,6 +139,7 @@ async fn run(
 
     let raw = raw_round_trips(
         &args.amqp_url,
+        &tls,
         args.sagas * args.steps,
         args.concurrency,
         args.participant_prefetch,
@@ -351,14 +359,15 @@ struct RawResult {
 /// responder acking each request after its reply is confirmed: the broker cost of one step.
 async fn raw_round_trips(
     url: &str,
+    tls: &saga_amqp::Tls,
     count: usize,
     concurrency: usize,
     prefetch: u16,
 ) -> anyhow::Result<RawResult> {
     const REQUESTS: &str = "saga-bench.raw.requests";
     const REPLIES: &str = "saga-bench.raw.replies";
-    let driver = saga_amqp::connect(url, "saga-bench raw driver").await?;
-    let responder = saga_amqp::connect(url, "saga-bench raw responder").await?;
+    let driver = saga_amqp::connect_with_tls(url, "saga-bench raw driver", tls).await?;
+    let responder = saga_amqp::connect_with_tls(url, "saga-bench raw responder", tls).await?;
     let setup = driver.create_channel().await?;
     for queue in [REQUESTS, REPLIES] {
         setup

@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// The RabbitMQ broker.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretUrl,
+    /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
+    /// (Mozilla) roots: for a broker certificate signed by a private CA.
+    #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
     /// `sqlite://FILE?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: SecretUrl,

@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub long_running_threshold: std::time::Duration,
     /// How long the inbox keeps a handled reply's id (see [`crate::retention`]).
     pub inbox_retention: std::time::Duration,
+    /// How an `amqps://` broker's certificate is checked.
+    pub amqp_tls: saga_amqp::Tls,
     /// Who may use the HTTP API (see [`crate::auth`]).
     pub auth: AuthConfig,
 }
@@ -303,6 +305,7 @@ pub async fn serve_runtime(
         async move {
             saga_amqp::supervise(
                 &config.amqp_url,
+                config.amqp_tls.clone(),
                 &config.connection_name,
                 shutdown.clone(),
                 move |conn| {

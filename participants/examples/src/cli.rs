@@ -10,6 +10,10 @@ pub struct CommonArgs {
     /// The broker.
     #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretUrl,
+    /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
+    /// (Mozilla) roots: for a broker certificate signed by a private CA.
+    #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
     /// The service's own database: `sqlite://<file>?mode=rwc` or `postgres://...`
     /// [default: sqlite://<service>.db?mode=rwc].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -53,6 +57,7 @@ impl CommonArgs {
             database_pool_size: Some(self.database_pool_size),
             prefetch: self.prefetch,
             connection_name: self.connection_name.clone().filter(|s| !s.is_empty()),
+            amqp_ca_file: self.amqp_ca_file.clone(),
         }
     }
 

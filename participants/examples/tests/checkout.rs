@@ -89,6 +89,7 @@ impl Env {
             database_pool_size: None,
             prefetch: 8,
             connection_name: None,
+            amqp_ca_file: None,
         };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -122,6 +122,9 @@ pub struct SdkConfig {
     pub prefetch: u16,
     /// The connection name shown in the management UI; `None` for `<participant>@<host>:<pid>`.
     pub connection_name: Option<String>,
+    /// A PEM file of CA certificates to trust for an `amqps://` broker besides the built-in
+    /// roots (a private CA); read when [`Participant::run`] starts.
+    pub amqp_ca_file: Option<std::path::PathBuf>,
 }
 
 impl SdkConfig {
@@ -135,6 +138,7 @@ impl SdkConfig {
             database_pool_size: None,
             prefetch: DEFAULT_PREFETCH,
             connection_name: None,
+            amqp_ca_file: None,
         }
     }
 }

@@ -80,9 +80,11 @@ pub(crate) async fn run(
     });
     // Tasks handling deliveries outlive a lost connection (their database work finishes; the
     // reply or ack then fails and the broker redelivers), and shutdown waits for all of them.
+    let tls = saga_amqp::Tls::from_ca_file(config.amqp_ca_file.as_deref())?;
     let tasks = TaskTracker::new();
     let result = saga_amqp::supervise(
         &config.amqp_url,
+        tls,
         &connection_name,
         shutdown.clone(),
         |conn| {

@@ -1,14 +1,27 @@
 /// What can go wrong talking to the broker.
 ///
-/// Apart from [`AmqpError::Invalid`] (a bug or a bad name in the configuration) and
-/// [`AmqpError::QueueMismatch`] (an operator must act on the broker), every variant
-/// means the message may not have reached its destination, or the channel or connection is no
-/// longer usable: end the session with it and let [`crate::supervise`] start a fresh one.
+/// Apart from [`AmqpError::Invalid`] and [`AmqpError::CaFile`] (a bug or a bad value in the
+/// configuration) and [`AmqpError::QueueMismatch`] (an operator must act on the broker), every
+/// variant means the message may not have reached its destination, or the channel or
+/// connection is no longer usable: end the session with it and let [`crate::supervise`] start a
+/// fresh one.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     /// The connection could not be opened (the URL is shown without its password).
     #[error("cannot connect to the broker at {url}")]
     Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The `amqps://` broker's certificate is not trusted: its CA is neither built in nor in
+    /// `--amqp-ca-file`, or it is expired, or it names another host.
+    #[error(
+        "the broker at {url} presented a TLS certificate this process does not trust (its CA \
+         is unknown, or it is expired, or it is for another host name); if a private CA signed \
+         it, pass that CA's certificate with --amqp-ca-file (AMQP_CA_FILE)"
+    )]
+    UntrustedCertificate {
         url: String,
         #[source]
         source: lapin::Error,
@@ -59,6 +72,9 @@ pub enum AmqpError {
         /// The broker's reply text (which argument differs).
         broker: String,
     },
+    /// The `--amqp-ca-file` cannot be read, or holds no PEM certificate.
+    #[error("cannot use the AMQP CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
     /// A name or value that AMQP cannot carry (e.g. longer than 255 bytes), or a bad argument.
     #[error("invalid AMQP input: {0}")]
     Invalid(String),
@@ -76,7 +92,9 @@ impl AmqpError {
     /// The underlying lapin error, if there is one.
     pub fn lapin_error(&self) -> Option<&lapin::Error> {
         match self {
-            AmqpError::Connect { source, .. } | AmqpError::Amqp { source, .. } => Some(source),
+            AmqpError::Connect { source, .. }
+            | AmqpError::UntrustedCertificate { source, .. }
+            | AmqpError::Amqp { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -5,7 +5,8 @@
 //! does on the wire.
 //!
 //! - [`connect`] opens a named connection; [`supervise`] keeps a session running on a fresh
-//!   connection across broker restarts and dropped connections.
+//!   connection across broker restarts and dropped connections. `amqps://` URLs use rustls,
+//!   with the root CAs of [`Tls`] (built-in, plus a private CA file).
 //! - [`declare_orchestrator_topology`] / [`declare_participant_topology`] declare the exchanges
 //!   and queues (idempotently, with exactly the arguments the README promises).
 //! - [`Publisher`] publishes [`OutgoingMessage`]s with publisher confirms and the `mandatory`
@@ -22,6 +23,7 @@ mod publish;
 mod receive;
 mod secret;
 mod supervise;
+mod tls;
 mod topology;
 
 /// The broker every binary uses by default: a local RabbitMQ, default vhost, guest user.
@@ -34,7 +36,10 @@ pub use receive::{
     nack, open_consumer,
 };
 pub use secret::SecretUrl;
-pub use supervise::{connect, default_connection_name, shutdown_on_signal, supervise};
+pub use supervise::{
+    connect, connect_with_tls, default_connection_name, shutdown_on_signal, supervise,
+};
+pub use tls::Tls;
 pub use topology::{
     declare_dead_letter_exchange, declare_orchestrator_topology, declare_participant_topology,
     declare_queue_with_dead_letter, queue_arguments,

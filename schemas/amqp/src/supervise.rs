@@ -6,11 +6,11 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use lapin::{Connection, ConnectionProperties, ConnectionStatus};
+use lapin::{Connection, ConnectionProperties, ConnectionStatus, DefaultConnectionBuilder};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    AmqpError,
+    AmqpError, Tls,
     error::{chain, redact_url},
 };
 
@@ -26,12 +26,37 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often a running session's connection is checked (besides lapin's connection events).
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Opens a connection to `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; `amqps` is not
-/// supported: no TLS backend is compiled in) with the client-provided name `connection_name`,
-/// shown in the management UI. lapin's automatic recovery stays off: see [`supervise`].
+/// Opens a connection to `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) with the
+/// client-provided name `connection_name`, shown in the management UI. `amqps://` URLs check
+/// the broker against the built-in root CAs only: see [`connect_with_tls`] for a private CA.
+/// lapin's automatic recovery stays off: see [`supervise`].
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
+    connect_with_tls(url, connection_name, &Tls::default()).await
+}
+
+/// [`connect`], checking an `amqps://` broker's certificate against the roots of `tls`.
+pub async fn connect_with_tls(
+    url: &str,
+    connection_name: &str,
+    tls: &Tls,
+) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    let connecting = async {
+        DefaultConnectionBuilder::new()?
+            .with_uri_str(url.to_owned())
+            .with_properties(properties)
+            .with_tls_config(tls.lapin_config())
+            .connect()
+            .await
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        // rustls' words for a certificate it does not trust.
+        Ok(Err(source)) if chain(&source).contains("invalid peer certificate") => {
+            Err(AmqpError::UntrustedCertificate {
+                url: redact_url(url),
+                source,
+            })
+        }
         Ok(connected) => connected.map_err(|source| AmqpError::Connect {
             url: redact_url(url),
             source,
@@ -43,11 +68,12 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, Amq
     }
 }
 
-/// Runs `session(conn)` on a fresh connection named `connection_name`, again and again:
-/// whenever the connection cannot be opened, the session returns an error, or the connection
-/// drops under it (the session future is then dropped), it logs a warning, waits (200 ms,
-/// doubling up to 5 s; back to 200 ms after a session that ran at least 10 s) and starts
-/// again with a new connection, so the session rebuilds its channels and consumers.
+/// Runs `session(conn)` on a fresh connection to `url` (with `tls` for `amqps://`) named
+/// `connection_name`, again and again: whenever the connection cannot be opened, the session
+/// returns an error, or the connection drops under it (the session future is then dropped),
+/// it logs a warning, waits (200 ms, doubling up to 5 s; back to 200 ms after a session that
+/// ran at least 10 s) and starts again with a new connection, so the session rebuilds its
+/// channels and consumers.
 ///
 /// Returns `Ok(())` when the session returns `Ok(())` (a clean shutdown), or when `shutdown`
 /// is cancelled while connecting, waiting, or as a session ends. A running session is not
@@ -58,6 +84,7 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, Amq
 /// delivered again.
 pub async fn supervise<F, Fut>(
     url: &str,
+    tls: Tls,
     connection_name: &str,
     shutdown: CancellationToken,
     mut session: F,
@@ -80,7 +107,7 @@ where
         let connected = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            connected = connect(url, connection_name) => connected,
+            connected = connect_with_tls(url, connection_name, &tls) => connected,
         };
         let failure = match connected {
             Err(error) => error,

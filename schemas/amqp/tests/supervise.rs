@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestVhost;
-use saga_amqp::{AmqpError, Publisher};
+use saga_amqp::{AmqpError, Publisher, Tls};
 use saga_schemas::amqp::REPLIES_QUEUE;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,7 @@ async fn supervise_restarts_the_session_until_shutdown() {
         async move {
             saga_amqp::supervise(
                 &url,
+                Tls::default(),
                 "saga-amqp supervise test",
                 token.clone(),
                 move |conn| {
@@ -94,6 +95,7 @@ async fn supervise_stops_on_shutdown_while_the_broker_is_unreachable() {
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(saga_amqp::supervise(
         "amqp://guest:guest@127.0.0.1:1/%2f",
+        Tls::default(),
         "saga-amqp unreachable test",
         shutdown.clone(),
         |_conn| async { panic!("there is no broker on port 1") },
@@ -114,6 +116,7 @@ async fn supervise_stops_on_shutdown_while_the_broker_is_unreachable() {
 async fn supervise_refuses_a_url_it_cannot_parse() {
     let err = saga_amqp::supervise(
         "http://nope",
+        Tls::default(),
         "x",
         CancellationToken::new(),
         |_conn| async { Ok(()) },

@@ -29,6 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         long_running_threshold: args.long_running_threshold,
         inbox_retention: args.inbox_retention,
+        amqp_tls: saga_amqp::Tls::from_ca_file(args.amqp_ca_file.as_deref())?,
         auth,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -407,6 +407,7 @@ impl Running {
             database_pool_size: None,
             prefetch,
             connection_name: Some(format!("{PARTICIPANT}@test:{}", vhost.name)),
+            amqp_ca_file: None,
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(participant.run(config, shutdown.clone()));
