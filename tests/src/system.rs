@@ -36,8 +36,9 @@ const LOG_TAIL_LINES: usize = 40;
 
 /// Variables the services read, removed from the inherited environment so that nothing from
 /// the test's own environment leaks into a service.
-const SERVICE_VARS: [&str; 15] = [
+const SERVICE_VARS: [&str; 16] = [
     "AMQP_URL",
+    "AMQP_CA_FILE",
     "DATABASE_URL",
     "DATABASE_SCHEMA",
     "HTTP_ADDR",
