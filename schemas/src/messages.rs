@@ -173,6 +173,10 @@ pub enum SagaEvent {
         output: Data,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         manual: bool,
+        /// Who marked it done (`manual` only): the name of the API token (absent without
+        /// authentication, and in logs written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// The step's action will not succeed: a business failure, or its retries ran out.
     StepFailed {
@@ -206,6 +210,10 @@ pub enum SagaEvent {
     /// An operator asked to abort; compensation begins as soon as no pivot is in flight.
     AbortRequested {
         reason: String,
+        /// Who issued the operator command: the name of the API token (absent without
+        /// authentication, and in logs written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// Compensation of the completed steps begins (or resumes after a late success).
     CompensationStarted {
@@ -217,6 +225,10 @@ pub enum SagaEvent {
         attempt: u32,
         #[serde(default)]
         manual: bool,
+        /// Who marked it compensated (`manual` only): the name of the API token (absent without
+        /// authentication, and in logs written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// A compensation could not be done; the saga waits for an operator.
     CompensationFailed {
@@ -226,6 +238,10 @@ pub enum SagaEvent {
     /// An operator asked to retry the failed compensation with a fresh budget.
     CompensationRetryRequested {
         step: String,
+        /// Who issued the operator command: the name of the API token (absent without
+        /// authentication, and in logs written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// A step past the point of no return failed definitively; the saga waits for an operator
     /// to retry the step or mark it done.
@@ -236,6 +252,10 @@ pub enum SagaEvent {
     /// An operator asked to retry the step whose failure stopped the saga, with a fresh budget.
     StepRetryRequested {
         step: String,
+        /// Who issued the operator command: the name of the API token (absent without
+        /// authentication, and in logs written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     SagaCompleted,
     SagaCompensated,

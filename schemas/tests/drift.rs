@@ -255,12 +255,14 @@ fn all_events() -> Vec<SagaEvent> {
             attempt: 1,
             output: data(json!({"payment_id": "P-9"})),
             manual: false,
+            by: None,
         },
         SagaEvent::StepCompleted {
             step: "create_shipment".into(),
             attempt: 4,
             output: Data::new(),
             manual: true,
+            by: Some("ops".into()),
         },
         SagaEvent::StepFailed {
             step: "create_shipment".into(),
@@ -287,6 +289,7 @@ fn all_events() -> Vec<SagaEvent> {
         SagaEvent::DeadlineExceeded,
         SagaEvent::AbortRequested {
             reason: "customer cancelled".into(),
+            by: Some("ops".into()),
         },
         SagaEvent::CompensationStarted {
             reason: "step create_shipment failed".into(),
@@ -295,11 +298,13 @@ fn all_events() -> Vec<SagaEvent> {
             step: "charge_payment".into(),
             attempt: 1,
             manual: false,
+            by: None,
         },
         SagaEvent::StepCompensated {
             step: "reserve_stock".into(),
             attempt: 5,
             manual: true,
+            by: None,
         },
         SagaEvent::CompensationFailed {
             step: "reserve_stock".into(),
@@ -307,6 +312,7 @@ fn all_events() -> Vec<SagaEvent> {
         },
         SagaEvent::CompensationRetryRequested {
             step: "reserve_stock".into(),
+            by: Some("ops".into()),
         },
         SagaEvent::CompletionFailed {
             step: "create_shipment".into(),
@@ -314,6 +320,7 @@ fn all_events() -> Vec<SagaEvent> {
         },
         SagaEvent::StepRetryRequested {
             step: "create_shipment".into(),
+            by: None,
         },
         SagaEvent::SagaCompleted,
         SagaEvent::SagaCompensated,

@@ -38,7 +38,20 @@ pub enum Input {
         outcome: ReplyOutcome,
     },
     Timer(TimerKind),
-    Operator(OperatorCommand),
+    Operator {
+        #[serde(flatten)]
+        command: OperatorCommand,
+        /// Who issued it (an API token's name), recorded in the events it causes.
+        #[serde(default)]
+        by: Option<String>,
+    },
+}
+
+impl Input {
+    /// An operator command from no one in particular (no authentication).
+    pub fn operator(command: OperatorCommand) -> Input {
+        Input::Operator { command, by: None }
+    }
 }
 
 /// Timers the runtime keeps (in SQL) and feeds back as [`Input::Timer`] when due.
@@ -250,7 +263,7 @@ pub fn decide(
             outcome,
         } => ctx.reply(step, *direction, *attempt, *in_reply_to, outcome),
         Input::Timer(timer) => ctx.timer(timer),
-        Input::Operator(command) => ctx.operator(command),
+        Input::Operator { command, by } => ctx.operator(command, by),
     };
     match result {
         Ok(()) => ctx.into_decision(),
@@ -510,6 +523,7 @@ impl Ctx<'_> {
                     attempt,
                     output: output.clone(),
                     manual: false,
+                    by: None,
                 });
                 match status {
                     // After a completion failure the step's success (from an earlier attempt)
@@ -739,6 +753,7 @@ impl Ctx<'_> {
                     step: name,
                     attempt,
                     manual: false,
+                    by: None,
                 });
                 self.continue_compensation();
                 Ok(())
@@ -876,7 +891,8 @@ impl Ctx<'_> {
         }
     }
 
-    fn operator(&mut self, command: &OperatorCommand) -> Verdict {
+    fn operator(&mut self, command: &OperatorCommand, by: &Option<String>) -> Verdict {
+        let by = by.clone();
         let status = self.state.status;
         match command {
             OperatorCommand::Abort { reason } => {
@@ -891,6 +907,7 @@ impl Ctx<'_> {
                 }
                 self.emit(SagaEvent::AbortRequested {
                     reason: reason.clone(),
+                    by,
                 });
                 if !self.pivot_unsettled() {
                     self.begin_compensation(format!("aborted: {reason}"));
@@ -906,7 +923,7 @@ impl Ctx<'_> {
                 if is_pivot {
                     return reject(Rejection::NoCompensation { step: failed });
                 }
-                self.emit(SagaEvent::CompensationRetryRequested { step: failed });
+                self.emit(SagaEvent::CompensationRetryRequested { step: failed, by });
                 self.continue_compensation();
                 Ok(())
             }
@@ -923,6 +940,7 @@ impl Ctx<'_> {
                     step: step.clone(),
                     attempt,
                     manual: true,
+                    by,
                 });
                 self.continue_compensation();
                 Ok(())
@@ -932,6 +950,7 @@ impl Ctx<'_> {
                 self.cancel_pending(&failed, Direction::Execute);
                 self.emit(SagaEvent::StepRetryRequested {
                     step: failed.clone(),
+                    by,
                 });
                 let attempt = self.state.step(&failed).map_or(0, |s| s.action.sent) + 1;
                 self.send(index, Direction::Execute, attempt);
@@ -952,6 +971,7 @@ impl Ctx<'_> {
                     attempt,
                     output: output.clone(),
                     manual: true,
+                    by,
                 });
                 self.advance(index);
                 Ok(())

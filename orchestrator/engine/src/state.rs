@@ -311,7 +311,7 @@ impl SagaState {
                 self.step_mut(step).attempts_mut(*direction).retry_due = Some(*due_at);
             }
             SagaEvent::DeadlineExceeded => self.deadline_exceeded = true,
-            SagaEvent::AbortRequested { reason } => self.abort_requested = Some(reason.clone()),
+            SagaEvent::AbortRequested { reason, .. } => self.abort_requested = Some(reason.clone()),
             SagaEvent::CompensationStarted { reason } => {
                 self.status = SagaStatus::Compensating;
                 self.compensation_reason = Some(reason.clone());
@@ -344,7 +344,7 @@ impl SagaState {
                 s.compensation.silences = 0;
                 self.settle(SagaStatus::CompensationFailed);
             }
-            SagaEvent::CompensationRetryRequested { step } => {
+            SagaEvent::CompensationRetryRequested { step, .. } => {
                 let s = self.step_mut(step);
                 s.compensation_failed = false;
                 s.compensation.budget_start = s.compensation.sent;
@@ -360,7 +360,7 @@ impl SagaState {
                 s.action.silences = 0;
                 self.settle(SagaStatus::CompletionFailed);
             }
-            SagaEvent::StepRetryRequested { step } => {
+            SagaEvent::StepRetryRequested { step, .. } => {
                 let s = self.step_mut(step);
                 s.failed = false;
                 s.action.budget_start = s.action.sent;

@@ -1123,7 +1123,7 @@ fn commands_carry_deterministic_message_ids() {
 fn a_decision_is_deterministic() {
     let def = checkout();
     let s = given(checkout()).started();
-    let input = Input::Operator(OperatorCommand::Abort { reason: "x".into() });
+    let input = Input::operator(OperatorCommand::Abort { reason: "x".into() });
     let a = decide(&def, s.state.as_ref(), &input, t0());
     let b = decide(&def, s.state.as_ref(), &input, t0());
     assert_eq!(a, b);

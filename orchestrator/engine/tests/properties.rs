@@ -362,7 +362,7 @@ impl World {
                 }
             }
             Move::Abort => {
-                self.apply(Input::Operator(OperatorCommand::Abort {
+                self.apply(Input::operator(OperatorCommand::Abort {
                     reason: "test".into(),
                 }));
             }
@@ -370,21 +370,21 @@ impl World {
                 if self.status() == SagaStatus::CompensationFailed {
                     self.clear_record(Direction::Compensate);
                 }
-                self.apply(Input::Operator(OperatorCommand::RetryCompensation));
+                self.apply(Input::operator(OperatorCommand::RetryCompensation));
             }
             Move::MarkCompensated(i) => {
                 let step = self.def.steps[i % self.def.steps.len()].name.clone();
-                self.apply(Input::Operator(OperatorCommand::MarkCompensated { step }));
+                self.apply(Input::operator(OperatorCommand::MarkCompensated { step }));
             }
             Move::RetryStep => {
                 if self.status() == SagaStatus::CompletionFailed {
                     self.clear_record(Direction::Execute);
                 }
-                self.apply(Input::Operator(OperatorCommand::RetryStep));
+                self.apply(Input::operator(OperatorCommand::RetryStep));
             }
             Move::MarkCompleted(i) => {
                 let step = self.def.steps[i % self.def.steps.len()].name.clone();
-                self.apply(Input::Operator(OperatorCommand::MarkCompleted {
+                self.apply(Input::operator(OperatorCommand::MarkCompleted {
                     step,
                     output: Data::new(),
                 }));
@@ -424,14 +424,14 @@ impl World {
             match self.status() {
                 SagaStatus::CompletionFailed => {
                     self.clear_record(Direction::Execute);
-                    self.apply(Input::Operator(OperatorCommand::RetryStep));
+                    self.apply(Input::operator(OperatorCommand::RetryStep));
                     continue;
                 }
                 SagaStatus::CompensationFailed => {}
                 _ => return,
             }
             self.clear_record(Direction::Compensate);
-            let d = self.apply(Input::Operator(OperatorCommand::RetryCompensation));
+            let d = self.apply(Input::operator(OperatorCommand::RetryCompensation));
             if matches!(d.outcome, Outcome::Rejected(_)) {
                 let failed = self
                     .state
@@ -441,7 +441,7 @@ impl World {
                     .iter()
                     .find(|s| s.compensation_failed);
                 let step = failed.expect("a failed step").name.clone();
-                self.apply(Input::Operator(OperatorCommand::MarkCompensated { step }));
+                self.apply(Input::operator(OperatorCommand::MarkCompensated { step }));
             }
         }
         panic!("the operator could not settle the saga");
@@ -549,10 +549,10 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                 // A late success reopens the step with a fresh budget.
                 budget_used.remove(&format!("{step}/compensate"));
             }
-            SagaEvent::CompensationRetryRequested { step } => {
+            SagaEvent::CompensationRetryRequested { step, .. } => {
                 budget_used.remove(&format!("{step}/compensate"));
             }
-            SagaEvent::StepRetryRequested { step } => {
+            SagaEvent::StepRetryRequested { step, .. } => {
                 budget_used.remove(&format!("{step}/execute"));
             }
             SagaEvent::CompensationStarted { .. } => {

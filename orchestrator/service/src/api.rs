@@ -8,7 +8,7 @@
 //! the shared [`limits`] before they are parsed. [`crate::http`] serves this router.
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::metrics::Metrics;
 use crate::openapi::{BodyErrors, RequestErrors, StoreErrors, contract_ref};
 use crate::runtime::{Runtime, RuntimeError};
@@ -801,13 +802,16 @@ fn parse_body<T: serde::de::DeserializeOwned>(
 
 async fn operate(
     state: &ApiState,
+    caller: Option<Extension<Caller>>,
     id: &str,
     command: OperatorCommand,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
+    // Recorded in the events the command causes; absent when the API has no tokens.
+    let by = caller.map(|Extension(caller)| caller.name);
     let outcome = state
         .runtime
-        .operate(id, command)
+        .operate_as(id, command, by)
         .await
         .map_err(|error| ApiError::runtime(error, Some(id)))?;
     let body = match outcome {
@@ -846,6 +850,7 @@ async fn operate(
 async fn abort(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: AbortBody = parse_body(&body, Some(AbortBody { reason: None }))?;
@@ -860,7 +865,7 @@ async fn abort(
             limits::MAX_REASON_CHARS
         )));
     }
-    operate(&state, &id, OperatorCommand::Abort { reason }).await
+    operate(&state, caller, &id, OperatorCommand::Abort { reason }).await
 }
 
 /// Retries the failed compensation, with a fresh budget.
@@ -883,10 +888,11 @@ async fn abort(
 async fn retry(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     parse_body(&body, Some(NoBody {}))?;
-    operate(&state, &id, OperatorCommand::RetryCompensation).await
+    operate(&state, caller, &id, OperatorCommand::RetryCompensation).await
 }
 
 /// Retries the step whose failure past the point of no return stopped the saga.
@@ -909,10 +915,11 @@ async fn retry(
 async fn retry_step(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     parse_body(&body, Some(NoBody {}))?;
-    operate(&state, &id, OperatorCommand::RetryStep).await
+    operate(&state, caller, &id, OperatorCommand::RetryStep).await
 }
 
 /// Records that an operator did the failed step's action by hand.
@@ -935,6 +942,7 @@ async fn retry_step(
 async fn mark_completed(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: MarkCompletedBody = parse_body(&body, None)?;
@@ -942,6 +950,7 @@ async fn mark_completed(
         .map_err(|why| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why))?;
     operate(
         &state,
+        caller,
         &id,
         OperatorCommand::MarkCompleted {
             step: body.step,
@@ -971,11 +980,13 @@ async fn mark_completed(
 async fn mark_compensated(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: MarkBody = parse_body(&body, None)?;
     operate(
         &state,
+        caller,
         &id,
         OperatorCommand::MarkCompensated { step: body.step },
     )

@@ -252,7 +252,10 @@ mod tests {
         // An operator retries; the compensation fails again: still one saga in that status.
         commit(
             &mut log,
-            vec![SagaEvent::CompensationRetryRequested { step: "pay".into() }],
+            vec![SagaEvent::CompensationRetryRequested {
+                step: "pay".into(),
+                by: None,
+            }],
         );
         commit(&mut log, vec![failed("pay")]);
         assert_eq!(count(&metrics, "saga_compensation_failed_total", &saga), 1);
@@ -260,7 +263,10 @@ mod tests {
         // The next retry works: compensated once, and the failure is not counted again.
         commit(
             &mut log,
-            vec![SagaEvent::CompensationRetryRequested { step: "pay".into() }],
+            vec![SagaEvent::CompensationRetryRequested {
+                step: "pay".into(),
+                by: None,
+            }],
         );
         commit(
             &mut log,
@@ -269,6 +275,7 @@ mod tests {
                     step: "pay".into(),
                     attempt: 3,
                     manual: false,
+                    by: None,
                 },
                 SagaEvent::SagaCompensated,
             ],
@@ -295,6 +302,7 @@ mod tests {
             &mut log,
             vec![SagaEvent::StepRetryRequested {
                 step: "ship".into(),
+                by: None,
             }],
         );
         commit(

@@ -250,18 +250,29 @@ impl Runtime {
         }
     }
 
-    /// An operator command on one saga.
+    /// An operator command on one saga, from no one in particular.
     pub async fn operate(
         &self,
         saga_id: Uuid,
         command: OperatorCommand,
+    ) -> Result<Outcome, RuntimeError> {
+        self.operate_as(saga_id, command, None).await
+    }
+
+    /// An operator command on one saga, issued `by` someone (an API token's name), which the
+    /// events it causes record.
+    pub async fn operate_as(
+        &self,
+        saga_id: Uuid,
+        command: OperatorCommand,
+        by: Option<String>,
     ) -> Result<Outcome, RuntimeError> {
         if self.inner.store.load(saga_id).await?.is_none() {
             return Err(RuntimeError::NotFound(saga_id));
         }
         let work = Work {
             saga_id,
-            input: Input::Operator(command),
+            input: Input::Operator { command, by },
             inbox_id: None,
             fired_timer: None,
         };

@@ -174,6 +174,17 @@ async fn read_reads_and_operate_also_operates() {
     let aborted = post(&app, &format!("/sagas/{id}/abort"), &[&ops], "").await;
     assert_eq!(aborted.status, 200, "{aborted:?}");
     assert_eq!(aborted.body["applied"], true, "{aborted:?}");
+    // The saga's events say who aborted it: the token's name.
+    let saga = get(&app, &format!("/sagas/{id}"), &[&reader]).await;
+    assert_eq!(abort_event(&saga)["by"], "ops", "{saga:?}");
+}
+
+/// The `abort_requested` entry of a saga's history.
+fn abort_event(saga: &Answer) -> &serde_json::Value {
+    saga.body["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["type"] == "abort_requested"))
+        .unwrap_or_else(|| panic!("no abort_requested in {saga:?}"))
 }
 
 #[tokio::test]
@@ -188,5 +199,10 @@ async fn metrics_can_be_left_open_for_a_scraper() {
 async fn without_tokens_the_api_is_open() {
     let app = support::spawn_app().await;
     assert_eq!(get(&app, "/sagas", &[]).await.status, 200);
-    app.start().await;
+    let id = app.start().await;
+    let aborted = post(&app, &format!("/sagas/{id}/abort"), &[], "").await;
+    assert_eq!(aborted.status, 200, "{aborted:?}");
+    // No one in particular aborted it.
+    let saga = get(&app, &format!("/sagas/{id}"), &[]).await;
+    assert!(abort_event(&saga).get("by").is_none(), "{saga:?}");
 }

@@ -1112,7 +1112,7 @@ async fn the_read_model_is_rebuilt_from_the_events(db: TestDb) {
         &store,
         &def,
         aborted,
-        Input::Operator(OperatorCommand::Abort {
+        Input::operator(OperatorCommand::Abort {
             reason: "customer cancelled".into(),
         }),
         now + secs(15),
@@ -1203,6 +1203,7 @@ async fn concurrent_writers_never_both_advance_a_saga(db: TestDb) {
                     let state = store.load(id).await.unwrap().unwrap();
                     let event = SagaEvent::AbortRequested {
                         reason: format!("task {task}, append {done}"),
+                        by: None,
                     };
                     let mut next = state.clone();
                     next.apply(&event);

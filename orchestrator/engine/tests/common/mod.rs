@@ -180,7 +180,7 @@ pub fn deadline() -> Input {
 }
 
 pub fn operator(command: OperatorCommand) -> Input {
-    Input::Operator(command)
+    Input::operator(command)
 }
 
 pub fn abort() -> Input {
