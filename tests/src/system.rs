@@ -36,7 +36,7 @@ const LOG_TAIL_LINES: usize = 40;
 
 /// Variables the services read, removed from the inherited environment so that nothing from
 /// the test's own environment leaks into a service.
-const SERVICE_VARS: [&str; 16] = [
+const SERVICE_VARS: [&str; 20] = [
     "AMQP_URL",
     "AMQP_CA_FILE",
     "DATABASE_URL",
@@ -51,6 +51,10 @@ const SERVICE_VARS: [&str; 16] = [
     "SHIPPING_MAX_FAILURES",
     "LOG_FORMAT",
     "RUST_LOG",
+    "API_TOKENS",
+    "TOKENS_FILE",
+    "METRICS_OPEN",
+    "INSECURE_NO_AUTH",
     "HTTP_PROXY",
     "http_proxy",
 ];
@@ -113,6 +117,8 @@ pub struct Options {
     pub keep: bool,
     /// The directory for logs and SQLite files; a fresh one in the temp directory when `None`.
     pub dir: Option<PathBuf>,
+    /// The bearer token the system's own API calls send (see [`Options::api_token`]).
+    pub api_token: Option<String>,
 }
 
 impl Options {
@@ -127,6 +133,7 @@ impl Options {
             label: "system".into(),
             keep: false,
             dir: None,
+            api_token: None,
         }
     }
 
@@ -155,6 +162,18 @@ impl Options {
     pub fn config_yaml(mut self, yaml: impl Into<String>) -> Self {
         self.config = Config::Yaml(yaml.into());
         self
+    }
+
+    /// Runs the orchestrator with one `operate` token named `name`, which the system's own API
+    /// calls ([`System::get`], [`System::post_raw`] and those built on them) send.
+    pub fn api_token(self, name: &str, token: &str) -> Self {
+        let mut opts = self.env(
+            ORCHESTRATOR,
+            "API_TOKENS",
+            format!("{name} operate {token}"),
+        );
+        opts.api_token = Some(token.to_owned());
+        opts
     }
 
     pub fn label(mut self, label: &str) -> Self {
@@ -729,6 +748,10 @@ impl System {
     // --- HTTP --------------------------------------------------------------------------------
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> (u16, Value) {
+        let request = match &self.opts.api_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = match request.send().await {
             Ok(response) => response,
             // The logs are printed when the system is dropped.

@@ -25,6 +25,8 @@ const PAYMENT_LIMIT: i64 = 100_000;
 const INITIAL_STOCK: i64 = 100;
 const SHIPPING_FAILURE_RATE: f64 = 0.3;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The orchestrator's API takes this bearer token (role `operate`); the demo's calls send it.
+const DEMO_TOKEN: &str = "demo-operator-token-0123456789abcdef";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
@@ -191,6 +193,7 @@ async fn run() -> anyhow::Result<bool> {
             .env("payments", "PAYMENT_LIMIT", PAYMENT_LIMIT)
             .env("inventory", "INITIAL_STOCK", INITIAL_STOCK)
             .env("shipping", "SHIPPING_FAILURE_RATE", SHIPPING_FAILURE_RATE)
+            .api_token("demo", DEMO_TOKEN)
     };
     println!("Saga orchestrator demo");
     println!("  broker     {}", saga_amqp::redact_url(&amqp_url));
@@ -198,7 +201,7 @@ async fn run() -> anyhow::Result<bool> {
     println!("  binaries   {}", saga_system::bins::bin_dir()?.display());
     let mut system = System::launch(&env, opts).await?;
     println!(
-        "  running    orchestrator (HTTP API {}), orders, inventory, payments (limit {PAYMENT_LIMIT} cents), \
+        "  running    orchestrator (HTTP API {}, token {DEMO_TOKEN}), orders, inventory, payments (limit {PAYMENT_LIMIT} cents), \
          shipping ({:.0}% of attempts fail, then retried) on vhost {}",
         system.http_url(),
         SHIPPING_FAILURE_RATE * 100.0,
@@ -442,7 +445,7 @@ fn hints(env: &TestEnv, system: &System) {
         system.dir().display()
     );
     println!(
-        "Drive it by hand: {bin}/orchestrator run --config orchestrator/sagas.yaml and the four participants, then\n  \
-         curl -X POST localhost:8080/sagas/order-checkout -H 'Content-Type: application/json' -d '{{\"customer\":\"you\",\"amount\":1000,\"items\":[{{\"sku\":\"book\",\"quantity\":1}}]}}'"
+        "Drive it by hand: API_TOKENS='me operate {DEMO_TOKEN}' {bin}/orchestrator run --config orchestrator/sagas.yaml and the four participants, then\n  \
+         curl -X POST localhost:8080/sagas/order-checkout -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' -d '{{\"customer\":\"you\",\"amount\":1000,\"items\":[{{\"sku\":\"book\",\"quantity\":1}}]}}'"
     );
 }
