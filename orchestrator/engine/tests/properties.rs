@@ -465,6 +465,9 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
     // Per step, execute attempts not known to have failed without running.
     let mut may_have_run: HashMap<String, HashSet<u32>> = HashMap::new();
     let mut compensated_once: HashSet<String> = HashSet::new();
+    // Pivots with an attempt that went unanswered: they may have run, so they are asked until
+    // they answer definitively, however many retryable errors that takes.
+    let mut pivots_heard_nothing: HashSet<String> = HashSet::new();
 
     for event in log {
         match event {
@@ -518,6 +521,7 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                 *used += 1;
                 let budget = match direction {
                     Direction::Execute if d.kind == StepKind::Retriable => u32::MAX,
+                    Direction::Execute if pivots_heard_nothing.contains(step) => u32::MAX,
                     Direction::Execute => d.retry.max_attempts,
                     Direction::Compensate => d.compensation_retry.max_attempts,
                 };
@@ -540,6 +544,13 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
                 if !timed_out && let Some(set) = may_have_run.get_mut(step) {
                     set.remove(attempt);
                 }
+            }
+            SagaEvent::AttemptTimedOut {
+                step,
+                direction: Direction::Execute,
+                ..
+            } if def.steps[index(step)].kind == StepKind::Pivot => {
+                pivots_heard_nothing.insert(step.clone());
             }
             SagaEvent::StepCompleted { step, .. } => {
                 may_have_run.entry(step.clone()).or_default().insert(0);
