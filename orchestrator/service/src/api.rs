@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::metrics::Metrics;
-use crate::openapi::{BodyErrors, RequestErrors, StoreErrors, contract_ref};
+use crate::openapi::{BodyErrors, CommandAnswers, RequestErrors, StoreErrors, contract_ref};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::service::Health;
 use crate::store::{ListFilter, RecordedEvent, SagaListing, SagaRow, SetAside, StoreError};
@@ -57,7 +57,7 @@ pub struct ApiState {
                        decisions. Every error answer is `{\"error\": \"...\"}`; request bodies \
                        are JSON sent as `application/json`."
     ),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody, CommandOutcome))
 )]
 struct ApiDoc;
 
@@ -838,11 +838,7 @@ async fn operate(
     request_body(content = Option<AbortBody>, content_type = "application/json"),
     responses(
         RequestErrors,
-        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
-        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
-        (status = 404, description = "No saga has that id.", body = ErrorBody),
-        (status = 409, description = "The command does not apply to the saga as it is now, or \
-                                      a concurrent change won.", body = ErrorBody),
+        CommandAnswers,
         BodyErrors,
         StoreErrors,
     ),
@@ -876,11 +872,7 @@ async fn abort(
     request_body(content = Option<NoBody>, content_type = "application/json"),
     responses(
         RequestErrors,
-        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
-        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
-        (status = 404, description = "No saga has that id.", body = ErrorBody),
-        (status = 409, description = "The command does not apply to the saga as it is now, or \
-                                      a concurrent change won.", body = ErrorBody),
+        CommandAnswers,
         BodyErrors,
         StoreErrors,
     ),
@@ -903,11 +895,7 @@ async fn retry(
     request_body(content = Option<NoBody>, content_type = "application/json"),
     responses(
         RequestErrors,
-        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
-        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
-        (status = 404, description = "No saga has that id.", body = ErrorBody),
-        (status = 409, description = "The command does not apply to the saga as it is now, or \
-                                      a concurrent change won.", body = ErrorBody),
+        CommandAnswers,
         BodyErrors,
         StoreErrors,
     ),
@@ -930,11 +918,7 @@ async fn retry_step(
     request_body(content = MarkCompletedBody, content_type = "application/json"),
     responses(
         RequestErrors,
-        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
-        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
-        (status = 404, description = "No saga has that id.", body = ErrorBody),
-        (status = 409, description = "The command does not apply to the saga as it is now, or \
-                                      a concurrent change won.", body = ErrorBody),
+        CommandAnswers,
         BodyErrors,
         StoreErrors,
     ),
@@ -968,11 +952,7 @@ async fn mark_completed(
     request_body(content = MarkBody, content_type = "application/json"),
     responses(
         RequestErrors,
-        (status = 200, description = "Applied, or nothing to do.", body = CommandOutcome),
-        (status = 400, description = "Not a saga id (a UUID).", body = ErrorBody),
-        (status = 404, description = "No saga has that id.", body = ErrorBody),
-        (status = 409, description = "The command does not apply to the saga as it is now, or \
-                                      a concurrent change won.", body = ErrorBody),
+        CommandAnswers,
         BodyErrors,
         StoreErrors,
     ),

@@ -140,6 +140,33 @@ impl IntoResponses for StoreErrors {
     }
 }
 
+/// The answers every operator command shares: its outcome, or why it does not apply.
+pub(crate) struct CommandAnswers;
+
+impl IntoResponses for CommandAnswers {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut answers = errors(&[
+            (400, "Not a saga id (a UUID)."),
+            (404, "No saga has that id."),
+            (
+                409,
+                "The command does not apply to the saga as it is now, or a concurrent change won.",
+            ),
+        ]);
+        let applied = ResponseBuilder::new()
+            .description("Applied, or nothing to do.")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("CommandOutcome")))
+                    .build(),
+            )
+            .build();
+        answers.insert("200".into(), applied.into());
+        answers
+    }
+}
+
 /// The refusals of a request body, checked before it is parsed.
 pub(crate) struct BodyErrors;
 
