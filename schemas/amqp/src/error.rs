@@ -26,6 +26,10 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    /// None of the addresses of a broker list could be connected to: each one's error, in
+    /// the order tried (passwords redacted).
+    #[error("none of the brokers of the list answered: {attempts}")]
+    NoBrokerAnswered { attempts: String },
     /// The broker did not complete the connection handshake in time (a node starting or
     /// stopping can accept the TCP connection and never answer).
     #[error("the broker at {url} did not complete the connection within {after:?}")]

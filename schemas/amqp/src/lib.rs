@@ -6,7 +6,8 @@
 //!
 //! - [`connect`] opens a named connection; [`supervise`] keeps a session running on a fresh
 //!   connection across broker restarts and dropped connections. `amqps://` URLs use rustls,
-//!   with the root CAs of [`Tls`] (built-in, plus a private CA file).
+//!   with the root CAs of [`Tls`] (built-in, plus a private CA file). Both take a
+//!   comma-separated list of the nodes of one cluster too, and use the first that answers.
 //! - [`declare_orchestrator_topology`] / [`declare_participant_topology`] declare the exchanges
 //!   and queues (idempotently, with exactly the arguments the README promises).
 //! - [`Publisher`] publishes [`OutgoingMessage`]s with publisher confirms and the `mandatory`
@@ -17,6 +18,7 @@
 //! one should return it, so that [`supervise`] rebuilds the connection, its channels and its
 //! consumers (a soft error closes the whole channel; lapin's own recovery is not used).
 
+mod brokers;
 mod error;
 mod frame;
 mod publish;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     AmqpError, Tls,
+    brokers::Brokers,
     error::{chain, redact_url},
 };
 
@@ -30,6 +31,11 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// client-provided name `connection_name`, shown in the management UI. `amqps://` URLs check
 /// the broker against the built-in root CAs only: see [`connect_with_tls`] for a private CA.
 /// lapin's automatic recovery stays off: see [`supervise`].
+///
+/// `url` may be a comma-separated list of the nodes of one cluster: they are tried in order,
+/// each with the connect timeout, and the first that answers is used. A list is checked
+/// first (no empty entry, one vhost for all); when no address answers, the error
+/// ([`AmqpError::NoBrokerAnswered`]) gives each one's.
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
     connect_with_tls(url, connection_name, &Tls::default()).await
 }
@@ -40,6 +46,25 @@ pub async fn connect_with_tls(
     connection_name: &str,
     tls: &Tls,
 ) -> Result<Connection, AmqpError> {
+    // A single URL is passed to lapin as it is, and fails as lapin says.
+    if !url.contains(',') {
+        return connect_one(url, connection_name, tls).await;
+    }
+    let brokers = Brokers::parse(url)?;
+    let mut attempts = Vec::new();
+    for broker in brokers.iter() {
+        match connect_one(broker, connection_name, tls).await {
+            Ok(conn) => return Ok(conn),
+            Err(error) => attempts.push(format!("{}: {}", redact_url(broker), chain(&error))),
+        }
+    }
+    Err(AmqpError::NoBrokerAnswered {
+        attempts: attempts.join("; "),
+    })
+}
+
+/// Connects to the single address `url`, within [`CONNECT_TIMEOUT`].
+async fn connect_one(url: &str, connection_name: &str, tls: &Tls) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
     let connecting = async {
         DefaultConnectionBuilder::new()?
@@ -75,10 +100,17 @@ pub async fn connect_with_tls(
 /// ran at least 10 s) and starts again with a new connection, so the session rebuilds its
 /// channels and consumers.
 ///
+/// `url` may be a comma-separated list of the nodes of one cluster (checked at once: no empty
+/// entry, one vhost for all). The session stays on the address that worked; after a failure
+/// (its node went away, or it did not answer within the connect timeout) the next address of
+/// the list is tried at once, round-robin, and the wait above comes only after as many
+/// failures in a row as there are addresses (a whole round). Each connection is logged with
+/// its address, password redacted.
+///
 /// Returns `Ok(())` when the session returns `Ok(())` (a clean shutdown), or when `shutdown`
 /// is cancelled while connecting, waiting, or as a session ends. A running session is not
 /// interrupted by `shutdown`: it should watch the token itself, finish its work and return
-/// `Ok(())`. Returns an error only for a URL lapin cannot parse.
+/// `Ok(())`. Returns an error only for a URL lapin cannot parse, or a bad list.
 ///
 /// Dropping a session mid-flight is safe with manual acks: whatever it had not acked is
 /// delivered again.
@@ -93,21 +125,21 @@ where
     F: FnMut(Connection) -> Fut,
     Fut: Future<Output = Result<(), AmqpError>>,
 {
-    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-        return Err(AmqpError::Invalid(format!(
-            "cannot parse the AMQP URL {}: {e}",
-            redact_url(url)
-        )));
-    }
+    let brokers = Brokers::parse(url)?;
     let mut delay = FIRST_BACKOFF;
+    // The address to try next, and the failures since the last wait.
+    let mut next = 0;
+    let mut failures = 0;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        let address = next;
+        let broker = brokers.url(address);
         let connected = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            connected = connect_with_tls(url, connection_name, &tls) => connected,
+            connected = connect_one(broker, connection_name, &tls) => connected,
         };
         let failure = match connected {
             Err(error) => error,
@@ -115,7 +147,11 @@ where
                 let started = Instant::now();
                 let status = conn.status().clone();
                 let events = conn.events_listener();
-                tracing::info!(connection = connection_name, "connected to the broker");
+                tracing::info!(
+                    connection = connection_name,
+                    broker = %redact_url(broker),
+                    "connected to the broker"
+                );
                 let ended = tokio::select! {
                     result = session(conn) => result,
                     reason = connection_lost(status, events) => Err(AmqpError::ConnectionLost(reason)),
@@ -136,24 +172,37 @@ where
                         }
                         if started.elapsed() >= HEALTHY_SESSION {
                             delay = FIRST_BACKOFF;
+                            failures = 0;
                         }
                         error
                     }
                 }
             }
         };
+        next = (address + 1) % brokers.len();
+        failures += 1;
+        // Another node of the list is tried at once; a whole round of failures waits.
+        let wait = if failures >= brokers.len() {
+            failures = 0;
+            delay
+        } else {
+            Duration::ZERO
+        };
         tracing::warn!(
             connection = connection_name,
+            broker = %redact_url(broker),
             error = %chain(&failure),
-            retry_in = ?delay,
+            retry_in = ?wait,
             "AMQP session failed; reconnecting"
         );
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(delay) => {}
+        if !wait.is_zero() {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+            delay = (delay * 2).min(MAX_BACKOFF);
         }
-        delay = (delay * 2).min(MAX_BACKOFF);
     }
 }
 
