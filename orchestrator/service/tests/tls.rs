@@ -136,3 +136,17 @@ async fn the_store_refuses_a_server_certificate_of_another_ca() {
     assert!(!text.contains(PASSWORD), "{text}");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_server_on_this_machine_is_reached_in_plain_text_unless_the_url_asks_for_tls() {
+    // The cluster offers TLS; sqlx's default (`prefer`) would take it, for nothing on loopback.
+    let db = TestDb::new().await;
+    for (params, tls) in [("", false), ("sslmode=prefer", true)] {
+        let store = Store::connect(&db.url(params))
+            .await
+            .unwrap_or_else(|e| panic!("{params}: {e}"));
+        assert_eq!(encrypted(store.connection()).await, tls, "`{params}`");
+        store.connection().clone().close().await.unwrap();
+    }
+    db.drop().await;
+}

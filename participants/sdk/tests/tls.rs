@@ -139,3 +139,17 @@ async fn a_participant_refuses_a_server_certificate_of_another_ca() {
     assert!(!text.contains(PASSWORD), "{text}");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_server_on_this_machine_is_reached_in_plain_text_unless_the_url_asks_for_tls() {
+    // The cluster offers TLS; sqlx's default (`prefer`) would take it, for nothing on loopback.
+    let db = TestDb::new().await;
+    for (params, tls) in [("", false), ("sslmode=prefer", true)] {
+        let conn = saga_participant::connect_database(&db.url(params), None)
+            .await
+            .unwrap_or_else(|e| panic!("{params}: {e}"));
+        assert_eq!(encrypted(&conn).await, tls, "`{params}`");
+        conn.close().await.unwrap();
+    }
+    db.drop().await;
+}
