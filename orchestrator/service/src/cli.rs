@@ -70,7 +70,7 @@ pub struct RunArgs {
     /// The saga definition file.
     #[arg(long, env = "SAGA_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
-    /// The RabbitMQ broker.
+    /// The RabbitMQ broker, or the nodes of one cluster as a comma-separated list.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretUrl,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in

@@ -7,7 +7,7 @@ use saga_participant::{SdkConfig, SecretUrl};
 /// The flags every example binary takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// The broker.
+    /// The broker, or the nodes of one cluster as a comma-separated list.
     #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretUrl,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
