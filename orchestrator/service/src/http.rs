@@ -12,7 +12,8 @@
 //! - every request body is read in full before the request is routed, so that whatever the
 //!   answer the connection can serve the next request: over [`MAX_MESSAGE_BYTES`] it is 413,
 //!   not in full within [`BODY_READ_TIMEOUT`] it is 408. These refusals, and 414 and 431, are
-//!   sent with `Connection: close`, since the rest of the body was never read;
+//!   sent with `Connection: close`; the rest of a body over the limit is read and thrown away
+//!   first, up to [`DRAIN_BYTES`], so that a client still writing it gets the answer;
 //! - at most [`MAX_CONNECTIONS`] connections are served at once; more wait in the listen
 //!   backlog, accepted as others close. Bodies held at once are bounded by the same number,
 //!   at most [`MAX_MESSAGE_BYTES`] each.
@@ -20,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
@@ -125,7 +126,11 @@ async fn guard(State(config): State<HttpConfig>, request: Request, next: Next) -
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_MESSAGE_BYTES as u64) {
+    if let Some(declared) = declared.filter(|n| *n > MAX_MESSAGE_BYTES as u64) {
+        if declared <= DRAIN_BYTES as u64 {
+            let mut stream = body.into_data_stream();
+            let _ = tokio::time::timeout(config.body_read_timeout, drain(&mut stream, 0)).await;
+        }
         return closing(too_large());
     }
     let body = match tokio::time::timeout(config.body_read_timeout, read_body(body)).await {
@@ -156,11 +161,28 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
             )
         })?;
         if bytes.len() + chunk.len() > MAX_MESSAGE_BYTES {
+            drain(&mut stream, bytes.len() + chunk.len()).await;
             return Err(too_large());
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes.into())
+}
+
+/// How much of a body over the limit is read and thrown away before the 413: a client that
+/// writes its whole body before reading (most do, without `Expect: 100-continue`) then gets the
+/// answer, instead of a broken pipe from a connection closed under it. Bodies past this are not
+/// worth the bandwidth: the connection is closed.
+const DRAIN_BYTES: usize = 8 * MAX_MESSAGE_BYTES;
+
+/// Reads and discards the rest of a body, `seen` bytes of which were read, up to [`DRAIN_BYTES`].
+async fn drain(stream: &mut BodyDataStream, mut seen: usize) {
+    while seen <= DRAIN_BYTES {
+        match stream.next().await {
+            Some(Ok(chunk)) => seen += chunk.len(),
+            _ => return,
+        }
+    }
 }
 
 fn too_large() -> ApiError {

@@ -519,6 +519,36 @@ async fn a_refused_request_leaves_its_connection_usable_or_says_it_is_closed() {
 }
 
 #[tokio::test]
+async fn a_client_that_writes_its_whole_oversized_body_before_reading_gets_the_413() {
+    // Most clients write the whole body before they read: closing the connection under them
+    // turns the answer into a broken pipe (the HTTP fuzz met it on a 1.1 MB body).
+    let app = spawn_app().await;
+    // Larger than the socket buffers, so that the client is still writing when it is refused.
+    let body = vec![b' '; 7 * MAX_MESSAGE_BYTES + MAX_MESSAGE_BYTES / 2];
+    let declared = format!(
+        "POST /sagas/order HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut chunked =
+        b"POST /sagas/order HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for piece in body.chunks(64 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let declared = [declared.as_bytes(), &body].concat();
+    for (what, request) in [("declared", declared), ("chunked", chunked)] {
+        let (received, _) = app.raw(&request, Duration::from_secs(30)).await;
+        assert!(received.starts_with("HTTP/1.1 413"), "{what}: {received:?}");
+        assert!(received.contains("\"error\""), "{what}: {received:?}");
+    }
+}
+
+#[tokio::test]
 async fn operator_command_bodies_are_held_to_the_limits() {
     let app = spawn_app().await;
     let saga = app.start().await;
