@@ -173,7 +173,7 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 /// writes its whole body before reading (most do, without `Expect: 100-continue`) then gets the
 /// answer, instead of a broken pipe from a connection closed under it. Bodies past this are not
 /// worth the bandwidth: the connection is closed.
-const DRAIN_BYTES: usize = 8 * MAX_MESSAGE_BYTES;
+pub const DRAIN_BYTES: usize = 8 * MAX_MESSAGE_BYTES;
 
 /// Reads and discards the rest of a body, `seen` bytes of which were read, up to [`DRAIN_BYTES`].
 async fn drain(stream: &mut BodyDataStream, mut seen: usize) {

@@ -28,7 +28,7 @@ use crate::store::{Store, StoreError};
 /// How long the inbox keeps a handled reply's id unless configured otherwise.
 pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// How often the inbox is pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(10 * 60);
+pub const PRUNE_EVERY: Duration = Duration::from_secs(10 * 60);
 
 /// Deletes the inbox rows older than `retention` at `now`; returns how many.
 pub async fn prune_inbox(
