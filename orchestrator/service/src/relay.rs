@@ -22,7 +22,7 @@ const BATCH: u64 = 256;
 const POLL: Duration = Duration::from_millis(500);
 /// Sent rows are kept this long (to inspect what went out), then deleted.
 const KEEP_SENT: Duration = Duration::from_secs(600);
-pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs until `shutdown`; returns an error when the broker connection is lost.
 pub async fn run(
