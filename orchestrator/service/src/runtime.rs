@@ -383,10 +383,6 @@ impl Runtime {
             Outcome::Applied => {
                 debug!(saga_id = %work.saga_id, events = ?decision.events.iter().map(SagaEvent::kind).collect::<Vec<_>>(), "decided")
             }
-            // Not a participant's answer: forged, or meant for another saga.
-            Outcome::Ignored(why @ Ignored::UnknownCommand { .. }) => {
-                warn!(saga_id = %work.saga_id, %why, "a reply to no command of the saga: ignored")
-            }
             Outcome::Ignored(why) => debug!(saga_id = %work.saga_id, %why, "input ignored"),
             Outcome::Rejected(why) => {
                 info!(saga_id = %work.saga_id, %why, "operator command rejected")
