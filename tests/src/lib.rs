@@ -9,12 +9,15 @@
 //! - [`checkout`]: inputs of the `order-checkout` saga and readers of its status view.
 //! - [`faults`]: the fault suite's own services (`scripts/fault-services`), load, watchers and
 //!   checks.
+//! - [`cluster`]: the three-node RabbitMQ cluster (`scripts/rabbit-cluster`) whose nodes the
+//!   cluster test kills.
 //!
 //! Every scenario runs on SQLite and on PostgreSQL: see [`on_both_backends!`].
 
 pub mod amqp;
 pub mod bins;
 pub mod checkout;
+pub mod cluster;
 pub mod env;
 pub mod faults;
 pub mod management;

@@ -141,7 +141,18 @@ impl Run {
         definitions: String,
         tweak: impl FnOnce(Options) -> Options,
     ) -> Run {
-        let faults = FaultEnv::ready().await;
+        Run::start_in(FaultEnv::ready().await, name, backend, definitions, tweak).await
+    }
+
+    /// [`start_with`](Self::start_with) on services of the caller's (e.g. the three-node
+    /// cluster of `tests/tests/cluster.rs`), already checked; the plan has `faults.sagas`.
+    pub async fn start_in(
+        faults: FaultEnv,
+        name: &str,
+        backend: Backend,
+        definitions: String,
+        tweak: impl FnOnce(Options) -> Options,
+    ) -> Run {
         let opts = tweak(options(name, backend, definitions));
         let alive: Vec<String> = std::iter::once(ORCHESTRATOR.to_owned())
             .chain(opts.participants.iter().cloned())
@@ -185,6 +196,11 @@ impl Run {
         if at > now {
             tokio::time::sleep(at - now).await;
         }
+    }
+
+    /// Time since the load began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Waits until the load has started every saga; returns how many.
