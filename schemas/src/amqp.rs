@@ -12,6 +12,12 @@ pub const REPLIES_QUEUE: &str = "saga.replies";
 /// Queue on which a [`crate::StartSaga`] message starts a saga.
 pub const START_QUEUE: &str = "saga.start";
 
+/// How many times a message may be delivered and not acknowledged (its consumer crashed, lost
+/// its connection or handed it back) before it is set aside in its dead-letter queue: the
+/// `x-delivery-limit` of every quorum queue. A message is delivered at most this many times plus
+/// one.
+pub const DELIVERY_LIMIT: u32 = 20;
+
 /// The durable queue holding commands for one participant.
 pub fn command_queue(participant: &str) -> String {
     format!("saga.commands.{participant}")
@@ -46,6 +52,12 @@ pub mod header {
     pub const ACTION: &str = "saga-action";
     pub const DIRECTION: &str = "saga-direction";
     pub const ATTEMPT: &str = "saga-attempt";
+    /// Set by a quorum queue on a delivery: how many earlier deliveries of the message were not
+    /// acknowledged.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
+    /// Set by the broker on a message it dead-lettered itself: why (`rejected`,
+    /// `delivery_limit`...).
+    pub const FIRST_DEATH_REASON: &str = "x-first-death-reason";
     /// Why a message was dead-lettered (on messages in a `.dlq` queue).
     pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
     /// The queue a dead-lettered message was taken from.

@@ -48,6 +48,9 @@ struct Args {
         hide_env_values = true
     )]
     amqp_url: String,
+    /// The type of every queue, the raw round trip's too: quorum or classic.
+    #[arg(long, env = "QUEUE_TYPE", default_value_t = saga_amqp::QueueType::Quorum)]
+    queue_type: saga_amqp::QueueType,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
     #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]
@@ -97,12 +100,13 @@ async fn run(
     let conn = saga_amqp::connect_with_tls(&args.amqp_url, "saga-bench driver", &tls).await?;
     let channel = conn.create_channel().await?;
     let names: Vec<&str> = participants.iter().map(String::as_str).collect();
-    saga_amqp::declare_orchestrator_topology(&channel, &names).await?;
+    saga_amqp::declare_orchestrator_topology(&channel, &names, args.queue_type).await?;
 
     let store = Store::connect(&databases.orchestrator).await?;
     let runtime = Runtime::new(definitions, store)?;
     let config = ServiceConfig {
         amqp_url: args.amqp_url.clone().into(),
+        queue_type: args.queue_type,
         database_url: databases.orchestrator.clone().into(),
         database_pool_size: orchestrator::store::DEFAULT_POOL_SIZE,
         http: "127.0.0.1:0".parse()?,
@@ -124,6 +128,7 @@ async fn run(
         sdk.database_schema = databases.participants[i].1.clone();
         sdk.prefetch = args.participant_prefetch;
         sdk.amqp_ca_file = args.amqp_ca_file.clone();
+        sdk.queue_type = args.queue_type;
         tokio::spawn(participant.run(sdk, shutdown.clone()));
     }
 
@@ -140,6 +145,7 @@ async fn run(
     let raw = raw_round_trips(
         &args.amqp_url,
         &tls,
+        args.queue_type,
         args.sagas * args.steps,
         args.concurrency,
         args.participant_prefetch,
@@ -360,16 +366,33 @@ struct RawResult {
 async fn raw_round_trips(
     url: &str,
     tls: &saga_amqp::Tls,
+    queue_type: saga_amqp::QueueType,
     count: usize,
     concurrency: usize,
     prefetch: u16,
 ) -> anyhow::Result<RawResult> {
-    const REQUESTS: &str = "saga-bench.raw.requests";
-    const REPLIES: &str = "saga-bench.raw.replies";
+    // Named by type: a queue cannot change type once declared.
+    let (requests_queue, replies_queue) = match queue_type {
+        saga_amqp::QueueType::Quorum => (
+            "saga-bench.raw.requests.quorum",
+            "saga-bench.raw.replies.quorum",
+        ),
+        saga_amqp::QueueType::Classic => (
+            "saga-bench.raw.requests.classic",
+            "saga-bench.raw.replies.classic",
+        ),
+    };
+    let mut arguments = FieldTable::default();
+    if queue_type == saga_amqp::QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            saga_amqp::lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+    }
     let driver = saga_amqp::connect_with_tls(url, "saga-bench raw driver", tls).await?;
     let responder = saga_amqp::connect_with_tls(url, "saga-bench raw responder", tls).await?;
     let setup = driver.create_channel().await?;
-    for queue in [REQUESTS, REPLIES] {
+    for queue in [requests_queue, replies_queue] {
         setup
             .queue_declare(
                 queue.into(),
@@ -377,7 +400,7 @@ async fn raw_round_trips(
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments.clone(),
             )
             .await?;
         setup.queue_purge(queue.into(), Default::default()).await?;
@@ -386,7 +409,7 @@ async fn raw_round_trips(
     // Responder: consume a request, publish the reply (confirmed), ack the request.
     let responder_publisher = Publisher::open(&responder).await?;
     let (_rc, mut requests) =
-        saga_amqp::open_consumer(&responder, REQUESTS, "raw responder", prefetch).await?;
+        saga_amqp::open_consumer(&responder, requests_queue, "raw responder", prefetch).await?;
     let respond = tokio::spawn(async move {
         while let Some(Ok(delivery)) = requests.next().await {
             let publisher = responder_publisher.clone();
@@ -397,7 +420,7 @@ async fn raw_round_trips(
                     .as_ref()
                     .and_then(|m| Uuid::parse_str(m.as_str()).ok())
                     .unwrap_or_default();
-                if publisher.publish(&message(REPLIES, id)).await.is_ok() {
+                if publisher.publish(&message(replies_queue, id)).await.is_ok() {
                     saga_amqp::ack(&delivery).await.ok();
                 }
             });
@@ -408,7 +431,7 @@ async fn raw_round_trips(
     let waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>> = Arc::default();
     let (_dc, mut replies) = saga_amqp::open_consumer(
         &driver,
-        REPLIES,
+        replies_queue,
         "raw driver",
         prefetch.max(concurrency as u16),
     )
@@ -442,7 +465,7 @@ async fn raw_round_trips(
                 let (tx, rx) = oneshot::channel();
                 waiting.lock().expect("waiting lock").insert(id, tx);
                 let at = Instant::now();
-                publisher.publish(&message(REQUESTS, id)).await?;
+                publisher.publish(&message(requests_queue, id)).await?;
                 tokio::time::timeout(Duration::from_secs(30), rx).await??;
                 latencies.push(at.elapsed());
             }
@@ -456,7 +479,7 @@ async fn raw_round_trips(
     let elapsed = begin.elapsed();
     respond.abort();
     collect.abort();
-    for queue in [REQUESTS, REPLIES] {
+    for queue in [requests_queue, replies_queue] {
         setup
             .queue_delete(queue.into(), Default::default())
             .await

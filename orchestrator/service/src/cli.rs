@@ -63,16 +63,23 @@ pub struct GraphArgs {
 /// default; use PostgreSQL in production.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
 pub use saga_amqp::DEFAULT_AMQP_URL;
-use saga_amqp::SecretUrl;
+use saga_amqp::{QueueType, SecretUrl};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The saga definition file.
     #[arg(long, env = "SAGA_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
-    /// The RabbitMQ broker, or the nodes of one cluster as a comma-separated list.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: SecretUrl,
+    /// The RabbitMQ broker; for the nodes of one cluster, repeat the flag or give a
+    /// comma-separated list. The first node that answers is used, the next when it goes away.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true,
+          value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub amqp_url: Vec<SecretUrl>,
+    /// The type of every queue declared: quorum (replicated; the default) or classic (for a
+    /// broker that still has the classic queues of an older version). The same on every
+    /// process of the system.
+    #[arg(long, env = "QUEUE_TYPE", default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
     #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]

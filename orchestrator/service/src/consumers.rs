@@ -44,7 +44,7 @@ pub async fn replies(
                 _ => break,
             }
         }
-        handle_replies(&runtime, publisher, deliveries).await?;
+        handle_replies(&runtime, publisher, deliveries, &shutdown).await?;
     }
     Ok(())
 }
@@ -53,6 +53,7 @@ async fn handle_replies(
     runtime: &Runtime,
     publisher: &Publisher,
     deliveries: Vec<Delivery>,
+    shutdown: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let mut work = Vec::with_capacity(deliveries.len());
     let mut pending = Vec::with_capacity(deliveries.len());
@@ -98,57 +99,91 @@ async fn handle_replies(
             fresh_deliveries.push(delivery);
         }
     }
-    let results = runtime.handle(&fresh).await;
-    for ((w, delivery), result) in fresh.iter().zip(fresh_deliveries).zip(results) {
-        match result {
-            // Nothing was recorded for it: say so, set it aside, count it. A reply nobody here
-            // asked for usually means another orchestrator, on another database, consumes
-            // this vhost and is missing the reply.
-            Ok(Outcome::Ignored(Ignored::UnknownSaga)) => {
-                let reason = result_reason(
-                    &w.saga_id,
-                    "unknown to this orchestrator's database (another orchestrator with a different database may consume this vhost)",
-                );
-                warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply for an unknown saga");
-                metrics::counter!(REPLIES_UNKNOWN).increment(1);
-                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
-            }
-            // Forged, or from another orchestrator's saga with a colliding id: never applied,
-            // and kept with why rather than acked away.
-            Ok(Outcome::Ignored(ignored @ Ignored::UnknownCommand { .. })) => {
-                let reason = result_reason(&w.saga_id, &ignored.to_string());
-                warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
-                saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
-            }
-            Ok(_) => saga_amqp::ack(&delivery).await?,
-            // It can never be handled (its saga's definition is gone, its saga unreadable):
-            // set it aside with why, for an operator, instead of requeueing it forever.
-            Err(error) if error.is_permanent() => {
-                let reply = serde_json::from_slice(&delivery.data).unwrap_or_default();
-                let reason = error.to_string();
-                match runtime
-                    .store()
-                    .set_aside_reply(w.saga_id, &reply, &reason, chrono::Utc::now())
-                    .await
-                {
-                    Ok(()) => {
-                        warn!(saga_id = %w.saga_id, %reason, "reply set aside: it can never be handled");
-                        saga_amqp::ack(&delivery).await?;
-                    }
-                    Err(store_error) => {
-                        warn!(saga_id = %w.saga_id, %reason, error = %store_error,
-                            "cannot set aside a reply that can never be handled; it will be redelivered");
-                        requeue(&delivery).await?;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let results = runtime.handle(&fresh).await;
+        let mut again = (Vec::new(), Vec::new());
+        for ((w, delivery), result) in fresh.into_iter().zip(fresh_deliveries).zip(results) {
+            match result {
+                // Nothing was recorded for it: say so, set it aside, count it. A reply nobody
+                // here asked for usually means another orchestrator, on another database,
+                // consumes this vhost and is missing the reply.
+                Ok(Outcome::Ignored(Ignored::UnknownSaga)) => {
+                    let reason = result_reason(
+                        &w.saga_id,
+                        "unknown to this orchestrator's database (another orchestrator with a different database may consume this vhost)",
+                    );
+                    warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply for an unknown saga");
+                    metrics::counter!(REPLIES_UNKNOWN).increment(1);
+                    saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                }
+                // Forged, or from another orchestrator's saga with a colliding id: never
+                // applied, and kept with why rather than acked away.
+                Ok(Outcome::Ignored(ignored @ Ignored::UnknownCommand { .. })) => {
+                    let reason = result_reason(&w.saga_id, &ignored.to_string());
+                    warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
+                    saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                }
+                Ok(_) => saga_amqp::ack(&delivery).await?,
+                // It can never be handled (its saga's definition is gone, its saga
+                // unreadable): set it aside with why, for an operator, instead of trying
+                // forever.
+                Err(error) if error.is_permanent() => {
+                    let reply = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                    let reason = error.to_string();
+                    match runtime
+                        .store()
+                        .set_aside_reply(w.saga_id, &reply, &reason, chrono::Utc::now())
+                        .await
+                    {
+                        Ok(()) => {
+                            warn!(saga_id = %w.saga_id, %reason, "reply set aside: it can never be handled");
+                            saga_amqp::ack(&delivery).await?;
+                        }
+                        Err(store_error) => {
+                            warn!(saga_id = %w.saga_id, %reason, error = %store_error,
+                                "cannot set aside a reply that can never be handled yet; trying again");
+                            again.0.push(w);
+                            again.1.push(delivery);
+                        }
                     }
                 }
-            }
-            Err(error) => {
-                warn!(saga_id = %w.saga_id, %error, "reply not handled; it will be redelivered");
-                requeue(&delivery).await?;
+                Err(error) => {
+                    warn!(saga_id = %w.saga_id, %error, ?pause, "reply not handled; trying again");
+                    again.0.push(w);
+                    again.1.push(delivery);
+                }
             }
         }
+        (fresh, fresh_deliveries) = again;
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        // A passing fault (the database unavailable): keep the deliveries and try again here.
+        // Handing them back would count against the queue's delivery limit, and a long outage
+        // would dead-letter good replies.
+        if !pause_or_shutdown(&mut pause, shutdown).await {
+            for delivery in &fresh_deliveries {
+                saga_amqp::nack(delivery, true).await?;
+            }
+            return Ok(());
+        }
     }
-    Ok(())
+}
+
+/// The first pause before handling a delivery again after a passing fault, and the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+
+/// Sleeps `pause` (then doubles it, up to [`LONGEST_PAUSE`]); `false` if `shutdown` came first.
+async fn pause_or_shutdown(pause: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(*pause) => {
+            *pause = (*pause * 2).min(LONGEST_PAUSE);
+            true
+        }
+        () = shutdown.cancelled() => false,
+    }
 }
 
 /// The next delivery, or `None` once `shutdown` is cancelled (the channel is closed then, so the
@@ -333,13 +368,6 @@ fn result_reason(saga_id: &uuid::Uuid, why: &str) -> String {
     format!("saga {saga_id}: {why}")
 }
 
-/// Gives a delivery back to the broker after a short pause, so a passing database fault
-/// does not spin.
-async fn requeue(delivery: &Delivery) -> Result<(), AmqpError> {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    saga_amqp::nack(delivery, true).await
-}
-
 pub async fn starts(
     runtime: Runtime,
     conn: &saga_amqp::lapin::Connection,
@@ -377,10 +405,29 @@ pub async fn starts(
             refuse_start(publisher, &delivery, &start.saga, refusal).await?;
             continue;
         }
-        match runtime
-            .start(&start.saga, start.input, start.idempotency_key)
-            .await
-        {
+        // A passing fault (the database unavailable) is tried again here, holding the
+        // delivery: handing it back would count against the queue's delivery limit.
+        let mut pause = FIRST_PAUSE;
+        let result = loop {
+            match runtime
+                .start(
+                    &start.saga,
+                    start.input.clone(),
+                    start.idempotency_key.clone(),
+                )
+                .await
+            {
+                Err(error) if !error.is_permanent() => {
+                    warn!(%error, ?pause, "start not handled; trying again");
+                    if !pause_or_shutdown(&mut pause, &shutdown).await {
+                        saga_amqp::nack(&delivery, true).await?;
+                        return Ok(());
+                    }
+                }
+                result => break result,
+            }
+        };
+        match result {
             Ok(started) => {
                 if let Some(reply_to) = delivery.properties.reply_to().as_ref() {
                     let reply = start_reply(reply_to.as_str(), &started);
@@ -390,14 +437,10 @@ pub async fn starts(
                 }
                 saga_amqp::ack(&delivery).await?;
             }
-            // Trying again can never help: set it aside with why instead of requeueing it forever.
-            Err(error) if error.is_permanent() => {
+            // Trying again can never help: set it aside with why instead of trying forever.
+            Err(error) => {
                 let refusal = Refusal::from_runtime(&error);
                 refuse_start(publisher, &delivery, &start.saga, refusal).await?;
-            }
-            Err(error) => {
-                warn!(%error, "start not handled; it will be redelivered");
-                requeue(&delivery).await?;
             }
         }
     }

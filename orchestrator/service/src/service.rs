@@ -32,6 +32,8 @@ use crate::{consumers, presence, relay, retention, timers};
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub amqp_url: SecretUrl,
+    /// The type of every queue the orchestrator declares.
+    pub queue_type: saga_amqp::QueueType,
     pub database_url: SecretUrl,
     /// PostgreSQL connections the orchestrator may hold (SQLite ignores it).
     pub database_pool_size: u32,
@@ -293,13 +295,16 @@ pub async fn serve_runtime(
             Ok(())
         }
     });
-    let participants: Vec<String> = runtime
-        .definitions()
-        .participants()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    let prefetch = config.prefetch;
+    let topology = Topology {
+        participants: runtime
+            .definitions()
+            .participants()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        queue_type: config.queue_type,
+        prefetch: config.prefetch,
+    };
     tasks.spawn(BROKER_TASK, {
         let shutdown = shutdown.clone();
         async move {
@@ -311,21 +316,10 @@ pub async fn serve_runtime(
                 move |conn| {
                     let runtime = runtime.clone();
                     let shutdown = shutdown.clone();
-                    let participants = participants.clone();
+                    let topology = topology.clone();
                     let health = health.clone();
                     let me = me.clone();
-                    async move {
-                        session(
-                            runtime,
-                            conn,
-                            &participants,
-                            prefetch,
-                            me,
-                            shutdown,
-                            &health,
-                        )
-                        .await
-                    }
+                    async move { session(runtime, conn, &topology, me, shutdown, &health).await }
                 },
             )
             .await
@@ -337,19 +331,27 @@ pub async fn serve_runtime(
     Ok(())
 }
 
+/// What every broker session declares and consumes with.
+#[derive(Clone)]
+struct Topology {
+    participants: Vec<String>,
+    queue_type: saga_amqp::QueueType,
+    prefetch: u16,
+}
+
 /// Everything that needs the broker, on one connection: topology, relay, consumers.
 async fn session(
     runtime: Runtime,
     conn: saga_amqp::lapin::Connection,
-    participants: &[String],
-    prefetch: u16,
+    topology: &Topology,
     me: presence::Heartbeat,
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), AmqpError> {
     let channel = conn.create_channel().await?;
-    let names: Vec<&str> = participants.iter().map(String::as_str).collect();
-    saga_amqp::declare_orchestrator_topology(&channel, &names).await?;
+    let names: Vec<&str> = topology.participants.iter().map(String::as_str).collect();
+    saga_amqp::declare_orchestrator_topology(&channel, &names, topology.queue_type).await?;
+    let prefetch = topology.prefetch;
     let relay_publisher = Publisher::open(&conn).await?;
     let relay_channel_owner = relay_publisher.clone();
     let dead_letters = Publisher::open(&conn).await?;

@@ -113,7 +113,7 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
 
     let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
     let setup = conn.create_channel().await.unwrap();
-    saga_amqp::declare_orchestrator_topology(&setup, &["payments"])
+    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], saga_amqp::QueueType::Quorum)
         .await
         .unwrap();
 

@@ -2,14 +2,21 @@
 //! environment), logging, and shutdown on SIGTERM or ctrl-c.
 
 use clap::{Args, ValueEnum};
-use saga_participant::{SdkConfig, SecretUrl};
+use saga_participant::{QueueType, SdkConfig, SecretUrl};
 
 /// The flags every example binary takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// The broker, or the nodes of one cluster as a comma-separated list.
-    #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: SecretUrl,
+    /// The broker; for the nodes of one cluster, repeat the flag or give a comma-separated
+    /// list. The first node that answers is used, the next when it goes away.
+    #[arg(long, env = "AMQP_URL", default_value = saga_participant::DEFAULT_AMQP_URL, hide_env_values = true,
+          value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub amqp_url: Vec<SecretUrl>,
+    /// The type of the queues declared: quorum (replicated; the default) or classic (for a
+    /// broker that still has the classic queues of an older version). The same on every
+    /// process of the system.
+    #[arg(long, env = "QUEUE_TYPE", default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
     #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]
@@ -51,7 +58,8 @@ impl CommonArgs {
     /// The SDK's configuration for `service`, with its defaults filled in.
     pub fn sdk_config(&self, service: &str) -> SdkConfig {
         SdkConfig {
-            amqp_url: self.amqp_url.clone(),
+            amqp_url: self.amqp_url.iter().cloned().collect(),
+            queue_type: self.queue_type,
             database_url: self.database_url(service),
             database_schema: self.database_schema.clone().filter(|s| !s.is_empty()),
             database_pool_size: Some(self.database_pool_size),

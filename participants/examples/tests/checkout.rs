@@ -90,6 +90,7 @@ impl Env {
             prefetch: 8,
             connection_name: None,
             amqp_ca_file: None,
+            queue_type: Default::default(),
         };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -121,9 +122,13 @@ impl Orchestrator {
         let conn = saga_amqp::connect(url, "checkout-test").await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         for service in Service::ALL {
-            saga_amqp::declare_participant_topology(&ch, service.name())
-                .await
-                .unwrap();
+            saga_amqp::declare_participant_topology(
+                &ch,
+                service.name(),
+                saga_amqp::QueueType::Quorum,
+            )
+            .await
+            .unwrap();
         }
         ch.queue_declare(
             REPLY_QUEUE.into(),

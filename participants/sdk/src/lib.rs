@@ -95,7 +95,7 @@ pub use handler::{
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
 /// A [`CancellationToken`] cancelled on SIGTERM or Ctrl-C, for [`Participant::run`].
-pub use saga_amqp::{SecretUrl, shutdown_on_signal};
+pub use saga_amqp::{QueueType, SecretUrl, shutdown_on_signal};
 pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;
@@ -125,6 +125,9 @@ pub struct SdkConfig {
     /// A PEM file of CA certificates to trust for an `amqps://` broker besides the built-in
     /// roots (a private CA); read when [`Participant::run`] starts.
     pub amqp_ca_file: Option<std::path::PathBuf>,
+    /// The type of the queues the participant declares: quorum (the default) or classic, as
+    /// the orchestrator's.
+    pub queue_type: QueueType,
 }
 
 impl SdkConfig {
@@ -139,6 +142,7 @@ impl SdkConfig {
             prefetch: DEFAULT_PREFETCH,
             connection_name: None,
             amqp_ca_file: None,
+            queue_type: QueueType::Quorum,
         }
     }
 }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::options::BasicCancelOptions;
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
-use saga_schemas::amqp::{REPLIES_QUEUE, command_queue, header};
+use saga_schemas::amqp::{DELIVERY_LIMIT, REPLIES_QUEUE, command_queue, header};
 use saga_schemas::limits;
 use saga_schemas::{Data, Outcome, StepCommand, StepReply};
 use sea_orm::DatabaseConnection;
@@ -35,6 +35,7 @@ struct Context {
     participant: Arc<Participant>,
     db: DatabaseConnection,
     queue: String,
+    queue_type: saga_amqp::QueueType,
     /// Per command message id: how many times its reply was refused.
     refused_replies: Mutex<HashMap<uuid::Uuid, u32>>,
 }
@@ -74,6 +75,7 @@ pub(crate) async fn run(
         .unwrap_or_else(|| default_connection_name(participant.name()));
     let ctx = Arc::new(Context {
         queue: command_queue(participant.name()),
+        queue_type: config.queue_type,
         participant,
         db,
         refused_replies: Mutex::new(HashMap::new()),
@@ -120,7 +122,7 @@ async fn session(
         .create_channel()
         .await
         .map_err(|e| AmqpError::amqp("opening the set-up channel", e))?;
-    saga_amqp::declare_participant_topology(&setup, name).await?;
+    saga_amqp::declare_participant_topology(&setup, name, ctx.queue_type).await?;
     let _ = setup.close(200, "topology declared".into()).await;
 
     let publisher = Publisher::open(&conn).await?.with_app_id(name)?;
@@ -226,6 +228,17 @@ fn check(
     publisher: &Publisher,
     delivery: &Delivery,
 ) -> Result<(StepCommand, String), String> {
+    // The command queue has no dead-letter exchange (see `saga_amqp::QueueType`): the last
+    // delivery the limit allows is set aside here, before the handler that keeps failing on it
+    // runs again; the broker would drop it after this one.
+    let deliveries = saga_amqp::header_int(delivery, header::DELIVERY_COUNT).unwrap_or(0);
+    if deliveries >= i64::from(DELIVERY_LIMIT) {
+        return Err(format!(
+            "delivered {} times without being acknowledged (the participant crashed, or lost \
+             its connection, while handling it each time): set aside at the delivery limit",
+            deliveries + 1
+        ));
+    }
     let cmd: StepCommand =
         saga_amqp::decode(delivery).map_err(|e| format!("cannot decode the command: {e}"))?;
     let reply_to = delivery

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use saga_amqp::OutgoingMessage;
 use saga_amqp::lapin::types::AMQPValue;
 use saga_participant::sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -331,6 +332,70 @@ async fn outputs_over_the_limits_become_failures_and_change_nothing(db: TestDb) 
         Outcome::Failure {
             reason: "no\u{FFFD}pe".into()
         }
+    );
+    running.stop().await;
+}
+
+/// A command whose handling crashed the participant (or lost its connection) every time it
+/// was delivered: at its last delivery under the queue's delivery limit the SDK sets it aside
+/// with the reason, before the handler runs again, instead of crashing forever (or the broker
+/// dropping it silently after the next).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_at_the_delivery_limit_is_dead_lettered_before_its_handler_runs() {
+    let vhost = Vhost::new();
+    let db = TestDb::sqlite();
+    let mut client = Client::connect(&vhost).await;
+    let saga_id = Uuid::new_v4();
+    let poison = command(
+        saga_id,
+        "charge-payment",
+        Direction::Execute,
+        "charge",
+        1,
+        json!({}),
+    );
+    client.send(&poison).await;
+
+    // The crashes: delivered, never acknowledged, channel gone, DELIVERY_LIMIT times.
+    let queue = command_queue(PARTICIPANT);
+    for n in 0..saga_schemas::amqp::DELIVERY_LIMIT {
+        let (channel, mut consumer) = saga_amqp::open_consumer(&client.conn, &queue, "", 1)
+            .await
+            .unwrap();
+        let delivery = within("a delivery", consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            saga_amqp::header_int(&delivery, header::DELIVERY_COUNT).unwrap_or(0),
+            i64::from(n)
+        );
+        channel.close(200, "crashed".into()).await.unwrap();
+    }
+
+    let running = Running::start(participant(), &vhost, &db, 8);
+    let dead = client.dead_letter().await;
+    let reason = reason_of(&dead);
+    assert!(
+        reason.contains("delivered 21 times without being acknowledged")
+            && reason.contains("delivery limit"),
+        "{reason}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&dead.data).unwrap()["message_id"],
+        json!(poison.message_id)
+    );
+    client.no_reply_within(Duration::from_secs(1)).await;
+    // The handler never ran: no effect, no inbox record.
+    let conn = db.connect().await;
+    assert!(effects(&conn, saga_id).await.is_empty());
+    assert!(inbox(&conn, saga_id).await.is_empty());
+
+    // The next attempt of the step (a new message) is handled as usual.
+    let reply = client.call(&retry(&poison, 2)).await;
+    assert!(
+        matches!(reply.outcome, Outcome::Success { .. }),
+        "{reply:?}"
     );
     running.stop().await;
 }

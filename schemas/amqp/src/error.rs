@@ -61,17 +61,22 @@ pub enum AmqpError {
     #[error("lost the connection to the broker: {0}")]
     ConnectionLost(String),
     /// A queue already exists with other arguments than this version declares (the broker
-    /// answered `PRECONDITION_FAILED`), typically one declared by an older version. The channel
-    /// is closed; retrying does not help until an operator acts.
+    /// answered `PRECONDITION_FAILED`): typically a classic queue of an older version, or a
+    /// queue of the other `--queue-type`. The channel is closed; retrying does not help until
+    /// an operator acts.
     #[error(
-        "queue {queue} exists with other arguments than this version declares ({expected}); \
-         the broker said: {broker}. Let it drain, then delete it \
-         (`rabbitmqctl delete_queue -p <vhost> {queue}`) so that it is declared afresh, or keep \
-         declaring it with its old arguments (the older version)"
+        "queue {queue} already exists on the broker with other arguments than this process \
+         declares for --queue-type {queue_type} ({expected}); the broker said: {broker}. \
+         Either run every process with the queue type the broker has (--queue-type or \
+         QUEUE_TYPE, e.g. classic for the queues of versions before quorum queues), or let the \
+         queue drain, delete it (`rabbitmqctl delete_queue -p <vhost> {queue}`) and start \
+         again so that it is declared afresh"
     )]
     QueueMismatch {
         queue: String,
-        /// The arguments this version declares, in words.
+        /// The queue type this process declares.
+        queue_type: crate::QueueType,
+        /// The arguments this process declares, in words.
         expected: String,
         /// The broker's reply text (which argument differs).
         broker: String,

@@ -9,7 +9,8 @@
 //!   with the root CAs of [`Tls`] (built-in, plus a private CA file). Both take a
 //!   comma-separated list of the nodes of one cluster too, and use the first that answers.
 //! - [`declare_orchestrator_topology`] / [`declare_participant_topology`] declare the exchanges
-//!   and queues (idempotently, with exactly the arguments the README promises).
+//!   and queues (idempotently, with exactly the arguments the README promises): quorum queues
+//!   by default, classic as an option ([`QueueType`]).
 //! - [`Publisher`] publishes [`OutgoingMessage`]s with publisher confirms and the `mandatory`
 //!   flag, one at a time or pipelined.
 //! - [`open_consumer`], [`decode`], [`ack`], [`dead_letter`] and the header helpers receive.
@@ -43,8 +44,8 @@ pub use supervise::{
 };
 pub use tls::Tls;
 pub use topology::{
-    declare_dead_letter_exchange, declare_orchestrator_topology, declare_participant_topology,
-    declare_queue_with_dead_letter, queue_arguments,
+    QueueType, declare_dead_letter_exchange, declare_orchestrator_topology,
+    declare_participant_topology, declare_queue_with_dead_letter, queue_arguments,
 };
 
 /// The lapin version this crate is built on, so callers name the same types.

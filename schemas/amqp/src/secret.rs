@@ -57,6 +57,14 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// Joins URLs into one comma-separated list (e.g. the values of a repeated `--amqp-url`).
+impl FromIterator<SecretUrl> for SecretUrl {
+    fn from_iter<I: IntoIterator<Item = SecretUrl>>(urls: I) -> Self {
+        let urls: Vec<String> = urls.into_iter().map(|url| url.0).collect();
+        SecretUrl(urls.join(","))
+    }
+}
+
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
@@ -87,6 +95,13 @@ mod tests {
         }
         assert_eq!(url.expose(), &*url);
         assert!(url.expose().contains("pw2"));
+        let joined: SecretUrl = [
+            SecretUrl::from("amqp://app:pw1@a:5672/%2f"),
+            SecretUrl::from("amqps://app:pw2@b:5671/%2f"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(joined, url);
         let plain = SecretUrl::from("sqlite://orders.db?mode=rwc");
         assert_eq!(plain.to_string(), "sqlite://orders.db?mode=rwc");
     }

@@ -25,7 +25,7 @@ async fn setup(vhost: &TestVhost) -> (Connection, Publisher) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    saga_amqp::declare_orchestrator_topology(&ch, &["payments"])
+    saga_amqp::declare_orchestrator_topology(&ch, &["payments"], saga_amqp::QueueType::Quorum)
         .await
         .unwrap();
     ch.close(200, "declared".into()).await.unwrap();

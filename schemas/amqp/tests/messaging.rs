@@ -27,7 +27,7 @@ async fn setup(vhost: &TestVhost) -> (Connection, Publisher) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    saga_amqp::declare_orchestrator_topology(&ch, &["payments"])
+    saga_amqp::declare_orchestrator_topology(&ch, &["payments"], saga_amqp::QueueType::Quorum)
         .await
         .unwrap();
     let publisher = Publisher::open(&conn)

@@ -38,7 +38,12 @@ async fn supervise_restarts_the_session_until_shutdown() {
                     async move {
                         // Every session does real work on its connection.
                         let ch = conn.create_channel().await?;
-                        saga_amqp::declare_orchestrator_topology(&ch, &["payments"]).await?;
+                        saga_amqp::declare_orchestrator_topology(
+                            &ch,
+                            &["payments"],
+                            saga_amqp::QueueType::Quorum,
+                        )
+                        .await?;
                         let publisher = Publisher::open(&conn).await?;
                         started_tx.send(run).unwrap();
                         match run {

@@ -7,32 +7,73 @@ use std::time::Duration;
 
 use common::TestVhost;
 use futures_util::StreamExt;
+use saga_amqp::QueueType;
 use saga_amqp::lapin::{
     BasicProperties,
     options::{BasicPublishOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use saga_schemas::amqp::{DEAD_LETTER_EXCHANGE, command_queue, dead_letter_queue, header};
+use saga_schemas::amqp::{
+    DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, command_queue, dead_letter_queue, header,
+};
 use serde_json::{Value, json};
 
 #[tokio::test]
-async fn topology_is_idempotent_and_has_the_documented_arguments() {
-    let vhost = TestVhost::new("topology");
+async fn quorum_topology_is_idempotent_and_has_the_documented_arguments() {
+    topology_is_idempotent_and_has_the_documented_arguments(QueueType::Quorum).await;
+}
+
+#[tokio::test]
+async fn classic_topology_is_idempotent_and_has_the_documented_arguments() {
+    topology_is_idempotent_and_has_the_documented_arguments(QueueType::Classic).await;
+}
+
+/// What `schemas/README.md` promises for each queue, by type: (argument, value) pairs.
+fn documented_arguments(queue: &str, queue_type: QueueType) -> BTreeSet<(String, String)> {
+    let pairs: Vec<(&str, String)> = match (queue_type, queue) {
+        (QueueType::Quorum, q) if q.ends_with(".dlq") => vec![("x-queue-type", "quorum".into())],
+        (QueueType::Quorum, q) if q.starts_with("saga.commands.") => vec![
+            ("x-queue-type", "quorum".into()),
+            ("x-delivery-limit", "20".into()),
+        ],
+        (QueueType::Quorum, q) => vec![
+            ("x-queue-type", "quorum".into()),
+            ("x-delivery-limit", "20".into()),
+            ("x-dead-letter-exchange", "saga.dead-letter".into()),
+            ("x-dead-letter-routing-key", format!("{q}.dlq")),
+            ("x-dead-letter-strategy", "at-least-once".into()),
+            ("x-overflow", "reject-publish".into()),
+        ],
+        // A command queue has no dead-letter arguments: a command the broker drops at its
+        // expiration (a superseded attempt) must not flood the dlq.
+        (QueueType::Classic, q) if q.ends_with(".dlq") || q.starts_with("saga.commands.") => {
+            vec![]
+        }
+        (QueueType::Classic, q) => vec![
+            ("x-dead-letter-exchange", "saga.dead-letter".into()),
+            ("x-dead-letter-routing-key", format!("{q}.dlq")),
+        ],
+    };
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+async fn topology_is_idempotent_and_has_the_documented_arguments(queue_type: QueueType) {
+    let vhost = TestVhost::new(&format!("topology-{queue_type}"));
     let conn = saga_amqp::connect(&vhost.url, "saga-amqp topology test")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
 
     // A participant first, then the orchestrator twice, then the participant again.
-    saga_amqp::declare_participant_topology(&ch, "payments")
+    saga_amqp::declare_participant_topology(&ch, "payments", queue_type)
         .await
         .unwrap();
     for _ in 0..2 {
-        saga_amqp::declare_orchestrator_topology(&ch, &["payments", "inventory"])
+        saga_amqp::declare_orchestrator_topology(&ch, &["payments", "inventory"], queue_type)
             .await
             .unwrap();
     }
-    saga_amqp::declare_participant_topology(&ch, "payments")
+    saga_amqp::declare_participant_topology(&ch, "payments", queue_type)
         .await
         .unwrap();
     assert!(
@@ -63,7 +104,7 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
     .collect();
     assert_eq!(exchanges, expected);
 
-    let queues = vhost.list("list_queues", &["name", "durable", "arguments"]);
+    let queues = vhost.list("list_queues", &["name", "durable", "type", "arguments"]);
     let names: BTreeSet<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
     let main_queues = [
         "saga.replies",
@@ -80,25 +121,12 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
     for q in &queues {
         let name = q["name"].as_str().unwrap();
         assert_eq!(q["durable"], json!(true), "{name} is not durable");
-        let args = arguments(&q["arguments"]);
-        if name.ends_with(".dlq") || name.starts_with("saga.commands.") {
-            // A command queue has no dead-letter arguments: a command the broker drops at its
-            // expiration (a superseded attempt) must not flood the dlq.
-            assert!(args.is_empty(), "{name} has arguments {args:?}");
-        } else {
-            let expected: BTreeSet<(String, String)> = [
-                (
-                    "x-dead-letter-exchange".to_string(),
-                    "saga.dead-letter".to_string(),
-                ),
-                (
-                    "x-dead-letter-routing-key".to_string(),
-                    format!("{name}.dlq"),
-                ),
-            ]
-            .into();
-            assert_eq!(args, expected, "arguments of {name}");
-        }
+        assert_eq!(q["type"], json!(queue_type.as_str()), "type of {name}");
+        assert_eq!(
+            arguments(&q["arguments"]),
+            documented_arguments(name, queue_type),
+            "arguments of {name}"
+        );
     }
 
     let bindings: BTreeSet<(String, String, String)> = vhost
@@ -175,72 +203,150 @@ async fn topology_is_idempotent_and_has_the_documented_arguments() {
             "{queue}: nothing else is delivered (the expired command is gone)"
         );
     }
-    let (_dlq_ch, mut dlq) = saga_amqp::open_consumer(&conn, "saga.replies.dlq", "", 4)
-        .await
-        .unwrap();
-    let dead = dlq.next().await.unwrap().unwrap();
+    let dead = next_message(&conn, "saga.replies.dlq").await;
     assert_eq!(dead.data, b"{}");
-    assert!(
-        dead.properties
-            .headers()
-            .as_ref()
-            .unwrap()
-            .contains_key("x-death")
-    );
+    assert_eq!(first_death_reason(&dead).as_deref(), Some("rejected"));
     assert_eq!(
         saga_amqp::header_str(&dead, header::DEAD_LETTER_REASON),
         None
     );
     saga_amqp::ack(&dead).await.unwrap();
+    // Dropped, not kept for a retry of the dead-lettering either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for queue in ["saga.commands.payments", "saga.commands.payments.dlq"] {
         assert_eq!(ready(&conn, queue).await, 0, "{queue} is empty");
+    }
+    let stuck = vhost.list("list_queues", &["name", "messages"]);
+    for q in stuck {
+        if q["name"] == json!("saga.commands.payments") {
+            assert_eq!(q["messages"], json!(0), "nothing held back in {q}");
+        }
     }
 
     conn.close(200, "done".into()).await.unwrap();
 }
 
-/// A command queue left by an older version, declared with dead-letter arguments: declaring
-/// the topology fails with an error that names the queue and says what to do.
+/// A message that is delivered and never acknowledged, over and over (its consumer crashes
+/// with it, or hands it back), ends in the dead-letter queue with the broker's reason once
+/// the delivery limit is reached, instead of looping forever.
 #[tokio::test]
-async fn a_command_queue_with_old_arguments_is_reported_with_what_to_do() {
-    let vhost = TestVhost::new("old-queue");
-    let conn = saga_amqp::connect(&vhost.url, "saga-amqp old queue test")
+async fn a_message_that_keeps_failing_its_consumer_is_dead_lettered_at_the_limit() {
+    let vhost = TestVhost::new("delivery-limit");
+    let conn = saga_amqp::connect(&vhost.url, "saga-amqp delivery limit test")
         .await
         .unwrap();
-    let old = conn.create_channel().await.unwrap();
-    old.queue_declare(
-        "saga.commands.payments".into(),
-        QueueDeclareOptions::durable(),
-        saga_amqp::queue_arguments("saga.commands.payments"),
+    let ch = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&ch, &["payments"], QueueType::Quorum)
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "saga.replies".into(),
+        BasicPublishOptions::default(),
+        b"poison",
+        BasicProperties::default().with_delivery_mode(2),
     )
     .await
     .unwrap();
 
-    for declare in [true, false] {
-        let ch = conn.create_channel().await.unwrap();
-        let err = if declare {
-            saga_amqp::declare_participant_topology(&ch, "payments").await
+    let limit = i64::from(DELIVERY_LIMIT);
+    for n in 0..=limit {
+        let (consume_ch, mut consumer) = saga_amqp::open_consumer(&conn, "saga.replies", "", 1)
+            .await
+            .unwrap();
+        let delivery = consumer.next().await.unwrap().unwrap();
+        assert_eq!(delivery.data, b"poison");
+        let count = saga_amqp::header_int(&delivery, header::DELIVERY_COUNT).unwrap_or(0);
+        assert_eq!(count, n, "x-delivery-count of delivery {}", n + 1);
+        if n % 2 == 0 {
+            // A consumer that dies with the message: its channel goes, unacked.
+            consume_ch.close(200, "crash".into()).await.unwrap();
         } else {
-            saga_amqp::declare_orchestrator_topology(&ch, &["payments"]).await
+            // A consumer that hands it back (cancelled first, so it is not redelivered to
+            // this consumer before the channel closes).
+            consume_ch
+                .basic_cancel(consumer.tag(), Default::default())
+                .await
+                .unwrap();
+            saga_amqp::nack(&delivery, true).await.unwrap();
+            consume_ch.close(200, "done".into()).await.unwrap();
+        }
+    }
+    let dead = next_message(&conn, "saga.replies.dlq").await;
+    assert_eq!(dead.data, b"poison");
+    assert_eq!(first_death_reason(&dead).as_deref(), Some("delivery_limit"));
+    saga_amqp::ack(&dead).await.unwrap();
+    assert_eq!(ready(&conn, "saga.replies").await, 0);
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+/// Queues left by an older version (classic, or with other arguments): declaring the topology
+/// fails with one line that says what the broker has, what was expected, and what to do; the
+/// other queue type still declares them.
+#[tokio::test]
+async fn queues_of_another_type_or_version_are_reported_with_what_to_do() {
+    let vhost = TestVhost::new("old-queue");
+    let conn = saga_amqp::connect(&vhost.url, "saga-amqp old queue test")
+        .await
+        .unwrap();
+    let setup = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], QueueType::Classic)
+        .await
+        .unwrap();
+
+    for participant in [true, false] {
+        let ch = conn.create_channel().await.unwrap();
+        let err = if participant {
+            saga_amqp::declare_participant_topology(&ch, "payments", QueueType::Quorum).await
+        } else {
+            saga_amqp::declare_orchestrator_topology(&ch, &["payments"], QueueType::Quorum).await
         }
         .unwrap_err();
         let text = err.to_string();
         eprintln!("{text}");
         assert!(
-            matches!(&err, saga_amqp::AmqpError::QueueMismatch { queue, .. } if queue == "saga.commands.payments"),
+            matches!(&err, saga_amqp::AmqpError::QueueMismatch { queue, .. } if queue.starts_with("saga.")),
             "{err:?}"
         );
         assert!(!text.contains('\n'), "one line: {text}");
         for words in [
-            "queue saga.commands.payments",
-            "no arguments",
-            "x-dead-letter-exchange",
+            "already exists",
+            "--queue-type quorum",
+            "x-queue-type=quorum",
+            "classic",
+            "QUEUE_TYPE",
             "drain",
             "delete_queue",
-            "old arguments",
         ] {
             assert!(text.contains(words), "{words:?} in {text}");
         }
+    }
+    // The classic declaration still works on them.
+    let ch = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&ch, &["payments"], QueueType::Classic)
+        .await
+        .unwrap();
+
+    // The first versions declared command queues with dead-letter arguments.
+    let old = conn.create_channel().await.unwrap();
+    old.queue_declare(
+        "saga.commands.shipping".into(),
+        QueueDeclareOptions::durable(),
+        saga_amqp::queue_arguments("saga.commands.shipping", QueueType::Classic),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let err = saga_amqp::declare_participant_topology(&ch, "shipping", QueueType::Classic)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    for words in [
+        "queue saga.commands.shipping",
+        "no arguments",
+        "x-dead-letter-exchange",
+    ] {
+        assert!(text.contains(words), "{words:?} in {text}");
     }
     conn.close(200, "done".into()).await.unwrap();
 }
@@ -254,11 +360,11 @@ async fn bad_participant_names_are_refused_before_declaring() {
     let ch = conn.create_channel().await.unwrap();
     let long = "p".repeat(250);
     for bad in ["", long.as_str()] {
-        let err = saga_amqp::declare_orchestrator_topology(&ch, &["ok", bad])
+        let err = saga_amqp::declare_orchestrator_topology(&ch, &["ok", bad], QueueType::Quorum)
             .await
             .unwrap_err();
         assert!(matches!(err, saga_amqp::AmqpError::Invalid(_)), "{err}");
-        let err = saga_amqp::declare_participant_topology(&ch, bad)
+        let err = saga_amqp::declare_participant_topology(&ch, bad, QueueType::Quorum)
             .await
             .unwrap_err();
         assert!(matches!(err, saga_amqp::AmqpError::Invalid(_)), "{err}");
@@ -282,17 +388,39 @@ async fn ready(conn: &saga_amqp::lapin::Connection, queue: &str) -> u32 {
     q.message_count()
 }
 
+/// The next message in `queue`, waiting up to 10 s for it (dead-lettering is asynchronous).
+async fn next_message(
+    conn: &saga_amqp::lapin::Connection,
+    queue: &str,
+) -> saga_amqp::lapin::message::Delivery {
+    let (_ch, mut consumer) = saga_amqp::open_consumer(conn, queue, "", 4).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("nothing arrived in {queue}"))
+        .unwrap()
+        .unwrap()
+}
+
+/// The broker's reason on a message it dead-lettered itself.
+fn first_death_reason(delivery: &saga_amqp::lapin::message::Delivery) -> Option<String> {
+    saga_amqp::header_str(delivery, header::FIRST_DEATH_REASON).map(str::to_owned)
+}
+
 /// rabbitmqctl's JSON for queue arguments (`[key, type, value]` triples) as (key, value) pairs;
-/// every value must be an AMQP long string, as pika and this crate send them.
+/// strings must be AMQP long strings and integers signed 32-bit ones, as this crate sends them.
 fn arguments(value: &Value) -> BTreeSet<(String, String)> {
     value
         .as_array()
         .expect("arguments are a list")
         .iter()
         .map(|triple| {
-            let s = |i: usize| triple[i].as_str().unwrap().to_string();
-            assert_eq!(s(1), "longstr", "argument {triple}");
-            (s(0), s(2))
+            let key = triple[0].as_str().unwrap().to_string();
+            let value = match triple[1].as_str().unwrap() {
+                "longstr" => triple[2].as_str().unwrap().to_string(),
+                "signedint" => triple[2].as_i64().unwrap().to_string(),
+                other => panic!("argument {triple}: type {other}"),
+            };
+            (key, value)
         })
         .collect()
 }

@@ -21,7 +21,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         args.insecure_no_auth,
     )?;
     let config = ServiceConfig {
-        amqp_url: args.amqp_url,
+        amqp_url: args.amqp_url.into_iter().collect(),
+        queue_type: args.queue_type,
         database_url: args.database_url,
         database_pool_size: args.database_pool_size,
         http: args.http,

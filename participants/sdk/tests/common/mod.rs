@@ -408,6 +408,7 @@ impl Running {
             prefetch,
             connection_name: Some(format!("{PARTICIPANT}@test:{}", vhost.name)),
             amqp_ca_file: None,
+            queue_type: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(participant.run(config, shutdown.clone()));
@@ -444,9 +445,13 @@ impl Client {
             .await
             .expect("connect the test client");
         let channel = conn.create_channel().await.expect("channel");
-        saga_amqp::declare_participant_topology(&channel, PARTICIPANT)
-            .await
-            .expect("declare the topology");
+        saga_amqp::declare_participant_topology(
+            &channel,
+            PARTICIPANT,
+            saga_amqp::QueueType::Quorum,
+        )
+        .await
+        .expect("declare the topology");
         channel
             .queue_declare(
                 REPLY_QUEUE.into(),
