@@ -14,7 +14,9 @@
 //! cluster.restart(leader, &vhost, "saga.replies").await?;
 //! ```
 
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -63,6 +65,9 @@ pub struct ClusterEnv {
     pub sagas: usize,
     /// `scripts/rabbit-cluster`, which starts the nodes that are not running.
     pub script: PathBuf,
+    /// The lock [`ready`](Self::ready) holds: one cluster test at a time on this machine, in
+    /// any process (two killing nodes at once would take the majority down).
+    lock: Option<Arc<std::fs::File>>,
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -133,13 +138,18 @@ impl ClusterEnv {
             postgres_url,
             sagas,
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rabbit-cluster"),
+            lock: None,
         })
     }
 
     /// The cluster, every node answering and seeing the others running; otherwise a failing
-    /// test saying what to run. Never a silent skip.
+    /// test saying what to run. Never a silent skip. Waits for the cluster tests of other
+    /// processes first, and keeps others waiting while the returned value (or a clone) lives.
     pub async fn ready() -> ClusterEnv {
-        let cluster = ClusterEnv::from_env().unwrap_or_else(|e| panic!("{e:#}"));
+        let mut cluster = ClusterEnv::from_env().unwrap_or_else(|e| panic!("{e:#}"));
+        cluster.lock = Some(Arc::new(
+            exclusive_lock().await.unwrap_or_else(|e| panic!("{e:#}")),
+        ));
         let problems = cluster.probe().await;
         if !problems.is_empty() {
             panic!(
@@ -220,7 +230,8 @@ impl ClusterEnv {
     }
 
     /// A fresh vhost (cluster-wide) with every permission for the management user, after
-    /// deleting those an earlier run cut short left behind.
+    /// deleting those an earlier run cut short left behind (no other cluster test runs: see
+    /// [`ready`](Self::ready)).
     pub async fn fresh_vhost(&self, label: &str) -> anyhow::Result<String> {
         let management = self.management(None).await?;
         let vhosts = management.get_json("/api/vhosts").await?;
@@ -399,6 +410,31 @@ impl ClusterEnv {
     }
 }
 
+/// An exclusive `flock` on `saga-cluster-test.lock` in the temp directory, released when the
+/// file closes.
+async fn exclusive_lock() -> anyhow::Result<std::fs::File> {
+    let path = std::env::temp_dir().join("saga-cluster-test.lock");
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "flock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(file)
+    })
+    .await
+    .context("the lock task")?
+}
+
 /// The management API of `url`, with the AMQP URL's credentials unless it has its own.
 fn management_of(url: &str, amqp_url: &str) -> anyhow::Result<Management> {
     let parts = amqp_parts(amqp_url)?;
@@ -479,6 +515,7 @@ mod tests {
             postgres_url: "postgres://h/db".into(),
             sagas: 10,
             script: PathBuf::new(),
+            lock: None,
         };
         let cluster = ClusterEnv {
             nodes: vec![Node {

@@ -9,7 +9,9 @@
 //! node: on a classic queue the test fails before the first kill.
 //!
 //! `CLUSTER_SAGAS` sagas (default 300), started at 5 a second. The test kills only the
-//! cluster's nodes (their `beam.smp`, checked by node name), never another RabbitMQ.
+//! cluster's nodes (their `beam.smp`, checked by node name), never another RabbitMQ. The tests
+//! here take the cluster one at a time, across processes too (`ClusterEnv::ready` holds a file
+//! lock).
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -36,12 +38,8 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// Each test makes a fresh vhost, which deletes those of earlier runs: one at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_leaders_killed_under_load() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+async fn cluster_queue_leaders_killed_under_load() {
     let began = Instant::now();
     let cluster = ClusterEnv::ready().await;
     let vhost = cluster
@@ -155,8 +153,7 @@ fn sessions(system: &System) -> String {
 /// A classic queue has no leader to kill and dies with its node: the scenario refuses it
 /// rather than kill a node and lose its messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_classic_queue_is_refused() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+async fn cluster_refuses_a_classic_queue() {
     let cluster = ClusterEnv::ready().await;
     let vhost = cluster
         .fresh_vhost("classic")
