@@ -176,8 +176,16 @@ pub fn amqp_parts(url: &str) -> anyhow::Result<AmqpParts> {
     })
 }
 
-/// `url` with its vhost replaced by `vhost` (which must need no percent-encoding).
+/// `url` with its vhost replaced by `vhost` (which must need no percent-encoding); for a
+/// comma-separated list of the nodes of a cluster, every URL of it.
 pub fn with_vhost(url: &str, vhost: &str) -> String {
+    url.split(',')
+        .map(|one| with_vhost_one(one.trim(), vhost))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn with_vhost_one(url: &str, vhost: &str) -> String {
     let (url, query) = match url.find('?') {
         Some(i) => (&url[..i], &url[i..]),
         None => (url, ""),
@@ -471,6 +479,10 @@ mod tests {
         assert_eq!(
             with_vhost("amqp://h:5672?heartbeat=5", "v"),
             "amqp://h:5672/v?heartbeat=5"
+        );
+        assert_eq!(
+            with_vhost("amqp://a:5681/%2f, amqp://b:5682/%2f", "v"),
+            "amqp://a:5681/v,amqp://b:5682/v"
         );
         assert_eq!(
             with_database("postgres://postgres@127.0.0.1:5432/postgres", "db1"),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use saga_amqp::HeaderValue;
 use saga_schemas::SCHEMA_VERSION;
 use saga_schemas::amqp::{
-    COMMANDS_EXCHANGE, CONTENT_TYPE_JSON, DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE, REPLIES_QUEUE,
-    START_QUEUE, command_queue, dead_letter_queue, header, message_type,
+    COMMANDS_EXCHANGE, CONTENT_TYPE_JSON, DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, EVENTS_EXCHANGE,
+    REPLIES_QUEUE, START_QUEUE, command_queue, dead_letter_queue, header, message_type,
 };
 use saga_system::checkout::*;
 use saga_system::management::user_provided_name;
@@ -57,15 +57,21 @@ async fn topology(backend: Backend) {
         assert_eq!(q["durable"], true, "{queue} is durable: {}", pretty(q));
         assert_eq!(q["auto_delete"], false, "{queue}: {}", pretty(q));
         assert_eq!(q["exclusive"], false, "{queue}: {}", pretty(q));
-        // A command queue has no arguments: a command the broker drops at its expiration (a
-        // superseded attempt) vanishes instead of flooding the dlq; the participant
-        // dead-letters what it cannot use itself, with the reason.
+        // Quorum queues (the default), with the README's arguments. A command queue has no
+        // dead-letter exchange: a command the broker drops at its expiration (a superseded
+        // attempt) vanishes instead of flooding the dlq; the participant dead-letters what it
+        // cannot use itself, with the reason.
+        assert_eq!(q["type"], "quorum", "{queue}: {}", pretty(q));
         let expected = if queue.starts_with("saga.commands.") {
-            json!({})
+            json!({"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})
         } else {
             json!({
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DELIVERY_LIMIT,
                 "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
                 "x-dead-letter-routing-key": dead_letter_queue(&queue),
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             })
         };
         assert_eq!(
@@ -82,8 +88,8 @@ async fn topology(backend: Backend) {
         assert_eq!(d["auto_delete"], false, "{dlq}: {}", pretty(d));
         assert_eq!(
             d["arguments"],
-            json!({}),
-            "{dlq} has no arguments: {}",
+            json!({"x-queue-type": "quorum"}),
+            "{dlq} is a quorum queue without other arguments: {}",
             pretty(d)
         );
     }

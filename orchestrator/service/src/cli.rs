@@ -173,6 +173,35 @@ mod tests {
     }
 
     #[test]
+    fn the_broker_list_is_a_repeated_flag_or_a_comma_separated_list() {
+        let (a, b) = (
+            "amqp://app:pw@rabbit1:5672/%2f",
+            "amqp://app:pw@rabbit2:5672/%2f",
+        );
+        let joined = format!("{a},{b}");
+        for extra in [
+            vec!["--amqp-url", a, "--amqp-url", b],
+            vec!["--amqp-url", &joined],
+        ] {
+            let urls: SecretUrl = run_args(&extra).unwrap().amqp_url.into_iter().collect();
+            assert_eq!(urls.expose(), joined, "{extra:?}");
+        }
+    }
+
+    #[test]
+    fn the_queue_type_is_quorum_unless_classic_is_asked_for() {
+        if std::env::var_os("QUEUE_TYPE").is_none() {
+            assert_eq!(run_args(&[]).unwrap().queue_type, QueueType::Quorum);
+        }
+        let classic = run_args(&["--queue-type", "classic"]).unwrap();
+        assert_eq!(classic.queue_type, QueueType::Classic);
+        let err = run_args(&["--queue-type", "stream"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quorum (the default) or classic"), "{err}");
+    }
+
+    #[test]
     fn printing_the_arguments_never_shows_a_password_or_a_token() {
         let token = "t0ken-t0ken-t0ken-t0ken-t0ken-t0ken";
         let args = run_args(&[

@@ -142,6 +142,27 @@ mod tests {
     }
 
     #[test]
+    fn the_broker_list_and_the_queue_type_reach_the_sdk() {
+        let (a, b) = (
+            "amqp://app:pw@rabbit1:5672/%2f",
+            "amqp://app:pw@rabbit2:5672/%2f",
+        );
+        let cli = Cli::try_parse_from([
+            "payments",
+            "--amqp-url",
+            a,
+            "--amqp-url",
+            b,
+            "--queue-type",
+            "classic",
+        ])
+        .unwrap();
+        let config = cli.common.sdk_config("payments");
+        assert_eq!(config.amqp_url.expose(), format!("{a},{b}"));
+        assert_eq!(config.queue_type, QueueType::Classic);
+    }
+
+    #[test]
     fn printing_the_settings_never_shows_a_password() {
         let cli = Cli::try_parse_from([
             "payments",
