@@ -408,7 +408,7 @@ async fn raw_round_trips(
 
     // Responder: consume a request, publish the reply (confirmed), ack the request.
     let responder_publisher = Publisher::open(&responder).await?;
-    let (_rc, mut requests) =
+    let (request_channel, mut requests) =
         saga_amqp::open_consumer(&responder, requests_queue, "raw responder", prefetch).await?;
     let respond = tokio::spawn(async move {
         while let Some(Ok(delivery)) = requests.next().await {
@@ -429,7 +429,7 @@ async fn raw_round_trips(
 
     // Driver: replies are matched to their waiting request by message id.
     let waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>> = Arc::default();
-    let (_dc, mut replies) = saga_amqp::open_consumer(
+    let (reply_channel, mut replies) = saga_amqp::open_consumer(
         &driver,
         replies_queue,
         "raw driver",
@@ -479,6 +479,11 @@ async fn raw_round_trips(
     let elapsed = begin.elapsed();
     respond.abort();
     collect.abort();
+    // Consumers gone before their queues: deleting a queue under a consumer cancels it from
+    // the broker's side, which lapin reports as a connection error.
+    for channel in [&request_channel, &reply_channel] {
+        channel.close(200, "done".into()).await.ok();
+    }
     for queue in [requests_queue, replies_queue] {
         setup
             .queue_delete(queue.into(), Default::default())
