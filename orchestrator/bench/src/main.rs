@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures_util::StreamExt;
-use orchestrator::runtime::Runtime;
+use orchestrator::runtime::{PublishEvents, Runtime};
 use orchestrator::service::{ServiceConfig, serve_runtime};
 use orchestrator::store::Store;
 use saga_amqp::lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
@@ -48,6 +48,10 @@ struct Args {
         hide_env_values = true
     )]
     amqp_url: String,
+    /// Which saga events the orchestrator publishes: all or terminal (the benchmark follows
+    /// sagas by their terminal events, so not none).
+    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::All)]
+    publish_events: PublishEvents,
     /// The type of every queue, the raw round trip's too: quorum or classic.
     #[arg(long, env = "QUEUE_TYPE", default_value_t = saga_amqp::QueueType::Quorum)]
     queue_type: saga_amqp::QueueType,
@@ -76,6 +80,9 @@ async fn main() -> anyhow::Result<()> {
     if args.sagas == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--sagas, --steps and --concurrency must be at least 1");
     }
+    if args.publish_events == PublishEvents::None {
+        bail!("--publish-events none: the benchmark follows sagas by their terminal events");
+    }
     let databases = Databases::create(&args.database_url, args.steps).await?;
     let shutdown = CancellationToken::new();
     let result = run(&args, &databases, shutdown.clone()).await;
@@ -103,10 +110,11 @@ async fn run(
     saga_amqp::declare_orchestrator_topology(&channel, &names, args.queue_type).await?;
 
     let store = Store::connect(&databases.orchestrator).await?;
-    let runtime = Runtime::new(definitions, store)?;
+    let runtime = Runtime::new(definitions, store)?.publishing(args.publish_events);
     let config = ServiceConfig {
         amqp_url: args.amqp_url.clone().into(),
         queue_type: args.queue_type,
+        publish_events: args.publish_events,
         database_url: databases.orchestrator.clone().into(),
         database_pool_size: orchestrator::store::DEFAULT_POOL_SIZE,
         http: "127.0.0.1:0".parse()?,
@@ -156,12 +164,15 @@ async fn run(
     let steps_per_s = sagas_per_s * args.steps as f64;
     let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
     println!(
-        "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}",
+        "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}, {} queues, \
+         events published: {}",
         args.sagas,
         args.steps,
         args.concurrency,
         databases.kind,
-        saga_amqp::redact_url(&args.amqp_url)
+        saga_amqp::redact_url(&args.amqp_url),
+        args.queue_type,
+        args.publish_events
     );
     println!("  sagas/s            {sagas_per_s:>10.1}");
     println!("  steps/s            {steps_per_s:>10.1}");

@@ -62,6 +62,7 @@ pub struct GraphArgs {
 /// Where the saga state lives. SQLite (a file in the working directory) is the embedded
 /// default; use PostgreSQL in production.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
+use orchestrator::runtime::PublishEvents;
 pub use saga_amqp::DEFAULT_AMQP_URL;
 use saga_amqp::{QueueType, SecretUrl};
 
@@ -80,6 +81,12 @@ pub struct RunArgs {
     /// process of the system.
     #[arg(long, env = "QUEUE_TYPE", default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
+    /// Which saga events are published to the `saga.events` exchange: all (what the
+    /// management UI and step-by-step subscribers need), terminal (completed, compensated,
+    /// compensation_failed, completion_failed: one message per saga instead of about eight), or
+    /// none. Every event is recorded in the event log either way.
+    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::All)]
+    pub publish_events: PublishEvents,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
     #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]

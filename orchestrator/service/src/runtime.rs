@@ -18,6 +18,65 @@ use uuid::Uuid;
 
 use crate::store::{Commit, Store, StoreError};
 
+/// Which recorded events are also published to `saga.events`: every event is always recorded
+/// in the event log; this only says which leave as messages, one per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PublishEvents {
+    /// Every event: what the management UI and a subscriber following each step need.
+    #[default]
+    All,
+    /// Only the events that end a saga or hand it to an operator: `saga_completed`,
+    /// `saga_compensated`, `compensation_failed`, `completion_failed`.
+    Terminal,
+    /// None.
+    None,
+}
+
+impl PublishEvents {
+    fn publishes(self, event: &SagaEvent) -> bool {
+        match self {
+            PublishEvents::All => true,
+            PublishEvents::Terminal => matches!(
+                event,
+                SagaEvent::SagaCompleted
+                    | SagaEvent::SagaCompensated
+                    | SagaEvent::CompensationFailed { .. }
+                    | SagaEvent::CompletionFailed { .. }
+            ),
+            PublishEvents::None => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishEvents::All => "all",
+            PublishEvents::Terminal => "terminal",
+            PublishEvents::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for PublishEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PublishEvents {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(PublishEvents::All),
+            "terminal" => Ok(PublishEvents::Terminal),
+            "none" => Ok(PublishEvents::None),
+            other => Err(format!(
+                "unknown value {other:?}: use all (the default), terminal or none"
+            )),
+        }
+    }
+}
+
 /// How often a decision is retried when another writer advanced the saga first.
 const CONFLICT_RETRIES: usize = 8;
 
@@ -117,6 +176,7 @@ struct Inner {
     input_validators: HashMap<String, jsonschema::Validator>,
     store: Store,
     relay_wake: Notify,
+    events: PublishEvents,
 }
 
 impl Runtime {
@@ -139,8 +199,18 @@ impl Runtime {
                 input_validators,
                 store,
                 relay_wake: Notify::new(),
+                events: PublishEvents::All,
             }),
         })
+    }
+
+    /// Publishes only `events` to `saga.events` (all of them unless told otherwise). Call it
+    /// on the runtime just built, before it is cloned.
+    pub fn publishing(mut self, events: PublishEvents) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("publishing() is called on a runtime not yet shared")
+            .events = events;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -431,6 +501,9 @@ impl Runtime {
             ));
         }
         for (seq, event) in (expected_version + 1..).zip(&decision.events) {
+            if !self.inner.events.publishes(event) {
+                continue;
+            }
             let envelope = EventEnvelope {
                 saga_id,
                 saga_name: def.name.clone(),

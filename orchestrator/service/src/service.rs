@@ -34,6 +34,8 @@ pub struct ServiceConfig {
     pub amqp_url: SecretUrl,
     /// The type of every queue the orchestrator declares.
     pub queue_type: saga_amqp::QueueType,
+    /// Which recorded events are published to `saga.events`.
+    pub publish_events: crate::runtime::PublishEvents,
     pub database_url: SecretUrl,
     /// PostgreSQL connections the orchestrator may hold (SQLite ignores it).
     pub database_pool_size: u32,
@@ -242,7 +244,7 @@ pub async fn serve(
         backend = store.backend_name(),
         "database ready; migrations applied"
     );
-    let runtime = Runtime::new(definitions, store)?;
+    let runtime = Runtime::new(definitions, store)?.publishing(config.publish_events);
     serve_runtime(runtime, config, shutdown).await
 }
 

@@ -315,3 +315,53 @@ async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
     both.sort();
     assert_eq!(listed, both);
 }
+
+/// What leaves for `saga.events` follows `PublishEvents`; commands always leave, and the event
+/// log records everything either way.
+#[tokio::test]
+async fn only_the_chosen_events_are_published() {
+    use orchestrator::runtime::PublishEvents;
+    use saga_schemas::amqp::{COMMANDS_EXCHANGE, EVENTS_EXCHANGE};
+
+    for (choice, expected) in [
+        (
+            PublishEvents::All,
+            vec![
+                "ship.saga_started",
+                "ship.command_sent",
+                "ship.step_completed",
+                "ship.saga_completed",
+            ],
+        ),
+        (PublishEvents::Terminal, vec!["ship.saga_completed"]),
+        (PublishEvents::None, vec![]),
+    ] {
+        let rt = runtime().await.publishing(choice);
+        let saga_id = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
+        let done = Reply::Success {
+            output: Data::new(),
+        };
+        handle(&rt, reply(saga_id, 1, done)).await.unwrap();
+        assert_eq!(status(&rt, saga_id).await, SagaStatus::Completed);
+
+        let rows = rt.store().outbox_batch(100).await.unwrap().rows;
+        let events: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.message.exchange == EVENTS_EXCHANGE)
+            .map(|r| r.message.routing_key.as_str())
+            .collect();
+        assert_eq!(events, expected, "{choice}");
+        let commands = rows
+            .iter()
+            .filter(|r| r.message.exchange == COMMANDS_EXCHANGE)
+            .count();
+        assert_eq!(
+            commands, 1,
+            "{choice}: the command is sent whatever is published"
+        );
+        let history = rt.store().history(saga_id).await.unwrap();
+        assert!(history.len() >= 4, "{choice}: every event recorded");
+    }
+    assert_eq!("terminal".parse(), Ok(PublishEvents::Terminal));
+    assert!("some".parse::<PublishEvents>().is_err());
+}

@@ -23,6 +23,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ServiceConfig {
         amqp_url: args.amqp_url.into_iter().collect(),
         queue_type: args.queue_type,
+        publish_events: args.publish_events,
         database_url: args.database_url,
         database_pool_size: args.database_pool_size,
         http: args.http,
