@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::env::{Management, TestEnv, amqp_parts, percent_decode, with_vhost};
+use crate::env::{Management, TestEnv, management_from_url, with_vhost};
 use crate::faults::FaultEnv;
 use crate::management::encode_segment;
 
@@ -116,7 +116,8 @@ impl ClusterEnv {
             nodes.push(Node {
                 name: name.clone(),
                 amqp_url: url.clone(),
-                management: management_of(management, url)?,
+                management: management_from_url(management, url)
+                    .context("CLUSTER_MANAGEMENT_URLS")?,
                 dir: base.join(format!("node{}", i + 1)),
             });
         }
@@ -435,25 +436,6 @@ async fn exclusive_lock() -> anyhow::Result<std::fs::File> {
     .context("the lock task")?
 }
 
-/// The management API of `url`, with the AMQP URL's credentials unless it has its own.
-fn management_of(url: &str, amqp_url: &str) -> anyhow::Result<Management> {
-    let parts = amqp_parts(amqp_url)?;
-    let mut parsed = reqwest::Url::parse(url)
-        .with_context(|| format!("CLUSTER_MANAGEMENT_URLS: cannot parse {url:?}"))?;
-    let user = match parsed.username() {
-        "" => parts.user,
-        u => percent_decode(u),
-    };
-    let password = parsed.password().map_or(parts.password, percent_decode);
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
-    Ok(Management {
-        url: parsed.as_str().trim_end_matches('/').to_owned(),
-        user,
-        password,
-    })
-}
-
 async fn run_script(script: &Path) -> anyhow::Result<()> {
     let output = tokio::time::timeout(
         Duration::from_secs(300),
@@ -521,7 +503,7 @@ mod tests {
             nodes: vec![Node {
                 name: "n1@h".into(),
                 amqp_url: "amqp://u:p@h:1/%2f".into(),
-                management: management_of("http://h:11/", "amqp://u:p@h:1/%2f").unwrap(),
+                management: management_from_url("http://h:11/", "amqp://u:p@h:1/%2f").unwrap(),
                 dir: PathBuf::new(),
             }],
             ..cluster

@@ -59,7 +59,9 @@ impl TestEnv {
     /// From `AMQP_URL` (and `RABBITMQ_MANAGEMENT_URL`) and an optional PostgreSQL URL.
     pub fn from_urls(amqp_url: &str, postgres_url: Option<String>) -> anyhow::Result<TestEnv> {
         let management = match std::env::var("RABBITMQ_MANAGEMENT_URL") {
-            Ok(url) if !url.is_empty() => management_from_url(&url, amqp_url)?,
+            Ok(url) if !url.is_empty() => {
+                management_from_url(&url, amqp_url).context("RABBITMQ_MANAGEMENT_URL")?
+            }
             _ => default_management(amqp_url)?,
         };
         Ok(TestEnv {
@@ -217,9 +219,10 @@ fn default_management(amqp_url: &str) -> anyhow::Result<Management> {
     })
 }
 
-fn management_from_url(url: &str, amqp_url: &str) -> anyhow::Result<Management> {
+/// The management API at `url`, with the credentials of `amqp_url` unless `url` has its own.
+pub fn management_from_url(url: &str, amqp_url: &str) -> anyhow::Result<Management> {
     let mut parsed = reqwest::Url::parse(url)
-        .with_context(|| format!("cannot parse RABBITMQ_MANAGEMENT_URL={url:?}"))?;
+        .with_context(|| format!("cannot parse the management API's URL {url:?}"))?;
     let fallback = amqp_parts(amqp_url)?;
     let user = match parsed.username() {
         "" => fallback.user,

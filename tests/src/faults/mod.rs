@@ -86,18 +86,8 @@ impl FaultEnv {
     pub fn from_env() -> anyhow::Result<FaultEnv> {
         let amqp_url = var("FAULT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5673/%2f");
         let management_url = var("FAULT_MANAGEMENT_URL", "http://127.0.0.1:15673");
-        let parts = crate::env::amqp_parts(&amqp_url)?;
-        let mut parsed = reqwest::Url::parse(&management_url)
-            .with_context(|| format!("FAULT_MANAGEMENT_URL={management_url:?}"))?;
-        let user = match parsed.username() {
-            "" => parts.user,
-            u => crate::env::percent_decode(u),
-        };
-        let password = parsed
-            .password()
-            .map_or(parts.password, crate::env::percent_decode);
-        let _ = parsed.set_username("");
-        let _ = parsed.set_password(None);
+        let management = crate::env::management_from_url(&management_url, &amqp_url)
+            .context("FAULT_MANAGEMENT_URL")?;
         let cluster = var("FAULT_PG_CLUSTER", &format!("{} faults", newest_postgres()));
         let pg_cluster = match cluster.split_whitespace().collect::<Vec<_>>()[..] {
             [version, name] => (version.to_owned(), name.to_owned()),
@@ -112,11 +102,7 @@ impl FaultEnv {
         Ok(FaultEnv {
             env: TestEnv {
                 amqp_url,
-                management: Some(Management {
-                    url: parsed.as_str().trim_end_matches('/').to_owned(),
-                    user,
-                    password,
-                }),
+                management: Some(management),
                 postgres_url: Some(var(
                     "FAULT_DATABASE_URL",
                     "postgres://postgres@127.0.0.1:5433/postgres",
