@@ -2,13 +2,20 @@
 //! flight, and in the same run measures the raw broker round trip (a persistent, confirmed
 //! publish, consumed, answered the same way, acked) at the same concurrency, so the ratio of
 //! the two means something on a noisy machine.
+//!
+//! `--fail-last-step` measures the compensation path instead, `--participants processes` runs
+//! each participant as an OS process of its own (as in production), and the CPU time per saga
+//! of the bench process, the participant processes and the local broker is reported.
+
+mod cpu;
+mod processes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use orchestrator::runtime::{PublishEvents, Runtime};
 use orchestrator::service::{ServiceConfig, serve_runtime};
@@ -18,7 +25,7 @@ use saga_amqp::lapin::types::FieldTable;
 use saga_amqp::{OutgoingMessage, Publisher};
 use saga_engine::Definitions;
 use saga_participant::sea_orm::{ConnectionTrait, Database};
-use saga_participant::{Participant, SdkConfig, success};
+use saga_participant::{Participant, SdkConfig, failure, success};
 use saga_schemas::{EventEnvelope, SagaEvent};
 use serde_json::json;
 use tokio::sync::{Semaphore, oneshot};
@@ -71,12 +78,96 @@ struct Args {
     /// Unacknowledged commands each participant handles at once.
     #[arg(long, default_value_t = 64)]
     participant_prefetch: u16,
+    /// Measure the compensation path: the last step's participant answers a business failure,
+    /// so every saga compensates the steps before it. A saga then counts as done when it is
+    /// compensated; one that completes is an anomaly (reported, and the run fails).
+    #[arg(long)]
+    fail_last_step: bool,
+    /// Where the no-op participants run: `in-process` (tasks of this process, sharing its
+    /// runtime with the orchestrator) or `processes` (one OS process each, this binary run
+    /// again, as in production; they are killed when the benchmark ends).
+    #[arg(long, value_enum, default_value_t = ParticipantsMode::InProcess)]
+    participants: ParticipantsMode,
+    /// Internal (`--participants processes`): run the named no-op participant until stdin
+    /// closes.
+    #[arg(long, hide = true, value_name = "NAME")]
+    participant_process: Option<String>,
+    /// Internal: that participant's database URL.
+    #[arg(
+        long,
+        hide = true,
+        env = "SAGA_BENCH_PARTICIPANT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    participant_database_url: Option<String>,
+    /// Internal: that participant's PostgreSQL schema.
+    #[arg(long, hide = true)]
+    participant_database_schema: Option<String>,
+    /// Internal: that participant's action answers a business failure.
+    #[arg(long, hide = true)]
+    participant_fails: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ParticipantsMode {
+    InProcess,
+    Processes,
+}
+
+impl std::fmt::Display for ParticipantsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParticipantsMode::InProcess => "in-process",
+            ParticipantsMode::Processes => "processes",
+        })
+    }
+}
+
+/// How a saga of the run is meant to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    Compensated,
+    CompensationFailed,
+    CompletionFailed,
+}
+
+impl End {
+    const ALL: [End; 4] = [
+        End::Completed,
+        End::Compensated,
+        End::CompensationFailed,
+        End::CompletionFailed,
+    ];
+
+    /// The routing-key suffix of its event on the events exchange.
+    fn kind(self) -> &'static str {
+        match self {
+            End::Completed => "saga_completed",
+            End::Compensated => "saga_compensated",
+            End::CompensationFailed => "compensation_failed",
+            End::CompletionFailed => "completion_failed",
+        }
+    }
+
+    fn of(event: &SagaEvent) -> Option<End> {
+        match event {
+            SagaEvent::SagaCompleted => Some(End::Completed),
+            SagaEvent::SagaCompensated => Some(End::Compensated),
+            SagaEvent::CompensationFailed { .. } => Some(End::CompensationFailed),
+            SagaEvent::CompletionFailed { .. } => Some(End::CompletionFailed),
+            _ => None,
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     orchestrator::telemetry::init();
     let args = Args::parse();
+    if let Some(name) = &args.participant_process {
+        return processes::run_child(&args, name).await;
+    }
     if args.sagas == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--sagas, --steps and --concurrency must be at least 1");
     }
@@ -126,29 +217,60 @@ async fn run(
         auth: Default::default(),
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
+    // Cancelled when a participant process exits before the end: no use waiting for sagas.
+    let abort = CancellationToken::new();
+    let mut children = Vec::new();
     for (i, name) in participants.iter().enumerate() {
-        let participant = Participant::new(name.clone())
-            .action("work", |_, _| Box::pin(async { Ok(success(json!({}))) }))
-            .compensation("undo", |_, _| Box::pin(async { Ok(success(json!({}))) }));
-        let mut sdk = SdkConfig::new(name);
-        sdk.amqp_url = args.amqp_url.clone().into();
-        sdk.database_url = databases.participants[i].0.clone().into();
-        sdk.database_schema = databases.participants[i].1.clone();
-        sdk.prefetch = args.participant_prefetch;
-        sdk.amqp_ca_file = args.amqp_ca_file.clone();
-        sdk.queue_type = args.queue_type;
-        tokio::spawn(participant.run(sdk, shutdown.clone()));
+        let fails = args.fail_last_step && i + 1 == args.steps;
+        let (url, schema) = &databases.participants[i];
+        match args.participants {
+            ParticipantsMode::InProcess => {
+                let sdk = sdk_config(args, name, url, schema.clone());
+                tokio::spawn(bench_participant(name, fails).run(sdk, shutdown.clone()));
+            }
+            ParticipantsMode::Processes => children.push(processes::spawn(
+                args,
+                name,
+                url,
+                schema.as_deref(),
+                fails,
+                &shutdown,
+                &abort,
+            )?),
+        }
     }
+    let expected = if args.fail_last_step {
+        End::Compensated
+    } else {
+        End::Completed
+    };
 
     // Enough to fill the pipeline once, before the measured run.
     let warmup = (args.sagas / 10)
         .clamp(1, 200)
         .max(args.concurrency.min(args.sagas));
     let tracker = Tracker::subscribe(&channel, &saga).await?;
-    drive(&runtime, &tracker, &saga, warmup, args.concurrency).await?;
-    let measured = drive(&runtime, &tracker, &saga, args.sagas, args.concurrency).await?;
+    let driver = Driver {
+        runtime: &runtime,
+        tracker: &tracker,
+        saga: &saga,
+        concurrency: args.concurrency,
+        expected,
+        abort: &abort,
+    };
+    driver.drive(warmup).await?;
+    let meters = cpu::Meters::find(
+        &args.amqp_url,
+        &args.database_url,
+        children.iter().map(|c| (c.name.clone(), c.pid)).collect(),
+    );
+    let before = meters.read();
+    let measured = driver.drive(args.sagas).await?;
+    let after = meters.read();
     shutdown.cancel();
     service.await.ok();
+    // Not running during the raw round trips.
+    processes::stop(children).await;
 
     let raw = raw_round_trips(
         &args.amqp_url,
@@ -165,14 +287,20 @@ async fn run(
     let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
     println!(
         "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}, {} queues, \
-         events published: {}",
+         events published: {}, path: {}, participants: {}",
         args.sagas,
         args.steps,
         args.concurrency,
         databases.kind,
         saga_amqp::redact_url(&args.amqp_url),
         args.queue_type,
-        args.publish_events
+        args.publish_events,
+        if args.fail_last_step {
+            "compensation (the last step fails)"
+        } else {
+            "completion"
+        },
+        args.participants
     );
     println!("  sagas/s            {sagas_per_s:>10.1}");
     println!("  steps/s            {steps_per_s:>10.1}");
@@ -194,10 +322,65 @@ async fn run(
         "  ratio steps/s : raw round trips/s = {:.2}",
         steps_per_s / raw_per_s
     );
-    if measured.not_completed > 0 {
-        bail!("{} sagas did not complete", measured.not_completed);
+    // On the compensation path a saga costs more commands than steps: the last step's action
+    // fails (nothing to undo there), and the steps before it are compensated one by one.
+    let compensations = if args.fail_last_step {
+        args.steps - 1
+    } else {
+        0
+    };
+    println!(
+        "  commands/s         {:>10.1}   ({} actions + {compensations} compensations per saga)",
+        sagas_per_s * (args.steps + compensations) as f64,
+        args.steps
+    );
+    let mut outcomes = String::new();
+    for end in End::ALL {
+        let n = measured.ends.iter().filter(|e| **e == end).count();
+        outcomes += &format!("  {} {n}", end.kind().trim_start_matches("saga_"));
+    }
+    println!(
+        "  outcomes         {outcomes}  unfinished {}   (expected: {})",
+        measured.unfinished,
+        expected.kind().trim_start_matches("saga_")
+    );
+    meters.print(&before, &after, args.sagas);
+    let unexpected = measured.ends.iter().filter(|e| **e != expected).count();
+    if unexpected + measured.unfinished > 0 {
+        bail!(
+            "{} sagas did not end {} ({unexpected} ended otherwise, {} unfinished or not started)",
+            unexpected + measured.unfinished,
+            expected.kind().trim_start_matches("saga_"),
+            measured.unfinished
+        );
     }
     Ok(())
+}
+
+/// A no-op participant; `fails`: its action answers a business failure.
+fn bench_participant(name: &str, fails: bool) -> Participant {
+    Participant::new(name.to_owned())
+        .action("work", move |_, _| {
+            Box::pin(async move {
+                Ok(if fails {
+                    failure("saga-bench --fail-last-step: the last step fails")
+                } else {
+                    success(json!({}))
+                })
+            })
+        })
+        .compensation("undo", |_, _| Box::pin(async { Ok(success(json!({}))) }))
+}
+
+fn sdk_config(args: &Args, name: &str, url: &str, schema: Option<String>) -> SdkConfig {
+    let mut sdk = SdkConfig::new(name);
+    sdk.amqp_url = args.amqp_url.clone().into();
+    sdk.database_url = url.to_owned().into();
+    sdk.database_schema = schema;
+    sdk.prefetch = args.participant_prefetch;
+    sdk.amqp_ca_file = args.amqp_ca_file.clone();
+    sdk.queue_type = args.queue_type;
+    sdk
 }
 
 fn definition_yaml(saga: &str, steps: usize) -> String {
@@ -212,8 +395,12 @@ fn definition_yaml(saga: &str, steps: usize) -> String {
 
 struct Measured {
     elapsed: Duration,
+    /// Of the sagas that ended as expected.
     latencies: Vec<Duration>,
-    not_completed: usize,
+    /// How each saga that ended did.
+    ends: Vec<End>,
+    /// Not started, or no end seen in time.
+    unfinished: usize,
 }
 
 /// Completion times of sagas, from the events exchange.
@@ -227,8 +414,8 @@ struct Tracker {
 struct TrackerState {
     started: HashMap<Uuid, Instant>,
     /// Finished before `start` returned to us.
-    early: HashMap<Uuid, (Instant, bool)>,
-    finished: Vec<(Duration, bool)>,
+    early: HashMap<Uuid, (Instant, End)>,
+    finished: Vec<(Duration, End)>,
 }
 
 impl Tracker {
@@ -244,7 +431,7 @@ impl Tracker {
                 FieldTable::default(),
             )
             .await?;
-        for kind in ["saga_completed", "saga_compensated", "compensation_failed"] {
+        for kind in End::ALL.map(End::kind) {
             channel
                 .queue_bind(
                     queue.name().clone(),
@@ -277,12 +464,14 @@ impl Tracker {
                 let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&delivery.data) else {
                     continue;
                 };
-                let completed = matches!(envelope.event, SagaEvent::SagaCompleted);
+                let Some(end) = End::of(&envelope.event) else {
+                    continue;
+                };
                 let mut state = t.inner.lock().expect("tracker lock");
                 match state.started.remove(&envelope.saga_id) {
-                    Some(start) => state.finished.push((now - start, completed)),
+                    Some(start) => state.finished.push((now - start, end)),
                     None => {
-                        state.early.insert(envelope.saga_id, (now, completed));
+                        state.early.insert(envelope.saga_id, (now, end));
                         continue;
                     }
                 }
@@ -296,8 +485,8 @@ impl Tracker {
     fn started(&self, id: Uuid, at: Instant) {
         let mut state = self.inner.lock().expect("tracker lock");
         match state.early.remove(&id) {
-            Some((end, completed)) => {
-                state.finished.push((end - at, completed));
+            Some((at_end, end)) => {
+                state.finished.push((at_end - at, end));
                 drop(state);
                 self.done.add_permits(1);
             }
@@ -308,62 +497,85 @@ impl Tracker {
     }
 }
 
-async fn drive(
-    runtime: &Runtime,
-    tracker: &Tracker,
-    saga: &str,
-    n: usize,
+/// Starts sagas with `concurrency` in flight and waits for their ends.
+#[derive(Clone, Copy)]
+struct Driver<'a> {
+    runtime: &'a Runtime,
+    tracker: &'a Tracker,
+    saga: &'a str,
     concurrency: usize,
-) -> anyhow::Result<Measured> {
-    tracker.inner.lock().expect("tracker lock").finished.clear();
-    let begin = Instant::now();
-    let mut in_flight = 0usize;
-    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for i in 0..n {
-        if in_flight == concurrency {
-            tracker.done.acquire().await?.forget();
+    expected: End,
+    abort: &'a CancellationToken,
+}
+
+impl Driver<'_> {
+    async fn drive(&self, n: usize) -> anyhow::Result<Measured> {
+        let Driver {
+            runtime,
+            tracker,
+            saga,
+            concurrency,
+            expected,
+            abort,
+        } = *self;
+        tracker.inner.lock().expect("tracker lock").finished.clear();
+        let begin = Instant::now();
+        let mut in_flight = 0usize;
+        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for i in 0..n {
+            if in_flight == concurrency {
+                tokio::select! {
+                    permit = tracker.done.acquire() => permit?.forget(),
+                    _ = abort.cancelled() => bail!("a participant process exited"),
+                }
+                in_flight -= 1;
+            }
+            // Starts run concurrently, as requests from many clients would.
+            let (runtime, tracker, saga, failed) = (
+                runtime.clone(),
+                tracker.clone(),
+                saga.to_owned(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                let at = Instant::now();
+                let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
+                match runtime.start(&saga, input, None).await {
+                    Ok(started) => tracker.started(started.saga_id, at),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start a saga");
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracker.done.add_permits(1);
+                    }
+                }
+            });
+            in_flight += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while in_flight > 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                permit = tokio::time::timeout(wait, tracker.done.acquire()) => match permit {
+                    Ok(permit) => permit?.forget(),
+                    Err(_) => break,
+                },
+                _ = abort.cancelled() => bail!("a participant process exited"),
+            }
             in_flight -= 1;
         }
-        // Starts run concurrently, as requests from many clients would.
-        let (runtime, tracker, saga, failed) = (
-            runtime.clone(),
-            tracker.clone(),
-            saga.to_owned(),
-            failed.clone(),
-        );
-        tokio::spawn(async move {
-            let at = Instant::now();
-            let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
-            match runtime.start(&saga, input, None).await {
-                Ok(started) => tracker.started(started.saga_id, at),
-                Err(error) => {
-                    tracing::error!(%error, "cannot start a saga");
-                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracker.done.add_permits(1);
-                }
-            }
-        });
-        in_flight += 1;
+        let elapsed = begin.elapsed();
+        let finished = std::mem::take(&mut tracker.inner.lock().expect("tracker lock").finished);
+        Ok(Measured {
+            elapsed,
+            latencies: finished
+                .iter()
+                .filter(|(_, end)| *end == expected)
+                .map(|(d, _)| *d)
+                .collect(),
+            ends: finished.iter().map(|(_, end)| *end).collect(),
+            unfinished: in_flight + failed.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while in_flight > 0 {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(wait, tracker.done.acquire()).await {
-            Ok(permit) => permit?.forget(),
-            Err(_) => break,
-        }
-        in_flight -= 1;
-    }
-    let elapsed = begin.elapsed();
-    let finished = std::mem::take(&mut tracker.inner.lock().expect("tracker lock").finished);
-    let not_completed = in_flight
-        + failed.load(std::sync::atomic::Ordering::Relaxed)
-        + finished.iter().filter(|(_, completed)| !completed).count();
-    Ok(Measured {
-        elapsed,
-        latencies: finished.into_iter().map(|(d, _)| d).collect(),
-        not_completed,
-    })
 }
 
 struct RawResult {
