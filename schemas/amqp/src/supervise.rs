@@ -188,13 +188,24 @@ where
         } else {
             Duration::ZERO
         };
-        tracing::warn!(
-            connection = connection_name,
-            broker = %redact_url(broker),
-            error = %chain(&failure),
-            retry_in = ?wait,
-            "AMQP session failed; reconnecting"
-        );
+        if matches!(failure, AmqpError::QueueMismatch { .. }) {
+            // Not a passing fault: say so louder, and keep trying until an operator acts.
+            tracing::error!(
+                connection = connection_name,
+                broker = %redact_url(broker),
+                error = %failure,
+                retry_in = ?wait,
+                "cannot declare the queues; trying again until the broker's queue is fixed"
+            );
+        } else {
+            tracing::warn!(
+                connection = connection_name,
+                broker = %redact_url(broker),
+                error = %chain(&failure),
+                retry_in = ?wait,
+                "AMQP session failed; reconnecting"
+            );
+        }
         if !wait.is_zero() {
             tokio::select! {
                 biased;
