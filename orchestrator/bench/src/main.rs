@@ -5,7 +5,8 @@
 //!
 //! `--fail-last-step` measures the compensation path instead, `--participants processes` runs
 //! each participant as an OS process of its own (as in production), and the CPU time per saga
-//! of the bench process, the participant processes and the local broker is reported.
+//! of the bench process, the participant processes, the local broker and the local PostgreSQL
+//! server is reported.
 
 mod cpu;
 mod processes;
