@@ -35,7 +35,9 @@ pub fn broker(host: &str, port: u16) -> Result<u32, String> {
 
 fn listener(host: &str, port: u16, names: &[&str]) -> Result<u32, String> {
     if !is_local(host) {
-        return Err(format!("{host} is not this host"));
+        return Err(format!(
+            "{host} is not a loopback address: a remote process cannot be measured"
+        ));
     }
     let pid = imp::listening_pid(port)?;
     let comm = imp::comm(pid).unwrap_or_default();
@@ -322,4 +324,67 @@ fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
     };
     let host = if host.is_empty() { "localhost" } else { host };
     Some((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_of_urls() {
+        let hp = host_port;
+        assert_eq!(
+            hp("amqp://guest:guest@127.0.0.1:5672/bench2", 5672),
+            Some(("127.0.0.1".into(), 5672))
+        );
+        assert_eq!(
+            hp("amqps://u:p@broker.example/%2f", 5671),
+            Some(("broker.example".into(), 5671))
+        );
+        assert_eq!(
+            hp(
+                "postgres://postgres@[::1]:5433/postgres?sslmode=disable",
+                5432
+            ),
+            Some(("[::1]".into(), 5433))
+        );
+        assert_eq!(
+            hp("postgres://[::1]/db", 5432),
+            Some(("[::1]".into(), 5432))
+        );
+        assert_eq!(hp("not a url", 1), None);
+    }
+
+    #[test]
+    fn only_loopback_hosts_are_measured() {
+        assert!(is_local("localhost"));
+        assert!(is_local("127.0.0.1"));
+        assert!(is_local("[::1]"));
+        assert!(!is_local("broker.example"));
+        assert!(broker("broker.example", 5672).is_err());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_listening_socket_is_traced_to_its_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+        let port = listener.local_addr().expect("its address").port();
+        assert_eq!(imp::listening_pid(port), Ok(std::process::id()));
+        let why = broker("127.0.0.1", port).expect_err("this test is no broker");
+        assert!(why.contains("not beam.smp"), "{why}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_uses_cpu_time() {
+        let before = process_time(std::process::id()).expect("own /proc/self/stat");
+        // Spin until a clock tick is charged; generous, for a machine with both cores busy.
+        let start = std::time::Instant::now();
+        let mut after = before;
+        while after == before && start.elapsed() < Duration::from_secs(20) {
+            std::hint::black_box((0..100_000u64).sum::<u64>());
+            after = process_time(std::process::id()).expect("own /proc/self/stat");
+        }
+        assert!(after > before, "no CPU time charged in 20 s of spinning");
+    }
 }
