@@ -85,6 +85,16 @@ mod imp {
         )
     }
 
+    /// The ids of the processes visible in `/proc`.
+    fn pids() -> std::io::Result<impl Iterator<Item = u32>> {
+        Ok(std::fs::read_dir("/proc")?.flatten().filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+        }))
+    }
+
     pub fn process_time(pid: u32) -> Option<Duration> {
         let f = stat_fields(pid)?;
         // utime (14) + stime (15).
@@ -95,14 +105,7 @@ mod imp {
         let f = stat_fields(parent)?;
         // utime, stime, cutime, cstime (14 to 17).
         let mut total = f.get(11)? + f.get(12)? + f.get(13)? + f.get(14)?;
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for pid in pids().ok()? {
             if let Some(f) = stat_fields(pid)
                 // ppid (4).
                 && f.get(1) == Some(&(parent as u64))
@@ -152,15 +155,7 @@ mod imp {
                 "no listening socket on port {port} in this network namespace"
             ));
         }
-        let procs = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
-        for entry in procs.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for pid in pids().map_err(|e| format!("/proc: {e}"))? {
             let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };
