@@ -32,10 +32,14 @@ pub struct CommonArgs {
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = saga_participant::DEFAULT_DATABASE_POOL_SIZE,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub database_pool_size: u32,
-    /// Commands handled at once (unacknowledged messages in flight).
+    /// Commands taken at once (unacknowledged messages in flight).
     #[arg(long, env = "PREFETCH", default_value_t = saga_participant::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Database transactions at once, each committing every command waiting when it started
+    /// [default: 1 on SQLite, 4 on PostgreSQL].
+    #[arg(long, env = "DATABASE_TRANSACTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_transactions: Option<u32>,
     /// The AMQP connection name shown in the management UI [default: <service>@<host>:<pid>].
     #[arg(long, env = "CONNECTION_NAME")]
     pub connection_name: Option<String>,
@@ -64,6 +68,7 @@ impl CommonArgs {
             database_schema: self.database_schema.clone().filter(|s| !s.is_empty()),
             database_pool_size: Some(self.database_pool_size),
             prefetch: self.prefetch,
+            database_transactions: self.database_transactions,
             connection_name: self.connection_name.clone().filter(|s| !s.is_empty()),
             amqp_ca_file: self.amqp_ca_file.clone(),
         }

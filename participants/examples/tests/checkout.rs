@@ -88,6 +88,7 @@ impl Env {
             database_schema: None,
             database_pool_size: None,
             prefetch: 8,
+            database_transactions: None,
             connection_name: None,
             amqp_ca_file: None,
             queue_type: Default::default(),

@@ -41,7 +41,11 @@
 //! - It declares its own queue topology (`saga.commands.<name>`, without dead-letter arguments
 //!   so that commands the broker drops at their `expiration` vanish, and its `.dlq`) at start,
 //!   so the participant can start before the orchestrator, and consumes it with manual acks and
-//!   a bounded prefetch, handling up to `prefetch` commands concurrently.
+//!   a bounded prefetch, handling up to `prefetch` commands at once.
+//! - **Group commit.** The commands waiting when a database transaction starts are handled in
+//!   it together (each handler in a savepoint of its own) and share its commit: one fsync for
+//!   many commands under load. No reply is published and no command acked before the commit;
+//!   if the transaction fails, its commands are handled again one per transaction.
 //! - **Exactly one effect per (saga, step, direction).** Each handled command is recorded in the
 //!   table `saga_inbox` in the same transaction as the handler's writes. A redelivery or a retry
 //!   (any attempt) of a recorded command does not run the handler again and gets the recorded
@@ -105,6 +109,11 @@ pub use saga_amqp::DEFAULT_AMQP_URL;
 /// Default prefetch: unacknowledged commands in flight at once.
 pub const DEFAULT_PREFETCH: u16 = 32;
 
+/// Database transactions at once on PostgreSQL unless configured otherwise
+/// ([`SdkConfig::database_transactions`]): enough for a slow handler not to hold up every
+/// other command, few enough for commands to share commits under load.
+pub const DEFAULT_POSTGRES_TRANSACTIONS: u32 = 4;
+
 /// Where the participant connects, and how much it takes on at once.
 #[derive(Debug, Clone)]
 pub struct SdkConfig {
@@ -118,8 +127,13 @@ pub struct SdkConfig {
     /// PostgreSQL only: the most connections the pool opens; `None` for
     /// [`DEFAULT_DATABASE_POOL_SIZE`]. SQLite always uses one.
     pub database_pool_size: Option<u32>,
-    /// Unacknowledged commands in flight at once (the AMQP prefetch), handled concurrently.
+    /// Unacknowledged commands in flight at once (the AMQP prefetch).
     pub prefetch: u16,
+    /// Database transactions at once. Each takes every command waiting when it starts (up to
+    /// `prefetch`) and commits them together, so under load many commands share one commit
+    /// (group commit). `None`: 1 on SQLite (one writer anyway), [`DEFAULT_POSTGRES_TRANSACTIONS`]
+    /// on PostgreSQL. Keep it below the PostgreSQL pool size.
+    pub database_transactions: Option<u32>,
     /// The connection name shown in the management UI; `None` for `<participant>@<host>:<pid>`.
     pub connection_name: Option<String>,
     /// A PEM file of CA certificates to trust for an `amqps://` broker besides the built-in
@@ -140,6 +154,7 @@ impl SdkConfig {
             database_schema: None,
             database_pool_size: None,
             prefetch: DEFAULT_PREFETCH,
+            database_transactions: None,
             connection_name: None,
             amqp_ca_file: None,
             queue_type: QueueType::Quorum,
@@ -327,6 +342,11 @@ impl Participant {
         }
         if config.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        if config.database_transactions == Some(0) {
+            return Err(Error::Config(
+                "database transactions at once must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -1,16 +1,22 @@
-//! Handling one decoded command exactly once per (saga, step, direction): the de-dup check,
-//! the handler, and the inbox record, in one database transaction.
+//! Handling decoded commands exactly once per (saga, step, direction): the de-dup check, the
+//! handler, and the inbox record, in one database transaction, shared by the commands that
+//! arrive together (group commit).
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use saga_schemas::limits::{self, LimitError, MAX_DATA_BYTES, MAX_DEPTH};
 use saga_schemas::{Data, Direction, Outcome, StepCommand};
 use sea_orm::{
     ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, EntityTrait, QueryFilter, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
+    DbErr, EntityTrait, QueryFilter, SqlErr, SqliteTransactionMode, TransactionOptions,
     TransactionTrait,
 };
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::db::inbox;
 use crate::handler::Handler;
@@ -42,7 +48,111 @@ impl Handled {
     }
 }
 
-/// Runs `cmd` through the inbox and, if it is new, through `handler`.
+/// One command waiting for its transaction.
+pub(crate) struct Job {
+    pub(crate) cmd: StepCommand,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) done: oneshot::Sender<(StepCommand, Handled)>,
+}
+
+/// Group commit: commands received at about the same time are handled in one database
+/// transaction, so they share its commit (one fsync) instead of paying one each.
+///
+/// `transactions` workers run at once; each takes every command waiting (up to `max_batch`)
+/// when it becomes free, so a batch grows with the load and a lone command goes alone at once.
+/// Every command of a batch is answered only after the batch committed.
+#[derive(Clone)]
+pub(crate) struct Committer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Committer {
+    pub(crate) fn start(db: DatabaseConnection, transactions: usize, max_batch: usize) -> Self {
+        let (jobs, receiver) = mpsc::unbounded_channel::<Job>();
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..transactions.max(1) {
+            let db = db.clone();
+            let receiver = receiver.clone();
+            // Ends when every sender (the workers' handles) is dropped.
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::new();
+                    {
+                        let mut receiver = receiver.lock().await;
+                        match receiver.recv().await {
+                            Some(job) => batch.push(job),
+                            None => return,
+                        }
+                        while batch.len() < max_batch.max(1) {
+                            match receiver.try_recv() {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    run_batch(&db, batch).await;
+                }
+            });
+        }
+        Committer { jobs }
+    }
+
+    /// Handles `cmd` with `handler` in the next batch; gives the command back with the result.
+    pub(crate) async fn process(
+        &self,
+        cmd: StepCommand,
+        handler: Arc<dyn Handler>,
+    ) -> (StepCommand, Handled) {
+        let (done, result) = oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(Job { cmd, handler, done }) {
+            return (
+                job.cmd,
+                Handled::Retryable("the participant is stopping".into()),
+            );
+        }
+        match result.await {
+            Ok(answer) => answer,
+            // A worker task died (it never panics on its own: handlers' panics are caught).
+            Err(_) => unreachable!("a group-commit worker dropped a command"),
+        }
+    }
+}
+
+async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
+    let answers = if jobs.len() == 1 {
+        None
+    } else {
+        let commands: Vec<(&StepCommand, &dyn Handler)> = jobs
+            .iter()
+            .map(|job| (&job.cmd, job.handler.as_ref()))
+            .collect();
+        match attempt(db, &commands).await {
+            Ok(answers) => Some(answers),
+            Err(err) => {
+                // Nothing of the batch committed: each command goes alone, so one command's
+                // trouble is not the others'.
+                tracing::info!(error = %err, commands = jobs.len(), "a batch failed; handling its commands one by one");
+                None
+            }
+        }
+    };
+    match answers {
+        Some(answers) => {
+            for (job, handled) in jobs.into_iter().zip(answers) {
+                let _ = job.done.send((job.cmd, handled));
+            }
+        }
+        None => {
+            for job in jobs {
+                let handled = process(db, &job.cmd, job.handler.as_ref()).await;
+                let _ = job.done.send((job.cmd, handled));
+            }
+        }
+    }
+}
+
+/// Runs `cmd` through the inbox and, if it is new, through `handler`, in a transaction of its
+/// own.
 pub(crate) async fn process(
     db: &DatabaseConnection,
     cmd: &StepCommand,
@@ -51,8 +161,8 @@ pub(crate) async fn process(
     // A unique violation on the inbox means a concurrent copy of the command committed first:
     // go round again, and the second round finds its record.
     for _ in 0..3 {
-        match attempt(db, cmd, handler).await {
-            Ok(handled) => return handled,
+        match attempt(db, &[(cmd, handler)]).await {
+            Ok(mut handled) => return handled.pop().expect("one answer per command"),
             Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 tracing::info!(
                     "a concurrent copy of the command committed first; reloading its outcome"
@@ -67,11 +177,14 @@ pub(crate) async fn process(
     Handled::Retryable("the command's inbox record keeps conflicting".into())
 }
 
+/// The inbox key of a command.
+type Key = (Uuid, String, Direction);
+
+/// Handles `commands` in one transaction: one answer each, in order, committed together.
 async fn attempt(
     db: &DatabaseConnection,
-    cmd: &StepCommand,
-    handler: &dyn Handler,
-) -> Result<Handled, DbErr> {
+    commands: &[(&StepCommand, &dyn Handler)],
+) -> Result<Vec<Handled>, DbErr> {
     let backend = db.get_database_backend();
     let tx = db
         .begin_with_options(TransactionOptions {
@@ -83,93 +196,135 @@ async fn attempt(
         .await?;
     if backend == DbBackend::Postgres {
         // Serialises every command for one (saga, step), whatever its direction, so an action
-        // and its compensation racing each other see each other's record.
-        tx.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock($1)",
-            [lock_key(cmd).into()],
+        // and its compensation racing each other see each other's record. Taken in key order,
+        // so two batches never wait on each other in a cycle.
+        let mut keys: Vec<i64> = commands.iter().map(|(cmd, _)| lock_key(cmd)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let keys = keys
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        tx.execute_unprepared(&format!(
+            "SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k"
         ))
         .await?;
     }
 
-    let records = inbox::Entity::find()
-        .filter(inbox::Column::SagaId.eq(cmd.saga_id.to_string()))
-        .filter(inbox::Column::Step.eq(cmd.step.clone()))
+    let mut saga_ids: Vec<String> = commands
+        .iter()
+        .map(|(cmd, _)| cmd.saga_id.to_string())
+        .collect();
+    saga_ids.sort_unstable();
+    saga_ids.dedup();
+    let mut records: HashMap<Key, (serde_json::Value, i32)> = inbox::Entity::find()
+        .filter(inbox::Column::SagaId.is_in(saga_ids))
         .all(&tx)
-        .await?;
-    let record = |direction: Direction| records.iter().find(|r| r.direction == direction.as_str());
+        .await?
+        .into_iter()
+        .filter_map(|r| {
+            let saga_id = Uuid::parse_str(&r.saga_id).ok()?;
+            let direction = [Direction::Execute, Direction::Compensate]
+                .into_iter()
+                .find(|d| d.as_str() == r.direction)?;
+            Some(((saga_id, r.step, direction), (r.outcome, r.attempt)))
+        })
+        .collect();
 
-    if let Some(found) = record(cmd.direction) {
-        tx.rollback().await?;
-        return match serde_json::from_value::<Outcome>(found.outcome.clone()) {
-            Ok(outcome) => {
-                tracing::info!(
-                    first_attempt = found.attempt,
-                    "duplicate command: answering with the recorded outcome"
-                );
-                Ok(Handled::Recorded(outcome))
+    let mut answers = Vec::with_capacity(commands.len());
+    let mut new_records = Vec::new();
+    for (cmd, handler) in commands {
+        let key = |direction| (cmd.saga_id, cmd.step.clone(), direction);
+        if let Some((outcome, first_attempt)) = records.get(&key(cmd.direction)) {
+            answers.push(match serde_json::from_value::<Outcome>(outcome.clone()) {
+                Ok(outcome) => {
+                    tracing::info!(
+                        saga_id = %cmd.saga_id,
+                        first_attempt,
+                        "duplicate command: answering with the recorded outcome"
+                    );
+                    Handled::Recorded(outcome)
+                }
+                Err(err) => {
+                    Handled::Retryable(format!("the recorded outcome cannot be read: {err}"))
+                }
+            });
+            continue;
+        }
+        let now = chrono::Utc::now();
+        let outcome = match cmd.direction {
+            Direction::Execute if records.contains_key(&key(Direction::Compensate)) => {
+                tracing::warn!(saga_id = %cmd.saga_id, "the action arrived after its compensation: refusing it");
+                Outcome::Failure {
+                    reason: COMPENSATED_BEFORE_EXECUTED.into(),
+                }
             }
-            Err(err) => Ok(Handled::Retryable(format!(
-                "the recorded outcome cannot be read: {err}"
-            ))),
+            // The orchestrator may have given up on the step: never start it late. The refusal
+            // is recorded below, so every later attempt gets the same definitive answer.
+            Direction::Execute if cmd.expires_at.is_some_and(|at| at < now) => {
+                tracing::warn!(
+                    saga_id = %cmd.saga_id,
+                    expires_at = ?cmd.expires_at,
+                    "the action expired before it could start: refusing it"
+                );
+                Outcome::Failure {
+                    reason: saga_schemas::EXPIRED.into(),
+                }
+            }
+            Direction::Compensate
+                if !records
+                    .get(&key(Direction::Execute))
+                    .is_some_and(|(outcome, _)| {
+                        outcome.get("status").and_then(|s| s.as_str()) == Some("success")
+                    }) =>
+            {
+                tracing::info!(
+                    saga_id = %cmd.saga_id,
+                    "nothing to compensate (the action never ran here or failed): null compensation"
+                );
+                Outcome::Success {
+                    output: Data::new(),
+                }
+            }
+            _ => match run_handler(&tx, cmd, *handler).await? {
+                Ok(outcome) => outcome,
+                // Nothing recorded: the next attempt runs afresh.
+                Err(error) => {
+                    answers.push(Handled::Retryable(error));
+                    continue;
+                }
+            },
         };
+        let outcome_json =
+            serde_json::to_value(&outcome).map_err(|e| DbErr::Custom(e.to_string()))?;
+        new_records.push(inbox::ActiveModel {
+            saga_id: ActiveValue::Set(cmd.saga_id.to_string()),
+            step: ActiveValue::Set(cmd.step.clone()),
+            direction: ActiveValue::Set(cmd.direction.as_str().into()),
+            action: ActiveValue::Set(cmd.action.clone()),
+            message_id: ActiveValue::Set(cmd.message_id.to_string()),
+            attempt: ActiveValue::Set(i32::try_from(cmd.attempt).unwrap_or(i32::MAX)),
+            outcome: ActiveValue::Set(outcome_json.clone()),
+            handled_at: ActiveValue::Set(chrono::Utc::now()),
+        });
+        // A copy of the command later in the batch finds it, as it would in the table.
+        records.insert(
+            key(cmd.direction),
+            (outcome_json, i32::try_from(cmd.attempt).unwrap_or(i32::MAX)),
+        );
+        answers.push(Handled::Fresh(outcome));
     }
 
-    let now = chrono::Utc::now();
-    let outcome = match cmd.direction {
-        Direction::Execute if record(Direction::Compensate).is_some() => {
-            tracing::warn!("the action arrived after its compensation: refusing it");
-            Outcome::Failure {
-                reason: COMPENSATED_BEFORE_EXECUTED.into(),
-            }
-        }
-        // The orchestrator may have given up on the step: never start it late. The refusal is
-        // recorded below, so every later attempt gets the same definitive answer.
-        Direction::Execute if cmd.expires_at.is_some_and(|at| at < now) => {
-            tracing::warn!(
-                expires_at = ?cmd.expires_at,
-                "the action expired before it could start: refusing it"
-            );
-            Outcome::Failure {
-                reason: saga_schemas::EXPIRED.into(),
-            }
-        }
-        Direction::Compensate
-            if !record(Direction::Execute).is_some_and(|r| {
-                r.outcome.get("status").and_then(|s| s.as_str()) == Some("success")
-            }) =>
-        {
-            tracing::info!(
-                "nothing to compensate (the action never ran here or failed): null compensation"
-            );
-            Outcome::Success {
-                output: Data::new(),
-            }
-        }
-        _ => match run_handler(&tx, cmd, handler).await? {
-            Ok(outcome) => outcome,
-            Err(error) => {
-                tx.rollback().await?;
-                return Ok(Handled::Retryable(error));
-            }
-        },
-    };
-
-    let outcome_json = serde_json::to_value(&outcome).map_err(|e| DbErr::Custom(e.to_string()))?;
-    inbox::Entity::insert(inbox::ActiveModel {
-        saga_id: ActiveValue::Set(cmd.saga_id.to_string()),
-        step: ActiveValue::Set(cmd.step.clone()),
-        direction: ActiveValue::Set(cmd.direction.as_str().into()),
-        action: ActiveValue::Set(cmd.action.clone()),
-        message_id: ActiveValue::Set(cmd.message_id.to_string()),
-        attempt: ActiveValue::Set(i32::try_from(cmd.attempt).unwrap_or(i32::MAX)),
-        outcome: ActiveValue::Set(outcome_json),
-        handled_at: ActiveValue::Set(chrono::Utc::now()),
-    })
-    .exec_without_returning(&tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Handled::Fresh(outcome))
+    if new_records.is_empty() {
+        tx.rollback().await?;
+    } else {
+        inbox::Entity::insert_many(new_records)
+            .exec_without_returning(&tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(answers)
 }
 
 /// Runs the handler inside a savepoint: its writes are kept on success and undone on a
@@ -253,4 +408,181 @@ fn lock_key(cmd: &StepCommand) -> i64 {
     let id = uuid::Uuid::new_v5(&cmd.saga_id, cmd.step.as_bytes());
     let bytes: [u8; 8] = id.as_bytes()[..8].try_into().expect("16 bytes");
     i64::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
+
+    use super::*;
+    use crate::handler::{HandlerFuture, failure, success};
+
+    /// Given a batch of commands handled in one transaction.
+    async fn database() -> DatabaseConnection {
+        let db = crate::db::connect("sqlite::memory:", None).await.unwrap();
+        crate::db::migrate(&db).await.unwrap();
+        db.execute_unprepared("CREATE TABLE effects (saga_id TEXT NOT NULL, step TEXT NOT NULL)")
+            .await
+            .unwrap();
+        db
+    }
+
+    fn command(saga_id: Uuid, step: &str, direction: Direction) -> StepCommand {
+        StepCommand {
+            message_id: Uuid::new_v4(),
+            saga_id,
+            saga_name: "order".into(),
+            step: step.into(),
+            direction,
+            action: "act".into(),
+            attempt: 1,
+            data: Data::new(),
+            action_output: None,
+            expires_at: None,
+        }
+    }
+
+    /// Records an effect row, then answers as the step's name says: `fail` a business failure,
+    /// `flaky` a retryable error, anything else a success.
+    struct Recording(AtomicUsize);
+
+    impl Handler for Recording {
+        fn handle<'a>(
+            &'a self,
+            cmd: &'a StepCommand,
+            tx: &'a DatabaseTransaction,
+        ) -> HandlerFuture<'a> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                tx.execute_raw(Statement::from_sql_and_values(
+                    tx.get_database_backend(),
+                    "INSERT INTO effects (saga_id, step) VALUES (?, ?)",
+                    [cmd.saga_id.to_string().into(), cmd.step.clone().into()],
+                ))
+                .await?;
+                Ok(match cmd.step.as_str() {
+                    "fail" => failure("declined"),
+                    "flaky" => Outcome::RetryableError {
+                        error: "try later".into(),
+                    },
+                    _ => success(serde_json::json!({ "done": cmd.step })),
+                })
+            })
+        }
+    }
+
+    async fn effects(db: &DatabaseConnection) -> Vec<String> {
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT step FROM effects ORDER BY step",
+            ))
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "step").unwrap())
+            .collect()
+    }
+
+    async fn inbox_rows(db: &DatabaseConnection) -> usize {
+        inbox::Entity::find().all(db).await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn one_transaction_answers_each_command_as_if_it_were_alone() {
+        let db = database().await;
+        let handler = Recording(AtomicUsize::new(0));
+        let (a, b, c, d) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        // When: an action and a copy of it, a compensation before its action and then the
+        // action, a business failure and a retryable error, all in one batch.
+        let batch = [
+            command(a, "ok", Direction::Execute),
+            command(a, "ok", Direction::Execute),
+            command(b, "ok", Direction::Compensate),
+            command(b, "ok", Direction::Execute),
+            command(c, "fail", Direction::Execute),
+            command(d, "flaky", Direction::Execute),
+        ];
+        let commands: Vec<(&StepCommand, &dyn Handler)> = batch
+            .iter()
+            .map(|cmd| (cmd, &handler as &dyn Handler))
+            .collect();
+        let answers = attempt(&db, &commands).await.unwrap();
+
+        // Then: each answered as alone, in order.
+        let ok = Outcome::Success {
+            output: serde_json::from_value(serde_json::json!({ "done": "ok" })).unwrap(),
+        };
+        assert_eq!(
+            answers,
+            vec![
+                Handled::Fresh(ok.clone()),
+                Handled::Recorded(ok),
+                Handled::Fresh(Outcome::Success {
+                    output: Data::new()
+                }),
+                Handled::Fresh(Outcome::Failure {
+                    reason: COMPENSATED_BEFORE_EXECUTED.into()
+                }),
+                Handled::Fresh(Outcome::Failure {
+                    reason: "declined".into()
+                }),
+                Handled::Retryable("try later".into()),
+            ]
+        );
+        // The handler ran for the first copy, the failure and the retryable error only; the
+        // writes of the last two were undone, the first one's kept.
+        assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+        assert_eq!(effects(&db).await, vec!["ok"]);
+        // Recorded: everything but the retryable error and the duplicate.
+        assert_eq!(inbox_rows(&db).await, 4);
+
+        // And a later copy, in a batch of its own, finds the records.
+        let again = command(c, "fail", Direction::Execute);
+        let answers = attempt(&db, &[(&again, &handler as &dyn Handler)])
+            .await
+            .unwrap();
+        assert_eq!(
+            answers,
+            vec![Handled::Recorded(Outcome::Failure {
+                reason: "declined".into()
+            })]
+        );
+        assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_committer_answers_every_command_of_a_burst() {
+        let db = database().await;
+        let handler: Arc<dyn Handler> = Arc::new(Recording(AtomicUsize::new(0)));
+        let committer = Committer::start(db.clone(), 1, 16);
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let (committer, handler) = (committer.clone(), handler.clone());
+            let step = format!("step-{i:02}");
+            burst.spawn(async move {
+                let cmd = command(Uuid::new_v4(), &step, Direction::Execute);
+                committer.process(cmd, handler).await
+            });
+        }
+        let mut steps = Vec::new();
+        while let Some(joined) = burst.join_next().await {
+            let (cmd, handled) = joined.unwrap();
+            assert!(
+                matches!(handled, Handled::Fresh(Outcome::Success { .. })),
+                "{handled:?}"
+            );
+            steps.push(cmd.step);
+        }
+        steps.sort();
+        assert_eq!(effects(&db).await, steps);
+        assert_eq!(inbox_rows(&db).await, 50);
+    }
 }

@@ -12,14 +12,16 @@ use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
 use saga_schemas::amqp::{DELIVERY_LIMIT, REPLIES_QUEUE, command_queue, header};
 use saga_schemas::limits;
 use saga_schemas::{Data, Outcome, StepCommand, StepReply};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::process::{Handled, process};
-use crate::{Error, Participant, SdkConfig, default_connection_name};
+use crate::process::{Committer, Handled};
+use crate::{
+    DEFAULT_POSTGRES_TRANSACTIONS, Error, Participant, SdkConfig, default_connection_name,
+};
 
 /// How long to wait before handing back a command whose reply could not be published while the
 /// channel stayed open (e.g. its `reply_to` queue does not exist), so it does not loop hot.
@@ -33,7 +35,7 @@ const MAX_COUNTED_REPLIES: usize = 10_000;
 
 struct Context {
     participant: Arc<Participant>,
-    db: DatabaseConnection,
+    committer: Committer,
     queue: String,
     queue_type: saga_amqp::QueueType,
     /// Per command message id: how many times its reply was refused.
@@ -73,11 +75,19 @@ pub(crate) async fn run(
         .connection_name
         .clone()
         .unwrap_or_else(|| default_connection_name(participant.name()));
+    let transactions =
+        config
+            .database_transactions
+            .unwrap_or(if db.get_database_backend() == DbBackend::Sqlite {
+                1
+            } else {
+                DEFAULT_POSTGRES_TRANSACTIONS
+            });
     let ctx = Arc::new(Context {
         queue: command_queue(participant.name()),
         queue_type: config.queue_type,
         participant,
-        db,
+        committer: Committer::start(db, transactions as usize, usize::from(config.prefetch)),
         refused_replies: Mutex::new(HashMap::new()),
     });
     // Tasks handling deliveries outlive a lost connection (their database work finishes; the
@@ -321,7 +331,7 @@ async fn answer(
         .handler(cmd.direction, &cmd.action)
         .expect("checked before")
         .clone();
-    let handled = process(&ctx.db, &cmd, handler.as_ref()).await;
+    let (cmd, handled) = ctx.committer.process(cmd, handler).await;
     let recorded = matches!(handled, Handled::Recorded(_));
     let outcome = handled.outcome();
     let status = match &outcome {

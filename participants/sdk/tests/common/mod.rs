@@ -406,6 +406,7 @@ impl Running {
             database_schema: db.schema.clone(),
             database_pool_size: None,
             prefetch,
+            database_transactions: None,
             connection_name: Some(format!("{PARTICIPANT}@test:{}", vhost.name)),
             amqp_ca_file: None,
             queue_type: Default::default(),
