@@ -91,9 +91,12 @@ async fn handle_replies(
         Default::default()
     });
     let (mut fresh, mut fresh_deliveries) = (Vec::new(), Vec::new());
+    // Acks go out together once their batch is decided: one hand-off to the connection's I/O
+    // task instead of one round each.
+    let mut handled = Vec::with_capacity(pending.len());
     for (w, delivery) in work.into_iter().zip(pending) {
         if w.inbox_id.is_some_and(|id| seen.contains(&id)) {
-            saga_amqp::ack(&delivery).await?;
+            handled.push(delivery);
         } else {
             fresh.push(w);
             fresh_deliveries.push(delivery);
@@ -124,7 +127,7 @@ async fn handle_replies(
                     warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
                     saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
                 }
-                Ok(_) => saga_amqp::ack(&delivery).await?,
+                Ok(_) => handled.push(delivery),
                 // It can never be handled (its saga's definition is gone, its saga
                 // unreadable): set it aside with why, for an operator, instead of trying
                 // forever.
@@ -138,7 +141,7 @@ async fn handle_replies(
                     {
                         Ok(()) => {
                             warn!(saga_id = %w.saga_id, %reason, "reply set aside: it can never be handled");
-                            saga_amqp::ack(&delivery).await?;
+                            handled.push(delivery);
                         }
                         Err(store_error) => {
                             warn!(saga_id = %w.saga_id, %reason, error = %store_error,
@@ -156,6 +159,7 @@ async fn handle_replies(
             }
         }
         (fresh, fresh_deliveries) = again;
+        saga_amqp::ack_all(&std::mem::take(&mut handled)).await?;
         if fresh.is_empty() {
             return Ok(());
         }

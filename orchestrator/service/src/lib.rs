@@ -15,6 +15,7 @@
 pub mod api;
 pub mod auth;
 pub mod consumers;
+pub mod group_commit;
 pub mod http;
 pub mod metrics;
 pub mod openapi;

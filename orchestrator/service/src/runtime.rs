@@ -3,7 +3,7 @@
 //! command) goes through here, so this is the one place where a saga moves.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use saga_engine::{
@@ -16,7 +16,11 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::group_commit::{Committed, GroupCommit};
 use crate::store::{Commit, Store, StoreError};
+
+/// Group-commit workers on PostgreSQL: transactions at once, each taking every commit waiting.
+const POSTGRES_COMMIT_WORKERS: usize = 4;
 
 /// Which recorded events are also published to `saga.events`: every event is always recorded
 /// in the event log; this only says which leave as messages, one per event.
@@ -175,6 +179,8 @@ struct Inner {
     definitions: Definitions,
     input_validators: HashMap<String, jsonschema::Validator>,
     store: Store,
+    /// Started at the first commit, inside the async runtime.
+    group_commit: OnceLock<GroupCommit>,
     relay_wake: Notify,
     events: PublishEvents,
 }
@@ -198,6 +204,7 @@ impl Runtime {
                 definitions,
                 input_validators,
                 store,
+                group_commit: OnceLock::new(),
                 relay_wake: Notify::new(),
                 events: PublishEvents::All,
             }),
@@ -224,6 +231,22 @@ impl Runtime {
     /// Woken after every commit that wrote outbox rows.
     pub fn relay_wake(&self) -> &Notify {
         &self.inner.relay_wake
+    }
+
+    /// Commits through the shared group commit: one worker on SQLite (one writer anyway), a
+    /// few on PostgreSQL.
+    async fn commit(&self, commits: Vec<Commit>) -> Committed {
+        let store = &self.inner.store;
+        let workers = if store.backend_name() == "sqlite" {
+            1
+        } else {
+            POSTGRES_COMMIT_WORKERS
+        };
+        self.inner
+            .group_commit
+            .get_or_init(|| GroupCommit::start(store.clone(), workers))
+            .commit(commits)
+            .await
     }
 
     fn definition(&self, name: &str) -> Option<&SagaDefinition> {
@@ -293,10 +316,11 @@ impl Runtime {
         };
         let mut commit = self.commit_for(Some(def), &work, 0, &decision, now);
         commit.idempotency_key = idempotency_key.clone();
-        match self.inner.store.commit(std::slice::from_ref(&commit)).await {
+        let (commits, result) = self.commit(vec![commit]).await;
+        match result {
             Ok(outbox) => {
                 info!(%saga_id, saga = name, "saga started");
-                self.after_commit(std::slice::from_ref(&commit), outbox);
+                self.after_commit(&commits, outbox);
                 Ok(Started {
                     saga_id,
                     created: true,
@@ -386,12 +410,8 @@ impl Runtime {
                 states.insert(work.saga_id, state);
             }
         }
-        let outbox = self
-            .inner
-            .store
-            .commit(&commits)
-            .await
-            .map_err(|e| RuntimeError::Store(e.error))?;
+        let (commits, result) = self.commit(commits).await;
+        let outbox = result.map_err(|e| RuntimeError::Store(e.error))?;
         self.after_commit(&commits, outbox);
         Ok(outcomes)
     }
@@ -403,9 +423,10 @@ impl Runtime {
             let (decision, def) = self.decide_for(work, state.as_ref(), now)?;
             let expected = state.as_ref().map_or(0, |s| s.version);
             let commit = self.commit_for(def, work, expected, &decision, now);
-            match self.inner.store.commit(std::slice::from_ref(&commit)).await {
+            let (commits, result) = self.commit(vec![commit]).await;
+            match result {
                 Ok(outbox) => {
-                    self.after_commit(std::slice::from_ref(&commit), outbox);
+                    self.after_commit(&commits, outbox);
                     return Ok(decision.outcome);
                 }
                 Err(e) => match e.error {

@@ -365,3 +365,81 @@ async fn only_the_chosen_events_are_published() {
     assert_eq!("terminal".parse(), Ok(PublishEvents::Terminal));
     assert!("some".parse::<PublishEvents>().is_err());
 }
+
+/// Starts issued at once share transactions (group commit), yet each caller gets its own
+/// answer: a key used by many concurrent requests starts one saga, which all of them are told;
+/// the unkeyed ones each start their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_share_commits_and_each_gets_its_own_answer() {
+    let rt = runtime().await;
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let rt = rt.clone();
+        let key = (i % 2 == 0).then(|| "the-same-key".to_owned());
+        requests.spawn(async move { (key.is_some(), rt.start("ship", Data::new(), key).await) });
+    }
+    let (mut keyed, mut unkeyed) = (Vec::new(), Vec::new());
+    while let Some(joined) = requests.join_next().await {
+        let (is_keyed, started) = joined.unwrap();
+        let started = started.expect("every start is answered");
+        if is_keyed {
+            keyed.push(started);
+        } else {
+            unkeyed.push(started);
+        }
+    }
+    let winner = keyed[0].saga_id;
+    assert!(keyed.iter().all(|s| s.saga_id == winner), "{keyed:?}");
+    assert_eq!(keyed.iter().filter(|s| s.created).count(), 1, "{keyed:?}");
+    assert!(unkeyed.iter().all(|s| s.created));
+    let mut ids: Vec<Uuid> = unkeyed.iter().map(|s| s.saga_id).collect();
+    ids.push(winner);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 31, "one saga per unkeyed start, one for the key");
+    for id in ids {
+        assert_eq!(status(&rt, id).await, SagaStatus::Running);
+        assert!(!rt.store().history(id).await.unwrap().is_empty());
+    }
+}
+
+/// Two copies of one reply (a redelivery racing the first) handled at once, for many sagas:
+/// they may land in one shared transaction, which then fails on the duplicate; each is then
+/// committed alone, so every saga completes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inputs_for_one_saga_are_both_applied() {
+    let rt = runtime().await;
+    let mut sagas = Vec::new();
+    for _ in 0..20 {
+        sagas.push(rt.start("ship", Data::new(), None).await.unwrap().saga_id);
+    }
+    let mut inputs = tokio::task::JoinSet::new();
+    for &saga_id in &sagas {
+        let done = Reply::Success {
+            output: Data::new(),
+        };
+        let (a, b) = (rt.clone(), rt.clone());
+        inputs.spawn(async move { handle(&a, reply(saga_id, 1, done)).await });
+        let done = Reply::Success {
+            output: Data::new(),
+        };
+        inputs.spawn(async move { handle(&b, reply(saga_id, 1, done)).await });
+    }
+    let mut applied = 0;
+    while let Some(joined) = inputs.join_next().await {
+        match joined.unwrap().expect("handled") {
+            Outcome::Ignored(_) => {}
+            _ => applied += 1,
+        }
+    }
+    assert_eq!(applied, 20, "each saga's reply applied once");
+    for saga_id in sagas {
+        assert_eq!(status(&rt, saga_id).await, SagaStatus::Completed);
+        let history = rt.store().history(saga_id).await.unwrap();
+        let completions = history
+            .iter()
+            .filter(|e| matches!(e.event, saga_schemas::SagaEvent::SagaCompleted))
+            .count();
+        assert_eq!(completions, 1);
+    }
+}

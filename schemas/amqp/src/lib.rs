@@ -35,8 +35,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub use error::{AmqpError, redact_url};
 pub use publish::{Publisher, properties};
 pub use receive::{
-    DecodeError, Received, ack, dead_letter, decode, decode_or_dead_letter, header_int, header_str,
-    nack, open_consumer,
+    DecodeError, Received, ack, ack_all, dead_letter, decode, decode_or_dead_letter, header_int,
+    header_str, nack, open_consumer,
 };
 pub use secret::SecretUrl;
 pub use supervise::{

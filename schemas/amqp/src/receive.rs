@@ -121,6 +121,13 @@ pub async fn ack(delivery: &Delivery) -> Result<(), AmqpError> {
     })
 }
 
+/// Acknowledges every delivery of `deliveries` at once (their acks are handed to the
+/// connection together), each checked like [`ack`].
+pub async fn ack_all(deliveries: &[Delivery]) -> Result<(), AmqpError> {
+    futures_util::future::try_join_all(deliveries.iter().map(ack)).await?;
+    Ok(())
+}
+
 /// Negatively acknowledges `delivery`: back to its queue if `requeue`, else dead-lettered by
 /// the broker through the queue's arguments (to `<queue>.dlq`, with an `x-death` header but no
 /// reason) on `saga.replies` and `saga.start`, and dropped on a participant's command queue,
