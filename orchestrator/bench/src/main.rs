@@ -9,6 +9,7 @@
 //! server is reported.
 
 mod cpu;
+mod memory;
 mod processes;
 
 use std::collections::HashMap;
@@ -89,6 +90,14 @@ struct Args {
     /// again, as in production; they are killed when the benchmark ends).
     #[arg(long, value_enum, default_value_t = ParticipantsMode::InProcess)]
     participants: ParticipantsMode,
+    /// After the measured run: stop the participants, start this many sagas, sample this
+    /// process's RSS, start the participants again and time the drain (0: skip). Meant with
+    /// `--participants processes`, so that the RSS is the orchestrator's (and the driver's).
+    #[arg(long, default_value_t = 0)]
+    backlog: usize,
+    /// With `--backlog`: the RSS this process must stay under, in MiB.
+    #[arg(long, default_value_t = 256)]
+    backlog_rss_bound_mib: u64,
     /// Internal (`--participants processes`): run the named no-op participant until stdin
     /// closes.
     #[arg(long, hide = true, value_name = "NAME")]
@@ -164,7 +173,8 @@ impl End {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    orchestrator::telemetry::init();
+    // A line per message at `info` would be measured too: `RUST_LOG=info` to see them.
+    orchestrator::telemetry::init_quiet("warn");
     let args = Args::parse();
     if let Some(name) = &args.participant_process {
         return processes::run_child(&args, name).await;
@@ -220,26 +230,7 @@ async fn run(
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
     // Cancelled when a participant process exits before the end: no use waiting for sagas.
     let abort = CancellationToken::new();
-    let mut children = Vec::new();
-    for (i, name) in participants.iter().enumerate() {
-        let fails = args.fail_last_step && i + 1 == args.steps;
-        let (url, schema) = &databases.participants[i];
-        match args.participants {
-            ParticipantsMode::InProcess => {
-                let sdk = sdk_config(args, name, url, schema.clone());
-                tokio::spawn(bench_participant(name, fails).run(sdk, shutdown.clone()));
-            }
-            ParticipantsMode::Processes => children.push(processes::spawn(
-                args,
-                name,
-                url,
-                schema.as_deref(),
-                fails,
-                &shutdown,
-                &abort,
-            )?),
-        }
-    }
+    let mut running = Participants::start(args, &participants, databases, &shutdown, &abort)?;
     let expected = if args.fail_last_step {
         End::Compensated
     } else {
@@ -263,15 +254,37 @@ async fn run(
     let meters = cpu::Meters::find(
         &args.amqp_url,
         &args.database_url,
-        children.iter().map(|c| (c.name.clone(), c.pid)).collect(),
+        running
+            .children
+            .iter()
+            .map(|c| (c.name.clone(), c.pid))
+            .collect(),
     );
     let before = meters.read();
     let measured = driver.drive(args.sagas).await?;
     let after = meters.read();
+    let backlog = if args.backlog > 0 {
+        running.stop().await;
+        let rss = memory::RssSampler::start();
+        let started = Instant::now();
+        driver.start_only(args.backlog).await?;
+        let filled = started.elapsed();
+        running = Participants::start(args, &participants, databases, &shutdown, &abort)?;
+        let draining = Instant::now();
+        let unfinished = driver.wait(args.backlog).await?;
+        Some(Backlog {
+            filled,
+            drained: draining.elapsed(),
+            unfinished,
+            rss: rss.stop().await,
+        })
+    } else {
+        None
+    };
     shutdown.cancel();
     service.await.ok();
     // Not running during the raw round trips.
-    processes::stop(children).await;
+    running.stop().await;
 
     let raw = raw_round_trips(
         &args.amqp_url,
@@ -288,7 +301,7 @@ async fn run(
     let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
     println!(
         "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}, {} queues, \
-         events published: {}, path: {}, participants: {}",
+         events published: {}, path: {}, participants: {}, logs: {}",
         args.sagas,
         args.steps,
         args.concurrency,
@@ -301,7 +314,8 @@ async fn run(
         } else {
             "completion"
         },
-        args.participants
+        args.participants,
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())
     );
     println!("  sagas/s            {sagas_per_s:>10.1}");
     println!("  steps/s            {steps_per_s:>10.1}");
@@ -346,6 +360,36 @@ async fn run(
         expected.kind().trim_start_matches("saga_")
     );
     meters.print(&before, &after, args.sagas);
+    if let Some(backlog) = &backlog {
+        let drain_per_s = args.backlog as f64 / backlog.drained.as_secs_f64();
+        let held = backlog.rss.peak_mib <= args.backlog_rss_bound_mib as f64;
+        println!(
+            "  backlog          {} sagas started in {:.1} s with the participants stopped, \
+             drained in {:.1} s once they started ({} unfinished)",
+            args.backlog,
+            backlog.filled.as_secs_f64(),
+            backlog.drained.as_secs_f64(),
+            backlog.unfinished
+        );
+        println!(
+            "  backlog drain      {drain_per_s:>10.1} sagas/s = {:.2} x the measured run",
+            drain_per_s / sagas_per_s
+        );
+        println!(
+            "  backlog RSS        before {:.0} MiB, peak {:.0} MiB, bound {} MiB: {}   (this process{})",
+            backlog.rss.first_mib,
+            backlog.rss.peak_mib,
+            args.backlog_rss_bound_mib,
+            if held { "held" } else { "EXCEEDED" },
+            match args.participants {
+                ParticipantsMode::Processes => ": orchestrator and driver",
+                ParticipantsMode::InProcess => ", participants included",
+            }
+        );
+        if !held || backlog.unfinished > 0 {
+            bail!("the backlog run failed: RSS over its bound or sagas unfinished");
+        }
+    }
     let unexpected = measured.ends.iter().filter(|e| **e != expected).count();
     if unexpected + measured.unfinished > 0 {
         bail!(
@@ -356,6 +400,60 @@ async fn run(
         );
     }
     Ok(())
+}
+
+/// What `--backlog` saw.
+struct Backlog {
+    filled: Duration,
+    drained: Duration,
+    unfinished: usize,
+    rss: memory::Rss,
+}
+
+/// The no-op participants of a run, in-process or as child processes.
+struct Participants {
+    stop: CancellationToken,
+    children: Vec<processes::Child>,
+}
+
+impl Participants {
+    fn start(
+        args: &Args,
+        names: &[String],
+        databases: &Databases,
+        shutdown: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let stop = shutdown.child_token();
+        let mut children = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let fails = args.fail_last_step && i + 1 == args.steps;
+            let (url, schema) = &databases.participants[i];
+            match args.participants {
+                ParticipantsMode::InProcess => {
+                    let sdk = sdk_config(args, name, url, schema.clone());
+                    tokio::spawn(bench_participant(name, fails).run(sdk, stop.clone()));
+                }
+                ParticipantsMode::Processes => children.push(processes::spawn(
+                    args,
+                    name,
+                    url,
+                    schema.as_deref(),
+                    fails,
+                    &stop,
+                    abort,
+                )?),
+            }
+        }
+        Ok(Participants { stop, children })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        processes::stop(self.children).await;
+        // In-process participants finish what they hold, then close.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A no-op participant; `fails`: its action answers a business failure.
@@ -576,6 +674,52 @@ impl Driver<'_> {
             ends: finished.iter().map(|(_, end)| *end).collect(),
             unfinished: in_flight + failed.load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+}
+
+impl Driver<'_> {
+    /// Starts `n` sagas, many at once, without waiting for their ends.
+    async fn start_only(&self, n: usize) -> anyhow::Result<()> {
+        let starting = Arc::new(Semaphore::new(self.concurrency * 4));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let permit = starting.clone().acquire_owned().await?;
+            let (runtime, tracker, saga) = (
+                self.runtime.clone(),
+                self.tracker.clone(),
+                self.saga.to_owned(),
+            );
+            tasks.spawn(async move {
+                let at = Instant::now();
+                let input = json!({"n": i}).as_object().cloned().unwrap_or_default();
+                let started = runtime.start(&saga, input, None).await;
+                drop(permit);
+                started.map(|started| tracker.started(started.saga_id, at))
+            });
+            while let Some(done) = tasks.try_join_next() {
+                done??;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok(())
+    }
+
+    /// Waits for `n` ends (or 10 minutes); returns how many did not come.
+    async fn wait(&self, n: usize) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        for waiting in (1..=n).rev() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                permit = tokio::time::timeout(left, self.tracker.done.acquire()) => match permit {
+                    Ok(permit) => permit?.forget(),
+                    Err(_) => return Ok(waiting),
+                },
+                _ = self.abort.cancelled() => bail!("a participant process exited"),
+            }
+        }
+        Ok(0)
     }
 }
 

@@ -46,7 +46,21 @@ pub fn init() {
 
 /// Installs the subscriber, JSON lines or text. A second call (tests) keeps the first.
 pub fn init_as(json: bool) {
-    let rust_log = std::env::var("RUST_LOG").ok();
+    init_with(json, None);
+}
+
+/// [`init`], with `RUST_LOG` defaulting to `default` rather than `info` (the benchmark's
+/// `warn`, so that its figures do not include a line of text per message).
+#[allow(dead_code)] // The example participants compile this file and do not call it.
+pub fn init_quiet(default: &str) {
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    init_with(json, Some(default));
+}
+
+fn init_with(json: bool, default: Option<&str>) {
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .or(default.map(str::to_owned));
     let filter = EnvFilter::try_new(log_filter(rust_log.as_deref())).unwrap_or_else(|error| {
         eprintln!("RUST_LOG is not a valid filter ({error}); logging at info");
         EnvFilter::new(log_filter(None))
