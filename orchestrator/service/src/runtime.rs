@@ -19,9 +19,6 @@ use uuid::Uuid;
 use crate::group_commit::{Committed, GroupCommit};
 use crate::store::{Commit, Store, StoreError};
 
-/// Group-commit workers on PostgreSQL: transactions at once, each taking every commit waiting.
-const POSTGRES_COMMIT_WORKERS: usize = 4;
-
 /// Which recorded events are also published to `saga.events`: every event is always recorded
 /// in the event log; this only says which leave as messages, one per event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -233,18 +230,14 @@ impl Runtime {
         &self.inner.relay_wake
     }
 
-    /// Commits through the shared group commit: one worker on SQLite (one writer anyway), a
-    /// few on PostgreSQL.
+    /// Commits through the shared group commit. One worker on either database: decisions are
+    /// quick, so one transaction at a time taking everything waiting commits fewer, larger
+    /// batches (on PostgreSQL 20% less server CPU per saga than with four in the benchmark).
     async fn commit(&self, commits: Vec<Commit>) -> Committed {
         let store = &self.inner.store;
-        let workers = if store.backend_name() == "sqlite" {
-            1
-        } else {
-            POSTGRES_COMMIT_WORKERS
-        };
         self.inner
             .group_commit
-            .get_or_init(|| GroupCommit::start(store.clone(), workers))
+            .get_or_init(|| GroupCommit::start(store.clone(), 1))
             .commit(commits)
             .await
     }
