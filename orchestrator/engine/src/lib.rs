@@ -3,6 +3,7 @@
 //! Nothing here performs IO or reads the clock; time comes in as a value. The runtime
 //! (`orchestrator`) loads state, calls [`engine::decide`], and commits what it returns.
 
+pub mod check;
 pub mod definition;
 pub mod engine;
 pub mod graph;

@@ -22,6 +22,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print one saga as a Mermaid flowchart: its steps, failures and compensations.
     Graph(GraphArgs),
+    /// Explore every outcome of the sagas in a file (within bounds) and check the saga
+    /// invariants on every path; exit 1 with a witness when one breaks.
+    Check(CheckArgs),
     /// Run the orchestrator: drive sagas over RabbitMQ, serve the HTTP API.
     Run(RunArgs),
     /// Rebuild the read model (the `sagas` table) from the event log alone.
@@ -35,6 +38,7 @@ impl Command {
         match self {
             Command::Validate(args) => commands::validate::run(args),
             Command::Graph(args) => commands::graph::run(args),
+            Command::Check(args) => commands::check::run(args),
             Command::Run(args) => commands::run::run(args),
             Command::Rebuild(args) => commands::rebuild::run(args),
             Command::Openapi => commands::openapi::run(),
@@ -57,6 +61,35 @@ pub struct GraphArgs {
     /// The saga to draw.
     #[arg(long, value_name = "NAME")]
     pub saga: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The definition file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Only this saga [default: every saga in the file].
+    #[arg(long, value_name = "NAME")]
+    pub saga: Option<String>,
+    /// Faults per path: business failures, retryable errors, lost replies, timeouts racing a
+    /// reply, the deadline passing, duplicate deliveries, operator aborts, in all.
+    #[arg(long, default_value_t = saga_engine::check::Bounds::default().faults)]
+    pub faults: u32,
+    /// Moves per path at most; a longer path is reported as truncated.
+    #[arg(long, default_value_t = saga_engine::check::Bounds::default().max_moves)]
+    pub max_moves: usize,
+    /// Do not try an operator abort at each point.
+    #[arg(long)]
+    pub no_abort: bool,
+    /// Text for people, or JSON (one object per saga, in an array).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// Where the saga state lives. SQLite (a file in the working directory) is the embedded

@@ -1,4 +1,4 @@
-//! The `orchestrator` binary's `validate` and `graph` subcommands, run as a user would.
+//! The `orchestrator` binary's `validate`, `graph` and `check` subcommands, run as a user would.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -176,4 +176,60 @@ fn graph_of_an_invalid_file_shows_its_errors() {
     assert_eq!(output.status.code(), Some(1));
     let err = stderr(&output);
     assert!(err.contains("more than one pivot"), "{err}");
+}
+
+#[test]
+fn check_explores_the_example_and_finds_the_invariants_hold() {
+    let path = example();
+    let output = run(&["check", path.to_str().unwrap(), "--faults", "2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    assert!(
+        out.starts_with("saga order-checkout in ") && out.contains(" paths, "),
+        "{out}"
+    );
+    assert!(out.contains("\noutcomes:\n  completed: "), "{out}");
+    assert!(out.contains("\nneeds an operator:\n  "), "{out}");
+    assert!(out.contains("compensation_failed ("), "{out}");
+    assert!(out.contains("  hold on every path\n"), "{out}");
+    assert!(out.contains("```mermaid\nstateDiagram-v2\n"), "{out}");
+}
+
+#[test]
+fn check_prints_json_for_machines() {
+    let path = example();
+    let output = run(&[
+        "check",
+        path.to_str().unwrap(),
+        "--saga",
+        "order-checkout",
+        "--faults",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let report = &json[0];
+    assert_eq!(report["saga"], "order-checkout");
+    assert_eq!(report["bounds"]["faults"], 1);
+    assert!(report["paths"].as_u64().unwrap() > 1);
+    assert_eq!(report["violations"], serde_json::json!([]));
+    let outcomes = report["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes[0]["status"], "completed");
+    assert!(outcomes[0]["witness"][0] == "the saga starts");
+    assert!(
+        report["mermaid"]
+            .as_str()
+            .unwrap()
+            .starts_with("stateDiagram-v2")
+    );
+}
+
+#[test]
+fn check_of_an_unknown_saga_says_so() {
+    let path = example();
+    let output = run(&["check", path.to_str().unwrap(), "--saga", "refund"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("unknown saga `refund`"));
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod check;
 pub mod graph;
 pub mod openapi;
 pub mod rebuild;
