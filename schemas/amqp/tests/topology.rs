@@ -260,7 +260,7 @@ async fn a_message_that_keeps_failing_its_consumer_is_dead_lettered_at_the_limit
         assert_eq!(count, n, "x-delivery-count of delivery {}", n + 1);
         if n % 2 == 0 {
             // A consumer that dies with the message: its channel goes, unacked.
-            consume_ch.close(200, "crash".into()).await.unwrap();
+            close_channel(&consume_ch, "crash").await;
         } else {
             // A consumer that hands it back (cancelled first, so it is not redelivered to
             // this consumer before the channel closes).
@@ -269,7 +269,7 @@ async fn a_message_that_keeps_failing_its_consumer_is_dead_lettered_at_the_limit
                 .await
                 .unwrap();
             saga_amqp::nack(&delivery, true).await.unwrap();
-            consume_ch.close(200, "done".into()).await.unwrap();
+            close_channel(&consume_ch, "done").await;
         }
     }
     let dead = next_message(&conn, "saga.replies.dlq").await;
@@ -278,6 +278,21 @@ async fn a_message_that_keeps_failing_its_consumer_is_dead_lettered_at_the_limit
     saga_amqp::ack(&dead).await.unwrap();
     assert_eq!(ready(&conn, "saga.replies").await, 0);
     conn.close(200, "done".into()).await.unwrap();
+}
+
+/// Closes `ch`. lapin now and then reports a channel of these quick open-consume-close rounds
+/// as closing already (seen once in CI among many passing runs); it closes all the same, so
+/// that is no failure of what is tested here.
+async fn close_channel(ch: &saga_amqp::lapin::Channel, why: &str) {
+    match ch.close(200, why.into()).await {
+        Ok(()) => {}
+        Err(error)
+            if matches!(
+                error.kind(),
+                saga_amqp::lapin::ErrorKind::InvalidChannelState(..)
+            ) => {}
+        Err(error) => panic!("closing the consumer's channel: {error}"),
+    }
 }
 
 /// Queues left by an older version (classic, or with other arguments): declaring the topology
