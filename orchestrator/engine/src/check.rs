@@ -206,10 +206,10 @@ impl Explorer<'_> {
 
     fn end(&mut self, world: &World, witness: &[String]) {
         self.paths += 1;
-        if let Err(invariant) = settled(self.def, world) {
+        let state = world.state.as_ref().expect("started");
+        if let Err(invariant) = settled(self.def, state, &world.log, &world.records) {
             self.violation(invariant, witness);
         }
-        let state = world.state.as_ref().expect("started");
         let cause = match state.status {
             SagaStatus::Compensated | SagaStatus::CompensationFailed => {
                 let failed = state
@@ -294,7 +294,7 @@ struct World {
     last_delivered: Option<Input>,
     timers: BTreeMap<String, (TimerKind, DateTime<Utc>)>,
     /// The participants' records: the one outcome of each (step, direction).
-    records: HashMap<(String, Direction), Reply>,
+    records: Records,
     /// `expires_at` of each step's actions, as the commands carried it.
     expiry: HashMap<String, DateTime<Utc>>,
 }
@@ -728,9 +728,17 @@ pub fn invariants(
     Ok(())
 }
 
-/// At the end of a path: the saga settled, and a compensated saga left no effect behind.
-fn settled(def: &SagaDefinition, world: &World) -> Result<(), String> {
-    let state = world.state.as_ref().ok_or("the saga does not exist")?;
+/// The participants' books: the one recorded outcome of each (step, direction).
+pub type Records = HashMap<(String, Direction), Reply>;
+
+/// At the end of a path: the saga settled (or waits for an operator), and a compensated saga
+/// left no effect behind at its participants (`records`) nor any step completed and not undone.
+pub fn settled(
+    def: &SagaDefinition,
+    state: &SagaState,
+    log: &[SagaEvent],
+    records: &Records,
+) -> Result<(), String> {
     match state.status {
         SagaStatus::Completed => {
             ensure!(
@@ -741,8 +749,7 @@ fn settled(def: &SagaDefinition, world: &World) -> Result<(), String> {
             );
         }
         SagaStatus::Compensated => {
-            let by_hand: BTreeSet<&str> = world
-                .log
+            let by_hand: BTreeSet<&str> = log
                 .iter()
                 .filter_map(|e| match e {
                     SagaEvent::StepCompensated {
@@ -753,11 +760,11 @@ fn settled(def: &SagaDefinition, world: &World) -> Result<(), String> {
                 .collect();
             for d in &def.steps {
                 let ran = matches!(
-                    world.records.get(&(d.name.clone(), Direction::Execute)),
+                    records.get(&(d.name.clone(), Direction::Execute)),
                     Some(Reply::Success { .. })
                 );
                 let undone = matches!(
-                    world.records.get(&(d.name.clone(), Direction::Compensate)),
+                    records.get(&(d.name.clone(), Direction::Compensate)),
                     Some(Reply::Success { .. })
                 ) || by_hand.contains(d.name.as_str());
                 ensure!(
@@ -765,14 +772,19 @@ fn settled(def: &SagaDefinition, world: &World) -> Result<(), String> {
                     "compensated, yet `{}` ran at its participant and was not undone",
                     d.name
                 );
-                if d.kind == StepKind::Compensatable
-                    && let Some(s) = state.step(&d.name)
-                {
-                    ensure!(
-                        !s.completed || s.compensated,
+                let completed = state.step(&d.name).is_some_and(|s| s.completed);
+                match d.kind {
+                    StepKind::Compensatable => ensure!(
+                        !completed || state.step(&d.name).is_some_and(|s| s.compensated),
                         "compensated, yet `{}` completed and was not compensated",
                         d.name
-                    );
+                    ),
+                    StepKind::Retriable => ensure!(
+                        !completed,
+                        "compensated, yet `{}` (past the point of no return) completed",
+                        d.name
+                    ),
+                    StepKind::Pivot => {}
                 }
             }
         }

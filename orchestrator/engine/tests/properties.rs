@@ -455,64 +455,12 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
     }
 }
 
-/// The participants' books after the saga settled: a compensated saga left no effect.
+/// The participants' books after the saga settled, as `orchestrator check` checks them.
 fn check_settled(world: &World) {
-    let def = &world.def;
     let state = world.state.as_ref().expect("started");
-    if state.status == SagaStatus::Compensated {
-        let by_hand: HashSet<&str> = world
-            .log
-            .iter()
-            .filter_map(|e| match e {
-                SagaEvent::StepCompensated {
-                    step, manual: true, ..
-                } => Some(step.as_str()),
-                _ => None,
-            })
-            .collect();
-        for d in &def.steps {
-            let ran = matches!(
-                world.records.get(&(d.name.clone(), Direction::Execute)),
-                Some(Reply::Success { .. })
-            );
-            let undone = matches!(
-                world.records.get(&(d.name.clone(), Direction::Compensate)),
-                Some(Reply::Success { .. })
-            ) || by_hand.contains(d.name.as_str());
-            assert!(!ran || undone, "`{}` ran and was not undone", d.name);
-        }
-    }
-    match state.status {
-        SagaStatus::Completed => {
-            assert!(
-                def.steps
-                    .iter()
-                    .all(|d| state.step(&d.name).is_some_and(|s| s.completed))
-            );
-        }
-        SagaStatus::Compensated => {
-            for d in def
-                .steps
-                .iter()
-                .filter(|d| d.kind == StepKind::Compensatable)
-            {
-                if let Some(s) = state.step(&d.name) {
-                    assert!(
-                        !s.completed || s.compensated,
-                        "`{}` completed and was not undone",
-                        d.name
-                    );
-                }
-            }
-            assert!(!def.steps.iter().any(|d| {
-                d.kind != StepKind::Compensatable
-                    && state
-                        .step(&d.name)
-                        .is_some_and(|s| s.completed && d.kind == StepKind::Retriable)
-            }));
-        }
-        SagaStatus::CompensationFailed | SagaStatus::CompletionFailed => {}
-        other => panic!("not settled: {other:?}"),
+    if let Err(broken) = saga_engine::check::settled(&world.def, state, &world.log, &world.records)
+    {
+        panic!("{broken}\nlog: {:#?}", world.log);
     }
 }
 

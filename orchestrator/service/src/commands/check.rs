@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use saga_engine::check::{Bounds, Report, explore};
+use saga_engine::check::{Bounds, Ending, Report, explore};
 
 use crate::cli::{CheckArgs, CheckFormat};
 use crate::definitions;
@@ -86,9 +86,8 @@ fn text(report: &Report, file: &str, elapsed: Duration) -> String {
             .map(|(i, step)| format!("      {}. {step}\n", i + 1))
             .collect()
     };
-    out += "\noutcomes:\n";
-    for ending in report.outcomes.iter().filter(|e| !e.needs_operator) {
-        out += &format!(
+    let ending = |ending: &Ending| -> String {
+        format!(
             "  {}{}: {} paths; shortest:\n{}",
             ending.status.as_str(),
             ending
@@ -98,29 +97,23 @@ fn text(report: &Report, file: &str, elapsed: Duration) -> String {
                 .unwrap_or_default(),
             ending.paths,
             witness(&ending.witness)
-        );
+        )
+    };
+    out += "\noutcomes:\n";
+    for e in report.outcomes.iter().filter(|e| !e.needs_operator) {
+        out += &ending(e);
     }
-    let operator: Vec<_> = report
+    out += "\nneeds an operator:\n";
+    let operator: Vec<&Ending> = report
         .outcomes
         .iter()
         .filter(|e| e.needs_operator)
         .collect();
-    out += "\nneeds an operator:\n";
     if operator.is_empty() {
         out += "  never, within these bounds\n";
     }
-    for ending in operator {
-        out += &format!(
-            "  {}{}: {} paths; shortest:\n{}",
-            ending.status.as_str(),
-            ending
-                .cause
-                .as_ref()
-                .map(|c| format!(" ({c})"))
-                .unwrap_or_default(),
-            ending.paths,
-            witness(&ending.witness)
-        );
+    for e in operator {
+        out += &ending(e);
     }
     out += "\ninvariants (replay, reverse-order compensation, no compensation of a pivot or past \
             the point of no return, every completed step undone in a compensated saga, no \
