@@ -74,15 +74,18 @@ impl Publisher {
     /// fit in one frame. The same check [`publish`](Self::publish) makes, without sending.
     pub fn check(&self, msg: &OutgoingMessage) -> Result<(), AmqpError> {
         let properties = properties(msg, self.app_id.as_ref())?;
-        self.check_size(&properties, &describe(msg))
+        self.check_size(&properties, &|| describe(msg))
     }
 
-    fn check_size(&self, properties: &BasicProperties, what: &str) -> Result<(), AmqpError> {
+    /// `what` describes the publish for an error message: only called on an error, so that a
+    /// message that goes through formats nothing.
+    fn check_size(&self, properties: &BasicProperties, what: What<'_>) -> Result<(), AmqpError> {
         let size = frame::content_header_size(properties);
         if size > self.max_content_header {
             return Err(AmqpError::Invalid(format!(
-                "{what}: its properties and headers take {size} bytes, more than one frame of \
+                "{}: its properties and headers take {size} bytes, more than one frame of \
                  this connection holds ({} bytes)",
+                what(),
                 self.max_content_header
             )));
         }
@@ -92,7 +95,7 @@ impl Publisher {
     /// Publishes one message and waits for the broker's confirm.
     pub async fn publish(&self, msg: &OutgoingMessage) -> Result<(), AmqpError> {
         let confirm = self.send(msg).await?;
-        confirmed(confirm, &describe(msg)).await
+        confirmed(confirm, &|| describe(msg)).await
     }
 
     /// Pipelined: hands every message to the connection at once (in the slice's order), then
@@ -104,7 +107,7 @@ impl Publisher {
         let mut results = Vec::with_capacity(msgs.len());
         for (msg, sent) in msgs.iter().zip(pending) {
             results.push(match sent {
-                Ok(confirm) => confirmed(confirm, &describe(msg)).await,
+                Ok(confirm) => confirmed(confirm, &|| describe(msg)).await,
                 Err(e) => Err(e),
             });
         }
@@ -122,9 +125,11 @@ impl Publisher {
     ) -> Result<(), AmqpError> {
         let what = format!("publishing to exchange {exchange:?} with routing key {routing_key:?}");
         let confirm = self
-            .send_raw(exchange, routing_key, body, properties, true, &what)
+            .send_raw(exchange, routing_key, body, properties, true, &|| {
+                what.clone()
+            })
             .await?;
-        confirmed(confirm, &what).await
+        confirmed(confirm, &|| what.clone()).await
     }
 
     async fn send(&self, msg: &OutgoingMessage) -> Result<PublisherConfirm, AmqpError> {
@@ -135,7 +140,7 @@ impl Publisher {
             msg.body.as_bytes(),
             properties,
             msg.mandatory,
-            &describe(msg),
+            &|| describe(msg),
         )
         .await
     }
@@ -147,7 +152,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
         mandatory: bool,
-        what: &str,
+        what: What<'_>,
     ) -> Result<PublisherConfirm, AmqpError> {
         self.check_size(&properties, what)?;
         self.channel
@@ -162,7 +167,7 @@ impl Publisher {
                 properties,
             )
             .await
-            .map_err(|e| AmqpError::amqp(what, e))
+            .map_err(|e| AmqpError::amqp(what(), e))
     }
 }
 
@@ -173,22 +178,30 @@ fn describe(msg: &OutgoingMessage) -> String {
     )
 }
 
-async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), AmqpError> {
-    match confirm.await.map_err(|e| AmqpError::amqp(what, e))? {
+/// Says what was being published, for an error message (see [`Publisher::check_size`]).
+type What<'a> = &'a (dyn Fn() -> String + Sync);
+
+async fn confirmed(confirm: PublisherConfirm, what: What<'_>) -> Result<(), AmqpError> {
+    match confirm.await.map_err(|e| AmqpError::amqp(what(), e))? {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
             Err(AmqpError::NotConfirmed {
                 reason: format!(
-                    "{what}: returned by the broker ({} {}): no queue is bound for it",
-                    returned.reply_code, returned.reply_text
+                    "{}: returned by the broker ({} {}): no queue is bound for it",
+                    what(),
+                    returned.reply_code,
+                    returned.reply_text
                 ),
             })
         }
         Confirmation::Nack(None) => Err(AmqpError::NotConfirmed {
-            reason: format!("{what}: nacked by the broker"),
+            reason: format!("{}: nacked by the broker", what()),
         }),
         Confirmation::NotRequested => Err(AmqpError::NotConfirmed {
-            reason: format!("{what}: publisher confirms are not enabled on the channel (a bug)"),
+            reason: format!(
+                "{}: publisher confirms are not enabled on the channel (a bug)",
+                what()
+            ),
         }),
     }
 }
