@@ -370,32 +370,8 @@ impl World {
     /// The answer the participant must give whatever happens: its record, or a refusal.
     fn forced(&self, key: &CommandKey) -> Option<Reply> {
         let (step, direction, _) = key;
-        if let Some(recorded) = self.records.get(&(step.clone(), *direction)) {
-            return Some(recorded.clone());
-        }
-        let compensated = self
-            .records
-            .contains_key(&(step.clone(), Direction::Compensate));
         let expired = self.expiry.get(step).is_some_and(|at| self.now > *at);
-        match direction {
-            Direction::Execute if compensated => Some(Reply::Failure {
-                reason: "compensated before executed".into(),
-            }),
-            Direction::Execute if expired => Some(Reply::Failure {
-                reason: saga_schemas::EXPIRED.into(),
-            }),
-            Direction::Compensate
-                if !matches!(
-                    self.records.get(&(step.clone(), Direction::Execute)),
-                    Some(Reply::Success { .. })
-                ) =>
-            {
-                Some(Reply::Success {
-                    output: Data::new(),
-                })
-            }
-            _ => None,
-        }
+        contract_answer(&self.records, step, *direction, expired)
     }
 
     /// Plays `m`: a label for people, and whether the saga changed (or the invariant broken).
@@ -730,6 +706,41 @@ pub fn invariants(
 
 /// The participants' books: the one recorded outcome of each (step, direction).
 pub type Records = HashMap<(String, Direction), Reply>;
+
+/// What a participant keeping the SDK's contract answers for `step` in `direction` whatever its
+/// handler would say, if anything: its recorded outcome; for an action, a refusal once its
+/// compensation was recorded or once it `expired`; for a compensation of an action that did
+/// not run here, a null compensation (success).
+pub fn contract_answer(
+    records: &Records,
+    step: &str,
+    direction: Direction,
+    expired: bool,
+) -> Option<Reply> {
+    if let Some(recorded) = records.get(&(step.to_owned(), direction)) {
+        return Some(recorded.clone());
+    }
+    let compensated = records.contains_key(&(step.to_owned(), Direction::Compensate));
+    match direction {
+        Direction::Execute if compensated => Some(Reply::Failure {
+            reason: "compensated before executed".into(),
+        }),
+        Direction::Execute if expired => Some(Reply::Failure {
+            reason: saga_schemas::EXPIRED.into(),
+        }),
+        Direction::Compensate
+            if !matches!(
+                records.get(&(step.to_owned(), Direction::Execute)),
+                Some(Reply::Success { .. })
+            ) =>
+        {
+            Some(Reply::Success {
+                output: Data::new(),
+            })
+        }
+        _ => None,
+    }
+}
 
 /// At the end of a path: the saga settled (or waits for an operator), and a compensated saga
 /// left no effect behind at its participants (`records`) nor any step completed and not undone.

@@ -275,45 +275,24 @@ impl World {
     /// What the participant answers (and records) when it handles `key`.
     fn participant(&mut self, key: &CommandKey, answer: Answer) -> Reply {
         let (step, direction, _) = key;
-        let record = (step.clone(), *direction);
-        if let Some(recorded) = self.records.get(&record) {
-            return recorded.clone();
-        }
-        let compensated = self
-            .records
-            .contains_key(&(step.clone(), Direction::Compensate));
         let expired = self.expiry.get(step).is_some_and(|at| self.now > *at);
-        let outcome = match (direction, answer) {
-            (Direction::Execute, _) if compensated => Reply::Failure {
-                reason: "compensated before executed".into(),
-            },
-            (Direction::Execute, _) if expired => Reply::Failure {
-                reason: saga_schemas::EXPIRED.into(),
-            },
-            (Direction::Compensate, _)
-                if !matches!(
-                    self.records.get(&(step.clone(), Direction::Execute)),
-                    Some(Reply::Success { .. })
-                ) =>
-            {
-                // Null compensation: the action never ran here.
-                Reply::Success {
+        let outcome = saga_engine::check::contract_answer(&self.records, step, *direction, expired)
+            .unwrap_or_else(|| match answer {
+                Answer::Success | Answer::Drop => Reply::Success {
                     output: Data::new(),
-                }
-            }
-            (_, Answer::Success | Answer::Drop) => Reply::Success {
-                output: Data::new(),
-            },
-            (_, Answer::Failure) => Reply::Failure {
-                reason: "no".into(),
-            },
-            (_, Answer::RetryableError) => {
-                return Reply::RetryableError {
+                },
+                Answer::Failure => Reply::Failure {
+                    reason: "no".into(),
+                },
+                Answer::RetryableError => Reply::RetryableError {
                     error: "busy".into(),
-                };
-            }
-        };
-        self.records.insert(record, outcome.clone());
+                },
+            });
+        // A retryable error records nothing.
+        if !matches!(outcome, Reply::RetryableError { .. }) {
+            self.records
+                .insert((step.clone(), *direction), outcome.clone());
+        }
         outcome
     }
 
