@@ -8,9 +8,10 @@
 //! alone, so a conflict or a duplicate is reported to the caller it belongs to, exactly as
 //! without sharing.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Commit, CommitError, Store};
 
@@ -25,21 +26,18 @@ struct Request {
     done: oneshot::Sender<Committed>,
 }
 
-/// Hands commits to the group-commit workers; cheap to clone.
+/// Hands commits to the group-commit worker; cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
     requests: mpsc::UnboundedSender<Request>,
 }
 
 impl GroupCommit {
-    /// Starts `workers` transactions' worth of workers on `store` (1 suits SQLite's single
-    /// writer). They stop when the last handle is dropped.
-    pub fn start(store: Store, workers: usize) -> Self {
+    /// Starts the worker on `store`: one transaction at a time, taking every request waiting.
+    /// It stops when the last handle is dropped.
+    pub fn start(store: Store) -> Self {
         let (requests, receiver) = mpsc::unbounded_channel::<Request>();
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..workers.max(1) {
-            tokio::spawn(work(store.clone(), receiver.clone()));
-        }
+        tokio::spawn(work(store, receiver));
         GroupCommit { requests }
     }
 
@@ -65,27 +63,28 @@ fn stopped() -> CommitError {
     }
 }
 
-async fn work(store: Store, receiver: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else {
-                return;
-            };
-            let mut commits = first.commits.len();
-            batch.push(first);
-            while commits < MAX_COMMITS {
-                match receiver.try_recv() {
-                    Ok(request) => {
-                        commits += request.commits.len();
-                        batch.push(request);
-                    }
-                    Err(_) => break,
+async fn work(store: Store, mut receiver: mpsc::UnboundedReceiver<Request>) {
+    while let Some(first) = receiver.recv().await {
+        let mut commits = first.commits.len();
+        let mut batch = vec![first];
+        while commits < MAX_COMMITS {
+            match receiver.try_recv() {
+                Ok(request) => {
+                    commits += request.commits.len();
+                    batch.push(request);
                 }
+                Err(_) => break,
             }
         }
-        commit_batch(&store, batch).await;
+        // A bug that panics fails this batch's callers (their answers are dropped, which they
+        // see as an error to retry), not every commit after it.
+        if AssertUnwindSafe(commit_batch(&store, batch))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("a group commit panicked; its callers are told it failed");
+        }
     }
 }
 

@@ -230,14 +230,14 @@ impl Runtime {
         &self.inner.relay_wake
     }
 
-    /// Commits through the shared group commit. One worker on either database: decisions are
-    /// quick, so one transaction at a time taking everything waiting commits fewer, larger
-    /// batches (on PostgreSQL 20% less server CPU per saga than with four in the benchmark).
+    /// Commits through the shared group commit. One transaction at a time on either database:
+    /// decisions are quick, and one transaction taking everything waiting commits fewer, larger
+    /// batches (on PostgreSQL four at once gave smaller batches and more server CPU per saga).
     async fn commit(&self, commits: Vec<Commit>) -> Committed {
         let store = &self.inner.store;
         self.inner
             .group_commit
-            .get_or_init(|| GroupCommit::start(store.clone(), 1))
+            .get_or_init(|| GroupCommit::start(store.clone()))
             .commit(commits)
             .await
     }

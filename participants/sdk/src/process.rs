@@ -50,9 +50,9 @@ impl Handled {
 
 /// One command waiting for its transaction.
 pub(crate) struct Job {
-    pub(crate) cmd: StepCommand,
+    pub(crate) cmd: Arc<StepCommand>,
     pub(crate) handler: Arc<dyn Handler>,
-    pub(crate) done: oneshot::Sender<(StepCommand, Handled)>,
+    pub(crate) done: oneshot::Sender<Handled>,
 }
 
 /// Group commit: commands received at about the same time are handled in one database
@@ -90,31 +90,37 @@ impl Committer {
                             }
                         }
                     }
-                    run_batch(&db, batch).await;
+                    // Handlers' panics are caught in `run_handler`; anything else that panics
+                    // fails this batch's commands (retryable), not every command after it.
+                    if AssertUnwindSafe(run_batch(&db, batch))
+                        .catch_unwind()
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            "a batch of commands panicked; they are answered retryable"
+                        );
+                    }
                 }
             });
         }
         Committer { jobs }
     }
 
-    /// Handles `cmd` with `handler` in the next batch; gives the command back with the result.
+    /// Handles `cmd` with `handler` in the next batch.
     pub(crate) async fn process(
         &self,
-        cmd: StepCommand,
+        cmd: Arc<StepCommand>,
         handler: Arc<dyn Handler>,
-    ) -> (StepCommand, Handled) {
+    ) -> Handled {
         let (done, result) = oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.jobs.send(Job { cmd, handler, done }) {
-            return (
-                job.cmd,
-                Handled::Retryable("the participant is stopping".into()),
-            );
+        if self.jobs.send(Job { cmd, handler, done }).is_err() {
+            return Handled::Retryable("the participant is stopping".into());
         }
-        match result.await {
-            Ok(answer) => answer,
-            // A worker task died (it never panics on its own: handlers' panics are caught).
-            Err(_) => unreachable!("a group-commit worker dropped a command"),
-        }
+        // Dropped unanswered only by a batch that panicked: nothing of it committed.
+        result.await.unwrap_or_else(|_| {
+            Handled::Retryable("the command's transaction failed unexpectedly".into())
+        })
     }
 }
 
@@ -124,7 +130,7 @@ async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
     } else {
         let commands: Vec<(&StepCommand, &dyn Handler)> = jobs
             .iter()
-            .map(|job| (&job.cmd, job.handler.as_ref()))
+            .map(|job| (job.cmd.as_ref(), job.handler.as_ref()))
             .collect();
         match attempt(db, &commands).await {
             Ok(answers) => Some(answers),
@@ -139,13 +145,13 @@ async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
     match answers {
         Some(answers) => {
             for (job, handled) in jobs.into_iter().zip(answers) {
-                let _ = job.done.send((job.cmd, handled));
+                let _ = job.done.send(handled);
             }
         }
         None => {
             for job in jobs {
                 let handled = process(db, &job.cmd, job.handler.as_ref()).await;
-                let _ = job.done.send((job.cmd, handled));
+                let _ = job.done.send(handled);
             }
         }
     }
@@ -568,18 +574,18 @@ mod tests {
             let (committer, handler) = (committer.clone(), handler.clone());
             let step = format!("step-{i:02}");
             burst.spawn(async move {
-                let cmd = command(Uuid::new_v4(), &step, Direction::Execute);
-                committer.process(cmd, handler).await
+                let cmd = Arc::new(command(Uuid::new_v4(), &step, Direction::Execute));
+                (step, committer.process(cmd, handler).await)
             });
         }
         let mut steps = Vec::new();
         while let Some(joined) = burst.join_next().await {
-            let (cmd, handled) = joined.unwrap();
+            let (step, handled) = joined.unwrap();
             assert!(
                 matches!(handled, Handled::Fresh(Outcome::Success { .. })),
                 "{handled:?}"
             );
-            steps.push(cmd.step);
+            steps.push(step);
         }
         steps.sort();
         assert_eq!(effects(&db).await, steps);

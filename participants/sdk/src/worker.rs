@@ -75,13 +75,18 @@ pub(crate) async fn run(
         .connection_name
         .clone()
         .unwrap_or_else(|| default_connection_name(participant.name()));
+    // By default within the pool, which the inbox pruning shares.
     let transactions =
         config
             .database_transactions
             .unwrap_or(if db.get_database_backend() == DbBackend::Sqlite {
                 1
             } else {
-                DEFAULT_POSTGRES_TRANSACTIONS
+                DEFAULT_POSTGRES_TRANSACTIONS.min(
+                    config
+                        .database_pool_size
+                        .unwrap_or(crate::DEFAULT_DATABASE_POOL_SIZE),
+                )
             });
     let ctx = Arc::new(Context {
         queue: command_queue(participant.name()),
@@ -331,7 +336,8 @@ async fn answer(
         .handler(cmd.direction, &cmd.action)
         .expect("checked before")
         .clone();
-    let (cmd, handled) = ctx.committer.process(cmd, handler).await;
+    let cmd = Arc::new(cmd);
+    let handled = ctx.committer.process(cmd.clone(), handler).await;
     let recorded = matches!(handled, Handled::Recorded(_));
     let outcome = handled.outcome();
     let status = match &outcome {
