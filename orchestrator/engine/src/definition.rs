@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 mod parse;
@@ -31,7 +31,7 @@ pub const DEFAULT_COMPENSATION_RETRY: RetryPolicy = RetryPolicy {
 };
 
 /// Every saga of one or more definition files.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Definitions {
     pub sagas: Vec<SagaDefinition>,
 }
@@ -54,7 +54,7 @@ impl Definitions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaDefinition {
     pub name: String,
     /// Content hash of this saga's definition, recorded with every saga started from it.
@@ -88,7 +88,7 @@ impl SagaDefinition {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     /// Can be undone by its compensation.
@@ -99,7 +99,7 @@ pub enum StepKind {
     Retriable,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepDefinition {
     pub name: String,
     pub participant: String,
@@ -131,7 +131,7 @@ impl StepDefinition {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub backoff: Duration,
