@@ -212,7 +212,9 @@ async fn run(
     saga_amqp::declare_orchestrator_topology(&channel, &names, args.queue_type).await?;
 
     let store = Store::connect(&databases.orchestrator).await?;
-    let runtime = Runtime::new(definitions, store)?.publishing(args.publish_events);
+    let runtime = Runtime::open(definitions, store)
+        .await?
+        .publishing(args.publish_events);
     let config = ServiceConfig {
         amqp_url: args.amqp_url.clone().into(),
         queue_type: args.queue_type,

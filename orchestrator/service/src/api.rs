@@ -30,7 +30,9 @@ use crate::metrics::Metrics;
 use crate::openapi::{BodyErrors, CommandAnswers, RequestErrors, StoreErrors, contract_ref};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::service::Health;
-use crate::store::{ListFilter, RecordedEvent, SagaListing, SagaRow, SetAside, StoreError};
+use crate::store::{
+    DefinitionVersion, ListFilter, RecordedEvent, SagaListing, SagaRow, SetAside, StoreError,
+};
 
 const MAX_PAGE: u64 = 500;
 const DEFAULT_PAGE: u64 = 50;
@@ -73,6 +75,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(retry_step))
         .routes(routes!(mark_completed))
         .routes(routes!(list_set_aside))
+        .routes(routes!(list_definitions))
         .routes(routes!(healthz))
         .routes(routes!(ready))
         .routes(routes!(metrics))
@@ -513,7 +516,9 @@ struct SagaView {
 
 fn saga_view(runtime: &Runtime, row: SagaRow, history: Vec<RecordedEvent>) -> SagaView {
     let waiting_on = waiting_on(&row.state, &history);
-    let def = runtime.definitions().get(&row.name);
+    let def = runtime
+        .definition_of(&row.name, &row.state.definition_version)
+        .or_else(|| runtime.definitions().get(&row.name));
     let steps: Vec<StepView> = def
         .map(|def| {
             def.steps
@@ -971,6 +976,30 @@ async fn mark_compensated(
         OperatorCommand::MarkCompensated { step: body.step },
     )
     .await
+}
+
+/// Every definition version: those stored (each one an orchestrator started with) and those
+/// only sagas recorded, with how many sagas run on each. A saga runs to its end on the version
+/// it started with; `orchestrator prune-definitions` deletes versions no saga needs.
+#[utoipa::path(
+    get,
+    path = "/definitions",
+    responses(
+        RequestErrors,
+        (status = 200, description = "Every version.", body = DefinitionList),
+        StoreErrors,
+    ),
+)]
+async fn list_definitions(State(state): State<ApiState>) -> Result<Json<DefinitionList>, ApiError> {
+    Ok(Json(DefinitionList {
+        definitions: state.runtime.store().definition_versions().await?,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct DefinitionList {
+    /// By saga name, the most recently loaded first.
+    definitions: Vec<DefinitionVersion>,
 }
 
 /// Alive: answers as long as the process serves HTTP.

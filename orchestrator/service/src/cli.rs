@@ -29,6 +29,10 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild the read model (the `sagas` table) from the event log alone.
     Rebuild(RebuildArgs),
+    /// List the definition versions in the database, with the sagas that run on each.
+    Definitions(DefinitionsArgs),
+    /// Delete stored definition versions that no saga needs any more.
+    PruneDefinitions(PruneDefinitionsArgs),
     /// Print the HTTP API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
     Openapi,
 }
@@ -41,6 +45,8 @@ impl Command {
             Command::Check(args) => commands::check::run(args),
             Command::Run(args) => commands::run::run(args),
             Command::Rebuild(args) => commands::rebuild::run(args),
+            Command::Definitions(args) => commands::definitions::list(args),
+            Command::PruneDefinitions(args) => commands::definitions::prune(args),
             Command::Openapi => commands::openapi::run(),
         }
     }
@@ -82,12 +88,13 @@ pub struct CheckArgs {
     #[arg(long)]
     pub no_abort: bool,
     /// Text for people, or JSON (one object per saga, in an array).
-    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
-    pub format: CheckFormat,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
+/// How a command prints what it found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CheckFormat {
+pub enum Format {
     Text,
     Json,
 }
@@ -171,6 +178,30 @@ pub struct RebuildArgs {
     /// The database whose read model to rebuild.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: SecretUrl,
+}
+
+#[derive(Debug, Args)]
+pub struct DefinitionsArgs {
+    /// The orchestrator's database.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: SecretUrl,
+    /// A table for people, or JSON (what `GET /definitions` answers).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneDefinitionsArgs {
+    /// The orchestrator's database.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: SecretUrl,
+    /// Versions (content hashes, as `orchestrator definitions` lists them) to delete; each is
+    /// refused while a saga runs on it or the last orchestrator to start loaded it.
+    #[arg(value_name = "VERSION", required_unless_present = "all_unused")]
+    pub versions: Vec<String>,
+    /// Every stored version that no saga runs on and the last start did not load.
+    #[arg(long, conflicts_with = "versions")]
+    pub all_unused: bool,
 }
 
 #[cfg(test)]

@@ -174,6 +174,8 @@ pub struct Runtime {
 
 struct Inner {
     definitions: Definitions,
+    /// Earlier versions sagas in flight may have started on, by (name, version).
+    versions: HashMap<(String, String), SagaDefinition>,
     input_validators: HashMap<String, jsonschema::Validator>,
     store: Store,
     /// Started at the first commit, inside the async runtime.
@@ -199,6 +201,7 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 definitions,
+                versions: HashMap::new(),
                 input_validators,
                 store,
                 group_commit: OnceLock::new(),
@@ -206,6 +209,32 @@ impl Runtime {
                 events: PublishEvents::All,
             }),
         })
+    }
+
+    /// A runtime for `definitions` that also runs every saga started on an earlier version on
+    /// that version's steps: stores the current definitions (marking them loaded now), then
+    /// reads back every stored version.
+    pub async fn open(definitions: Definitions, store: Store) -> Result<Self, RuntimeError> {
+        store
+            .store_definitions(&definitions.sagas, Utc::now())
+            .await?;
+        let stored = store.stored_definitions().await?;
+        let mut runtime = Runtime::new(definitions, store)?;
+        let inner = Arc::get_mut(&mut runtime.inner).expect("a runtime just built");
+        for def in stored {
+            let current = inner.definitions.get(&def.name);
+            if current.is_none_or(|c| c.version != def.version) {
+                inner
+                    .versions
+                    .insert((def.name.clone(), def.version.clone()), def);
+            }
+        }
+        let mut earlier: Vec<_> = inner.versions.keys().collect();
+        earlier.sort();
+        if !earlier.is_empty() {
+            info!(earlier = ?earlier, "earlier definition versions kept for the sagas started on them");
+        }
+        Ok(runtime)
     }
 
     /// Publishes only `events` to `saga.events` (all of them unless told otherwise). Call it
@@ -221,8 +250,37 @@ impl Runtime {
         &self.inner.store
     }
 
+    /// The definitions sagas start on: the current file.
     pub fn definitions(&self) -> &Definitions {
         &self.inner.definitions
+    }
+
+    /// The definition a saga started on: the current one when its version is current, else the
+    /// stored earlier version. `None` when neither is known.
+    pub fn definition_of(&self, name: &str, version: &str) -> Option<&SagaDefinition> {
+        match self.definition(name) {
+            Some(current) if current.version == version => Some(current),
+            _ => self
+                .inner
+                .versions
+                .get(&(name.to_owned(), version.to_owned())),
+        }
+    }
+
+    /// Every participant a saga may still send a command to: those of the current file and
+    /// of the earlier versions kept.
+    pub fn participants(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .inner
+            .definitions
+            .sagas
+            .iter()
+            .chain(self.inner.versions.values())
+            .flat_map(|s| s.steps.iter().map(|st| st.participant.clone()))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Woken after every commit that wrote outbox rows.
@@ -451,16 +509,21 @@ impl Runtime {
             };
             return Ok((decision, None));
         };
-        let def =
-            self.definition(&state.saga_name)
-                .ok_or_else(|| RuntimeError::DefinitionGone {
-                    saga_id: work.saga_id,
-                    name: state.saga_name.clone(),
+        let def = match self.definition_of(&state.saga_name, &state.definition_version) {
+            Some(def) => def,
+            None => {
+                // Started before versions were kept, or its version was pruned by hand.
+                let def = self.definition(&state.saga_name).ok_or_else(|| {
+                    RuntimeError::DefinitionGone {
+                        saga_id: work.saga_id,
+                        name: state.saga_name.clone(),
+                    }
                 })?;
-        if def.version != state.definition_version {
-            warn!(saga_id = %work.saga_id, started_with = %state.definition_version, now = %def.version,
-                "the saga's definition changed since it started; continuing with the current one");
-        }
+                warn!(saga_id = %work.saga_id, started_with = %state.definition_version, now = %def.version,
+                    "the version the saga started on is not stored; continuing with the current one");
+                def
+            }
+        };
         let decision = decide(def, Some(state), &work.input, now);
         check_data_size(state, &decision)?;
         match &decision.outcome {

@@ -244,7 +244,9 @@ pub async fn serve(
         backend = store.backend_name(),
         "database ready; migrations applied"
     );
-    let runtime = Runtime::new(definitions, store)?.publishing(config.publish_events);
+    let runtime = Runtime::open(definitions, store)
+        .await?
+        .publishing(config.publish_events);
     serve_runtime(runtime, config, shutdown).await
 }
 
@@ -298,12 +300,7 @@ pub async fn serve_runtime(
         }
     });
     let topology = Topology {
-        participants: runtime
-            .definitions()
-            .participants()
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
+        participants: runtime.participants(),
         queue_type: config.queue_type,
         prefetch: config.prefetch,
     };

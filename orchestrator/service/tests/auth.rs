@@ -108,6 +108,7 @@ async fn without_a_usable_token_everything_but_health_is_401() {
             (reqwest::Method::POST, "/sagas/order"),
             (reqwest::Method::POST, "/sagas/x/abort"),
             (reqwest::Method::GET, "/set-aside"),
+            (reqwest::Method::GET, "/definitions"),
             (reqwest::Method::GET, "/metrics"),
             (reqwest::Method::GET, "/no-such-route"),
         ] {
@@ -154,6 +155,7 @@ async fn read_reads_and_operate_also_operates() {
         format!("/sagas/{id}"),
         "/sagas".into(),
         "/set-aside".into(),
+        "/definitions".into(),
         "/metrics".into(),
     ] {
         for token in [&reader, &ops] {

@@ -202,6 +202,33 @@ async fn a_running_saga_says_what_it_waits_on_and_since_when() {
 }
 
 #[tokio::test]
+async fn definition_versions_are_listed_with_their_sagas() {
+    let app = spawn_app().await;
+    let saga = app.start().await;
+    let (_, view) = app.get(&format!("/sagas/{saga}")).await;
+    let (status, body) = app.get("/definitions").await;
+    assert_eq!(status, 200, "{body}");
+    let versions = body["definitions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "the one saga of the file: {body}");
+    let mine = versions
+        .iter()
+        .find(|v| v["version"] == view["definition_version"])
+        .unwrap_or_else(|| panic!("the saga's version in {body}"));
+    assert_eq!(mine["name"], view["name"], "{body}");
+    assert_eq!(
+        (
+            &mine["stored"],
+            &mine["current"],
+            &mine["in_flight"],
+            &mine["sagas"]
+        ),
+        (&json!(true), &json!(true), &json!(1), &json!(1)),
+        "{body}"
+    );
+    assert_eq!(mine["steps"], json!(["reserve", "ship"]), "{body}");
+}
+
+#[tokio::test]
 async fn set_aside_inputs_are_listed_newest_first() {
     let app = spawn_app().await;
     let (status, body) = app.get("/set-aside").await;

@@ -98,6 +98,7 @@ fn target() -> impl Strategy<Value = Target> {
             "/sagas/order",
             "/sagas/order/abort",
             "/set-aside",
+            "/definitions",
             "/healthz",
             "/metrics",
             "/",

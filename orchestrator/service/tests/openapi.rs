@@ -142,6 +142,7 @@ async fn the_document_is_served_and_lists_every_route() {
     assert_eq!(answer.body, openapi::document());
 
     let expected: Vec<(String, String)> = [
+        ("get", "/definitions"),
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/openapi.json"),
@@ -318,6 +319,7 @@ async fn real_answers_match_the_document() {
     get(&format!("/sagas?limit=1&cursor={cursor}"), "/sagas").await;
     get("/sagas?status=completed", "/sagas").await;
     get("/set-aside", "/set-aside").await;
+    get("/definitions", "/definitions").await;
     let aborted = post(
         &format!("/sagas/{retrying}/abort"),
         "/sagas/{saga}/abort",

@@ -7,6 +7,7 @@ use orchestrator::store::{ListFilter, Store};
 use orchestrator::timers::{Pass, fire_due};
 use saga_engine::engine::command_message_id;
 use saga_engine::{Definitions, Input, OperatorCommand, Outcome, Rejection};
+use saga_schemas::amqp::COMMANDS_EXCHANGE;
 use saga_schemas::limits::MAX_DATA_BYTES;
 use saga_schemas::{Data, Direction, Outcome as Reply, SagaStatus};
 use sea_orm::ConnectionTrait;
@@ -442,4 +443,88 @@ async fn concurrent_inputs_for_one_saga_are_both_applied() {
             .count();
         assert_eq!(completions, 1);
     }
+}
+
+/// `pack` at the warehouse, then `ship` at the carrier.
+const PACK_THEN_SHIP: &str = "
+sagas:
+  - name: ship
+    steps:
+      - { name: pack, participant: warehouse, action: pack, compensation: unpack, timeout: 5s }
+      - { name: ship, participant: carrier, action: ship, kind: retriable, timeout: 5s }
+";
+
+/// The edited file: `pack` removed, `ship` moved to the participant renamed `courier`.
+const SHIP_BY_COURIER: &str = "
+sagas:
+  - name: ship
+    steps:
+      - { name: ship, participant: courier, action: ship, kind: retriable, timeout: 5s }
+";
+
+/// Every unsent command's (saga, participant), oldest first.
+async fn commands_sent(store: &Store) -> Vec<(Uuid, String)> {
+    store
+        .outbox_batch(1000)
+        .await
+        .unwrap()
+        .rows
+        .iter()
+        .filter(|row| row.message.exchange == COMMANDS_EXCHANGE)
+        .map(|row| (row.saga_id, row.message.routing_key.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_saga_runs_to_its_end_on_the_version_it_started_with() {
+    // Given a saga started on the first file, waiting for `pack`.
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    let first = Definitions::parse("sagas.yaml", PACK_THEN_SHIP).unwrap();
+    let v1 = first.sagas[0].version.clone();
+    let before = Runtime::open(first, store.clone()).await.unwrap();
+    let old = before
+        .start("ship", Data::new(), None)
+        .await
+        .unwrap()
+        .saga_id;
+    drop(before);
+
+    // When the orchestrator restarts on the edited file and the warehouse answers.
+    let edited = Definitions::parse("sagas.yaml", SHIP_BY_COURIER).unwrap();
+    let rt = Runtime::open(edited, store.clone()).await.unwrap();
+    let new = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let packed = Work {
+        saga_id: old,
+        input: Input::Reply {
+            step: "pack".into(),
+            direction: Direction::Execute,
+            attempt: 1,
+            in_reply_to: command_message_id(old, "pack", Direction::Execute, 1),
+            outcome: Reply::Success {
+                output: Data::new(),
+            },
+        },
+        inbox_id: Some(Uuid::new_v4()),
+        fired_timer: None,
+    };
+    assert_eq!(handle(&rt, packed).await.unwrap(), Outcome::Applied);
+
+    // Then the old saga goes on to the carrier, the new one starts at the courier.
+    let sent = commands_sent(&store).await;
+    let to = |saga: Uuid| -> Vec<&str> {
+        sent.iter()
+            .filter(|(s, _)| *s == saga)
+            .map(|(_, key)| key.as_str())
+            .collect()
+    };
+    assert_eq!(to(old), ["warehouse", "carrier"], "{sent:?}");
+    assert_eq!(to(new), ["courier"], "{sent:?}");
+    let state = store.load(old).await.unwrap().unwrap();
+    assert_eq!(state.definition_version, v1);
+    assert_eq!(
+        rt.participants(),
+        ["carrier", "courier", "warehouse"],
+        "every participant a saga may still need"
+    );
+    assert!(rt.definition_of("ship", &v1).is_some());
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use orchestrator::retention::{DEFAULT_INBOX_RETENTION, prune_inbox};
 use orchestrator::store::{
-    Commit, CommitError, ListFilter, SagaRow, SetAsideKind, Store, StoreError,
+    Commit, CommitError, ListFilter, Pruned, SagaRow, SetAsideKind, Store, StoreError,
 };
 use saga_engine::definition::{DEFAULT_RETRY, RetryPolicy};
 use saga_engine::engine::command_message_id;
@@ -167,6 +167,7 @@ on_both_backends!(
     the_deepest_and_largest_data_accepted_is_read_back_unchanged,
     one_unreadable_saga_does_not_break_the_listing,
     the_inbox_forgets_replies_after_its_retention,
+    definition_versions_are_kept_listed_and_pruned,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1650,4 +1651,129 @@ async fn the_inbox_forgets_replies_after_its_retention(db: TestDb) {
     store.commit(&many).await.unwrap();
     assert_eq!(prune_inbox(&store, week, now).await.unwrap(), 12_000);
     assert_eq!(store.seen(&recent).await.unwrap().len(), 3);
+}
+
+// --- definition versions --------------------------------------------------------------------
+
+async fn definition_versions_are_kept_listed_and_pruned(db: TestDb) {
+    let store = db.store().await;
+    // Given the first start's file: checkout v1 and refund v7, and sagas on both.
+    store
+        .store_definitions(&[checkout(), refund()], t0())
+        .await
+        .unwrap();
+    let mut stored = store.stored_definitions().await.unwrap();
+    stored.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(stored, vec![checkout(), refund()], "read back unchanged");
+    let running = [
+        start(&store, &checkout(), t0() + secs(1)).await,
+        start(&store, &checkout(), t0() + secs(2)).await,
+    ];
+    let refunded = start(&store, &refund(), t0() + secs(3)).await;
+    apply(
+        &store,
+        &refund(),
+        refunded,
+        ok(refunded, "refund"),
+        t0() + secs(4),
+    )
+    .await;
+
+    // When the next start's file has checkout v2 only (a step removed, refund gone).
+    let mut v2 = checkout();
+    v2.version = "v2".into();
+    v2.steps.remove(1);
+    let later = t0() + secs(3600);
+    store.store_definitions(&[v2.clone()], later).await.unwrap();
+
+    // Then every version is listed with its use.
+    let listed = store.definition_versions().await.unwrap();
+    let find = |name: &str, version: &str| {
+        listed
+            .iter()
+            .find(|v| v.name == name && v.version == version)
+            .unwrap_or_else(|| panic!("{name} {version} in {listed:?}"))
+            .clone()
+    };
+    let (v1, v2_listed, v7) = (
+        find("checkout", "v1"),
+        find("checkout", "v2"),
+        find("refund", "v7"),
+    );
+    assert_eq!(
+        (v1.stored, v1.current, v1.in_flight, v1.sagas),
+        (true, false, 2, 2),
+        "{v1:?}"
+    );
+    assert_eq!(v1.first_used, Some(t0() + secs(1)));
+    assert_eq!(v1.last_used, Some(t0() + secs(2)));
+    assert_eq!(v1.steps, ["order", "stock", "pay", "ship"]);
+    assert_eq!(
+        (v2_listed.current, v2_listed.in_flight, v2_listed.sagas),
+        (true, 0, 0),
+        "{v2_listed:?}"
+    );
+    assert_eq!(v2_listed.stored_at, Some(later));
+    assert_eq!(
+        (v7.current, v7.in_flight, v7.sagas),
+        (false, 0, 1),
+        "{v7:?}"
+    );
+    assert_eq!(listed[0].version, "v2", "the latest load first: {listed:?}");
+
+    // Storing a version again keeps when it was first stored.
+    store
+        .store_definitions(&[v2.clone()], later + secs(60))
+        .await
+        .unwrap();
+    let again = store.definition_versions().await.unwrap();
+    let v2_again = again.iter().find(|v| v.version == "v2").unwrap();
+    assert_eq!(v2_again.stored_at, Some(later));
+    assert_eq!(v2_again.loaded_at, Some(later + secs(60)));
+
+    // Pruning: refused while sagas run on it or when the last start loaded it.
+    assert_eq!(
+        store.prune_definition("checkout", "v1").await.unwrap(),
+        Pruned::InFlight(2)
+    );
+    assert_eq!(
+        store.prune_definition("checkout", "v2").await.unwrap(),
+        Pruned::Loaded
+    );
+    assert_eq!(
+        store.prune_definition("checkout", "v9").await.unwrap(),
+        Pruned::NotFound
+    );
+    assert_eq!(
+        store.prune_definition("refund", "v7").await.unwrap(),
+        Pruned::Deleted
+    );
+    let stored: Vec<String> = store
+        .stored_definitions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| format!("{} {}", d.name, d.version))
+        .collect();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(!stored.contains(&"refund v7".to_owned()), "{stored:?}");
+    let v7 = store
+        .definition_versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.version == "v7")
+        .expect("its saga still names it");
+    assert_eq!((v7.stored, v7.sagas), (false, 1), "{v7:?}");
+    for saga_id in running {
+        assert_eq!(
+            store
+                .load(saga_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .definition_version,
+            "v1"
+        );
+    }
 }

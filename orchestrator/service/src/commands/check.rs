@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use saga_engine::check::{Bounds, Ending, Report, explore};
 
-use crate::cli::{CheckArgs, CheckFormat};
+use crate::cli::{CheckArgs, Format};
 use crate::definitions;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
@@ -29,7 +29,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         reports.push((report, began.elapsed()));
     }
     match args.format {
-        CheckFormat::Text => {
+        Format::Text => {
             for (report, elapsed) in &reports {
                 print!(
                     "{}",
@@ -37,7 +37,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        CheckFormat::Json => {
+        Format::Json => {
             let json: Vec<serde_json::Value> = reports
                 .iter()
                 .map(|(report, elapsed)| {

@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0002CreateSetAside),
             Box::new(M0003CreateMeta),
             Box::new(M0004IndexInboxReceivedAt),
+            Box::new(M0005CreateDefinitions),
         ]
     }
 }
@@ -353,6 +354,61 @@ impl MigrationTrait for M0004IndexInboxReceivedAt {
                 Index::drop()
                     .name("inbox_received_at")
                     .table(Inbox::Table)
+                    .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Definitions {
+    Table,
+    Name,
+    Version,
+    Definition,
+    StoredAt,
+    LoadedAt,
+}
+
+/// `definitions`: every saga definition an orchestrator started with, by content hash, so a
+/// saga runs to its end on the version it started with whatever the file says now.
+struct M0005CreateDefinitions;
+
+impl MigrationName for M0005CreateDefinitions {
+    fn name(&self) -> &str {
+        "m0005_create_definitions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0005CreateDefinitions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Definitions::Table)
+                    .if_not_exists()
+                    .col(text(Definitions::Name))
+                    .col(text(Definitions::Version))
+                    .col(text(Definitions::Definition))
+                    .col(timestamp_with_time_zone(Definitions::StoredAt))
+                    .col(timestamp_with_time_zone(Definitions::LoadedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(Definitions::Name)
+                            .col(Definitions::Version),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(
+                Table::drop()
+                    .table(Definitions::Table)
                     .if_exists()
                     .to_owned(),
             )

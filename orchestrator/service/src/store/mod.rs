@@ -33,9 +33,11 @@
 //! - `timers`: due step timeouts, retries and deadlines;
 //! - `read_model`: the `sagas` rows people read (one saga, its history, lists, counts) and
 //!   their rebuild from the log;
-//! - `set_aside`: inputs that can never be handled, kept with the reason.
+//! - `set_aside`: inputs that can never be handled, kept with the reason;
+//! - `definitions`: every definition version started with, by content hash.
 
 mod commit;
+mod definitions;
 mod entity;
 mod event_log;
 mod identity;
@@ -58,6 +60,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+pub use definitions::{DefinitionVersion, Pruned};
 pub use event_log::{Commit, CommitError};
 pub use migration::Migrator;
 pub use outbox::{OutboxBatch, OutboxRow};

@@ -168,7 +168,7 @@ pub async fn spawn_app_behind(
     let db = TestDb::new(backend).await;
     let store = Store::connect(&db.url).await.expect("a store");
     let definitions = Definitions::parse("sagas.yaml", SAGAS).expect("valid definitions");
-    let runtime = Runtime::new(definitions, store).expect("a runtime");
+    let runtime = Runtime::open(definitions, store).await.expect("a runtime");
     let health = Health::new();
     let router = api::router(ApiState {
         runtime: runtime.clone(),
