@@ -96,8 +96,8 @@ fn table(versions: &[DefinitionVersion]) -> String {
             (false, true) => "kept",
             (false, false) => "unstored",
         };
-        out.push_str(&format!(
-            "{:<24} {:<16} {:<8} {:>9} {:>7}  {:<19}  {:<19}  {}\n",
+        let line = format!(
+            "{:<24} {:<16} {:<8} {:>9} {:>7}  {:<19}  {:<19}  {}",
             v.name,
             v.version,
             state,
@@ -106,7 +106,9 @@ fn table(versions: &[DefinitionVersion]) -> String {
             when(v.first_used),
             when(v.last_used),
             v.steps.join(" → ")
-        ));
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
