@@ -371,7 +371,13 @@ async fn start_saga(
     limits::check_data_size("the input", &input)
         .map_err(|why| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why))?;
     let key = idempotency_key(&headers)?;
-    let started = state.runtime.start(&name, input, key).await?;
+    let traceparent = headers
+        .get(saga_amqp::trace::TRACEPARENT)
+        .and_then(|value| value.to_str().ok());
+    let started = state
+        .runtime
+        .start_traced(&name, input, key, traceparent)
+        .await?;
     let status_url = format!("/sagas/{}", started.saga_id);
     let body = StartResponse {
         saga_id: started.saga_id,

@@ -77,6 +77,8 @@ async fn handle_replies(
             },
             inbox_id: Some(reply.message_id),
             fired_timer: None,
+            trace: saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT)
+                .map(str::to_owned),
         });
         pending.push(delivery);
     }
@@ -414,10 +416,11 @@ pub async fn starts(
         let mut pause = FIRST_PAUSE;
         let result = loop {
             match runtime
-                .start(
+                .start_traced(
                     &start.saga,
                     start.input.clone(),
                     start.idempotency_key.clone(),
+                    saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT),
                 )
                 .await
             {

@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
+use saga_amqp::trace;
 use saga_engine::{
     Decision, Definitions, Ignored, Input, OperatorCommand, Outcome, SagaDefinition, SagaState,
     decide,
 };
-use saga_schemas::amqp::{OutgoingMessage, REPLIES_QUEUE};
+use saga_schemas::amqp::{HeaderValue, OutgoingMessage, REPLIES_QUEUE};
 use saga_schemas::{Data, EventEnvelope, SagaEvent, limits};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -158,6 +159,34 @@ pub struct Work {
     pub inbox_id: Option<Uuid>,
     /// The timer that fired, deleted in the same transaction.
     pub fired_timer: Option<String>,
+    /// The W3C `traceparent` that came with it (a reply's): the parent of its span. Without
+    /// one, the span is a child of the saga's start.
+    pub trace: Option<String>,
+}
+
+impl Work {
+    /// What kind of input, for spans and logs.
+    fn kind(&self) -> &'static str {
+        match self.input {
+            Input::Start { .. } => "start",
+            Input::Reply { .. } => "reply",
+            Input::Timer(_) => "timer",
+            Input::Operator { .. } => "operator",
+        }
+    }
+}
+
+/// The span a work item is decided in: a child of the context it carries, else of the saga's
+/// start (`parents`), so that every span of one saga is in one trace.
+fn work_span(work: &Work, parents: &HashMap<Uuid, String>) -> tracing::Span {
+    let span = tracing::info_span!("saga.input", saga_id = %work.saga_id, input = work.kind(),
+        trace_id = tracing::field::Empty);
+    let parent = work
+        .trace
+        .as_deref()
+        .or_else(|| parents.get(&work.saga_id).map(String::as_str));
+    trace::set_parent(&span, parent, None);
+    span
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,6 +340,18 @@ impl Runtime {
         input: Data,
         idempotency_key: Option<String>,
     ) -> Result<Started, RuntimeError> {
+        self.start_traced(name, input, idempotency_key, None).await
+    }
+
+    /// [`Runtime::start`] for a request that carried a W3C `traceparent`: the saga's spans
+    /// join that trace (with export on; see `saga_amqp::trace`).
+    pub async fn start_traced(
+        &self,
+        name: &str,
+        input: Data,
+        idempotency_key: Option<String>,
+        traceparent: Option<&str>,
+    ) -> Result<Started, RuntimeError> {
         let def = self
             .definition(name)
             .ok_or_else(|| RuntimeError::UnknownSaga(name.to_owned()))?;
@@ -364,14 +405,19 @@ impl Runtime {
             },
             inbox_id: None,
             fired_timer: None,
+            trace: traceparent.map(str::to_owned),
         };
-        let mut commit = self.commit_for(Some(def), &work, 0, &decision, now);
+        let span = work_span(&work, &HashMap::new());
+        let mut commit = span.in_scope(|| self.commit_for(Some(def), &work, 0, &decision, now));
         commit.idempotency_key = idempotency_key.clone();
+        commit.trace_parent = trace::context_headers(&span)
+            .into_iter()
+            .find_map(|(key, value)| (key == trace::TRACEPARENT).then_some(value));
         let (commits, result) = self.commit(vec![commit]).await;
         match result {
             Ok(outbox) => {
-                info!(%saga_id, saga = name, "saga started");
-                self.after_commit(&commits, outbox);
+                span.in_scope(|| info!(%saga_id, saga = name, "saga started"));
+                self.after_commit(&commits, std::slice::from_ref(&span), outbox);
                 Ok(Started {
                     saga_id,
                     created: true,
@@ -420,6 +466,7 @@ impl Runtime {
             input: Input::Operator { command, by },
             inbox_id: None,
             fired_timer: None,
+            trace: None,
         };
         self.handle_one(&work).await
     }
@@ -446,16 +493,20 @@ impl Runtime {
     async fn try_batch(&self, batch: &[Work]) -> Result<Vec<Outcome>, RuntimeError> {
         let ids: Vec<Uuid> = batch.iter().map(|w| w.saga_id).collect();
         let mut states = self.inner.store.load_many(&ids).await?;
+        let parents = self.trace_parents(batch).await?;
         let now = Utc::now();
         let mut commits: Vec<Commit> = Vec::with_capacity(batch.len());
+        let mut spans = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::with_capacity(batch.len());
         // Several inputs for one saga in a batch: each decides on the state the previous one
         // left, and its commit expects that version, so the store accepts them in order.
         for work in batch {
+            let span = work_span(work, &parents);
             let state = states.get(&work.saga_id);
-            let (decision, def) = self.decide_for(work, state, now)?;
+            let (decision, def) = span.in_scope(|| self.decide_for(work, state, now))?;
             let expected = state.map_or(0, |s| s.version);
-            commits.push(self.commit_for(def, work, expected, &decision, now));
+            commits.push(span.in_scope(|| self.commit_for(def, work, expected, &decision, now)));
+            spans.push(span);
             outcomes.push(decision.outcome);
             if let Some(state) = decision.state {
                 states.insert(work.saga_id, state);
@@ -463,21 +514,23 @@ impl Runtime {
         }
         let (commits, result) = self.commit(commits).await;
         let outbox = result.map_err(|e| RuntimeError::Store(e.error))?;
-        self.after_commit(&commits, outbox);
+        self.after_commit(&commits, &spans, outbox);
         Ok(outcomes)
     }
 
     async fn handle_one(&self, work: &Work) -> Result<Outcome, RuntimeError> {
+        let parents = self.trace_parents(std::slice::from_ref(work)).await?;
+        let span = work_span(work, &parents);
         for _ in 0..CONFLICT_RETRIES {
             let state = self.inner.store.load(work.saga_id).await?;
             let now = Utc::now();
-            let (decision, def) = self.decide_for(work, state.as_ref(), now)?;
+            let (decision, def) = span.in_scope(|| self.decide_for(work, state.as_ref(), now))?;
             let expected = state.as_ref().map_or(0, |s| s.version);
-            let commit = self.commit_for(def, work, expected, &decision, now);
+            let commit = span.in_scope(|| self.commit_for(def, work, expected, &decision, now));
             let (commits, result) = self.commit(vec![commit]).await;
             match result {
                 Ok(outbox) => {
-                    self.after_commit(&commits, outbox);
+                    self.after_commit(&commits, std::slice::from_ref(&span), outbox);
                     return Ok(decision.outcome);
                 }
                 Err(e) => match e.error {
@@ -491,6 +544,23 @@ impl Runtime {
             }
         }
         Err(RuntimeError::Contended)
+    }
+
+    /// The start's `traceparent` of each saga whose work carries no trace context, when spans
+    /// are exported (one query; none otherwise).
+    async fn trace_parents(&self, batch: &[Work]) -> Result<HashMap<Uuid, String>, RuntimeError> {
+        if !trace::enabled() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = batch
+            .iter()
+            .filter(|w| w.trace.is_none())
+            .map(|w| w.saga_id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(self.inner.store.trace_parents(&ids).await?)
     }
 
     fn decide_for<'a>(
@@ -570,12 +640,22 @@ impl Runtime {
             // long, they expire in queue order, so a participant that is down costs at most
             // two or three queued commands per waiting step, however long it is down.
             let discard_after = now + step.timeout * 2;
-            commit.outbox.push(OutgoingMessage::command(
+            let mut message = OutgoingMessage::command(
                 command,
                 &step.participant,
                 REPLIES_QUEUE,
                 Some(discard_after),
-            ));
+            );
+            // The participant's span is a child of this one: one span per command sent.
+            let span = tracing::info_span!("saga.step", step = %command.step,
+                direction = command.direction.as_str(), attempt = command.attempt,
+                participant = %step.participant);
+            for (key, value) in trace::context_headers(&span) {
+                message
+                    .headers
+                    .push((key.to_owned(), HeaderValue::Str(value)));
+            }
+            commit.outbox.push(message);
         }
         for (seq, event) in (expected_version + 1..).zip(&decision.events) {
             if !self.inner.events.publishes(event) {
@@ -597,8 +677,11 @@ impl Runtime {
         commit
     }
 
-    fn after_commit(&self, commits: &[Commit], outbox_rows: usize) {
-        for commit in commits {
+    /// Metrics and log lines of what was committed, each line in its work's span (`spans`, in
+    /// the order of `commits`) so that it carries the trace id.
+    fn after_commit(&self, commits: &[Commit], spans: &[tracing::Span], outbox_rows: usize) {
+        for (index, commit) in commits.iter().enumerate() {
+            let _entered = spans.get(index).map(tracing::Span::enter);
             if let Some(state) = &commit.state {
                 crate::metrics::record(
                     &commit.events,

@@ -3,8 +3,12 @@
 //! statement or every AMQP frame (sqlx, sea-orm, lapin) are held at `warn` unless `RUST_LOG`
 //! names them, so `RUST_LOG=info` does not flood the log.
 //!
+//! Services also export their spans over OTLP when an endpoint is configured (see
+//! `saga_amqp::trace`).
+//!
 //! The example participants compile this same file (`#[path]` in
-//! `participants/examples/src/cli.rs`), so it depends on `tracing-subscriber` only.
+//! `participants/examples/src/cli.rs`), so it depends on `tracing-subscriber` and `saga-amqp`
+//! only.
 
 use tracing_subscriber::EnvFilter;
 
@@ -40,44 +44,72 @@ fn names_target(directives: &str, krate: &str) -> bool {
 
 /// Installs the subscriber: JSON lines when `LOG_FORMAT=json`, text otherwise.
 pub fn init() {
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    init_as(json);
+    init_with(json_from_env(), None, None);
 }
 
 /// Installs the subscriber, JSON lines or text. A second call (tests) keeps the first.
 pub fn init_as(json: bool) {
-    init_with(json, None);
+    init_with(json, None, None);
+}
+
+/// [`init`] for a long-running service: also exports its spans over OTLP as `service` when an
+/// endpoint is configured (`saga_amqp::trace`). Call `saga_amqp::trace::shutdown` on the way
+/// out.
+#[allow(dead_code)] // The example participants compile this file and call `init_service_as`.
+pub fn init_service(service: &str) {
+    init_with(json_from_env(), None, Some(service));
+}
+
+/// [`init_service`], JSON lines or text.
+#[allow(dead_code)] // The orchestrator calls `init_service`.
+pub fn init_service_as(json: bool, service: &str) {
+    init_with(json, None, Some(service));
 }
 
 /// [`init`], with `RUST_LOG` defaulting to `default` rather than `info` (the benchmark's
 /// `warn`, so that its figures do not include a line of text per message).
 #[allow(dead_code)] // The example participants compile this file and do not call it.
 pub fn init_quiet(default: &str) {
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    init_with(json, Some(default));
+    init_with(json_from_env(), Some(default), None);
 }
 
-fn init_with(json: bool, default: Option<&str>) {
+fn json_from_env() -> bool {
+    std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"))
+}
+
+fn init_with(json: bool, default: Option<&str>, service: Option<&str>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .or(default.map(str::to_owned));
-    let filter = EnvFilter::try_new(log_filter(rust_log.as_deref())).unwrap_or_else(|error| {
-        eprintln!("RUST_LOG is not a valid filter ({error}); logging at info");
-        EnvFilter::new(log_filter(None))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder
-            .json()
+    let filter = || {
+        EnvFilter::try_new(log_filter(rust_log.as_deref())).unwrap_or_else(|error| {
+            eprintln!("RUST_LOG is not a valid filter ({error}); logging at info");
+            EnvFilter::new(log_filter(None))
+        })
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let mut layers = vec![if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
+            .with_filter(filter())
+            .boxed()
     } else {
-        builder.try_init()
-    };
+        fmt.with_filter(filter()).boxed()
+    }];
+    if let Some(service) = service {
+        match saga_amqp::trace::otlp_layer(service) {
+            Ok(Some(otlp)) => layers.push(otlp.with_filter(filter()).boxed()),
+            Ok(None) => {}
+            Err(error) => eprintln!("traces are not exported: {error}"),
+        }
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>) -> Pass {
             input: Input::Timer(t.timer.clone()),
             inbox_id: None,
             fired_timer: Some(t.key.clone()),
+            trace: None,
         })
         .collect();
     let (mut fired, mut set_aside, mut kept) = (0, 0, 0);

@@ -236,6 +236,7 @@ async fn reply(app: &App, saga: &str, step: &str, attempt: u32, outcome: Outcome
         },
         inbox_id: Some(Uuid::new_v4()),
         fired_timer: None,
+        trace: None,
     };
     for result in app.runtime.handle(&[work]).await {
         result.expect("the reply is handled");

@@ -62,6 +62,7 @@ fn reply(saga_id: Uuid, attempt: u32, outcome: Reply) -> Work {
         },
         inbox_id: Some(Uuid::new_v4()),
         fired_timer: None,
+        trace: None,
     }
 }
 
@@ -506,6 +507,7 @@ async fn a_saga_runs_to_its_end_on_the_version_it_started_with() {
         },
         inbox_id: Some(Uuid::new_v4()),
         fired_timer: None,
+        trace: None,
     };
     assert_eq!(handle(&rt, packed).await.unwrap(), Outcome::Applied);
 

@@ -90,9 +90,9 @@ impl CommonArgs {
 mod telemetry;
 
 /// Logs to stderr: `RUST_LOG` (default `info`; sqlx statements muted unless it names sqlx),
-/// text or JSON lines.
-pub fn init_tracing(format: LogFormat) {
-    telemetry::init_as(format == LogFormat::Json);
+/// text or JSON lines; exports spans as `service` when an OTLP endpoint is configured.
+pub fn init_tracing(format: LogFormat, service: &str) {
+    telemetry::init_service_as(format == LogFormat::Json, service);
 }
 
 pub use saga_participant::shutdown_on_signal;
@@ -114,11 +114,13 @@ pub async fn main(
         println!("{}", serde_json::to_string_pretty(&books)?);
         return Ok(());
     }
-    init_tracing(common.log_format);
+    init_tracing(common.log_format, service.name());
     let shutdown = shutdown_on_signal();
-    participant
+    let result = participant
         .run(common.sdk_config(service.name()), shutdown)
-        .await?;
+        .await;
+    saga_amqp::trace::shutdown();
+    result?;
     tracing::info!("stopped");
     Ok(())
 }

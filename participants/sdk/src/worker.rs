@@ -206,10 +206,17 @@ async fn handle_delivery(
             let span = tracing::info_span!(
                 "command",
                 saga_id = %cmd.saga_id,
+                trace_id = tracing::field::Empty,
                 step = %limits::reason(&cmd.step),
                 direction = cmd.direction.as_str(),
                 action = %cmd.action,
                 attempt = cmd.attempt,
+            );
+            // A child of the orchestrator's span for this command, when traces are exported.
+            saga_amqp::trace::set_parent(
+                &span,
+                saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT),
+                saga_amqp::header_str(&delivery, saga_amqp::trace::TRACESTATE),
             );
             answer(&ctx, &publisher, &delivery, cmd, reply_to)
                 .instrument(span)
@@ -346,7 +353,12 @@ async fn answer(
         saga_schemas::Outcome::RetryableError { .. } => "retryable_error",
     };
     let reply = reply_to_command(&cmd, outcome);
-    let message = OutgoingMessage::reply(&reply, &cmd.saga_name, &cmd.action, &reply_to);
+    let mut message = OutgoingMessage::reply(&reply, &cmd.saga_name, &cmd.action, &reply_to);
+    for (key, value) in saga_amqp::trace::context_headers(&tracing::Span::current()) {
+        message
+            .headers
+            .push((key.to_owned(), saga_amqp::HeaderValue::Str(value)));
+    }
     match publisher.publish(&message).await {
         Ok(()) => {
             ctx.forget_refusals(cmd.message_id);

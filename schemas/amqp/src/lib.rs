@@ -28,6 +28,7 @@ mod secret;
 mod supervise;
 mod tls;
 mod topology;
+pub mod trace;
 
 /// The broker every binary uses by default: a local RabbitMQ, default vhost, guest user.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

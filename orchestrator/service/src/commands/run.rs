@@ -9,7 +9,7 @@ use crate::cli::RunArgs;
 use crate::definitions;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    orchestrator::telemetry::init();
+    orchestrator::telemetry::init_service("orchestrator");
     let definitions = definitions::load(std::slice::from_ref(&args.config))?;
     let connection_name = args
         .connection_name
@@ -35,9 +35,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         auth,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let shutdown = saga_amqp::shutdown_on_signal();
         info!(sagas = definitions.sagas.len(), config = %args.config.display(), "starting");
         service::serve(definitions, config, shutdown).await
-    })
+    });
+    saga_amqp::trace::shutdown();
+    result
 }

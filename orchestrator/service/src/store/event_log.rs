@@ -64,6 +64,8 @@ pub struct Commit {
     pub inbox_id: Option<Uuid>,
     /// Recorded when the saga row is inserted (`expected_version == 0`); unique per saga name.
     pub idempotency_key: Option<String>,
+    /// Recorded when the saga row is inserted: the W3C `traceparent` of the saga's start.
+    pub trace_parent: Option<String>,
     /// `recorded_at` of the events, `updated_at` (and `created_at` on insert) of the saga row.
     pub now: DateTime<Utc>,
 }
@@ -82,6 +84,7 @@ impl Commit {
             fired_timer: None,
             inbox_id: None,
             idempotency_key: None,
+            trace_parent: None,
             now,
         }
     }
@@ -136,6 +139,24 @@ impl Store {
             .into_tuple()
             .one(&self.db)
             .await?)
+    }
+
+    /// The W3C `traceparent` recorded at the start of each traced saga among `ids`.
+    pub async fn trace_parents(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, StoreError> {
+        let mut parents = HashMap::new();
+        for chunk in ids.chunks(MAX_PARAMS) {
+            let rows: Vec<(Uuid, String)> = sagas::Entity::find()
+                .select_only()
+                .column(sagas::Column::Id)
+                .column(sagas::Column::TraceParent)
+                .filter(sagas::Column::Id.is_in(chunk.iter().copied()))
+                .filter(sagas::Column::TraceParent.is_not_null())
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            parents.extend(rows);
+        }
+        Ok(parents)
     }
 
     /// Writes every commit in ONE transaction (see [`Commit`]) and returns the number of

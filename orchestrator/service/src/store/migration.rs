@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0003CreateMeta),
             Box::new(M0004IndexInboxReceivedAt),
             Box::new(M0005CreateDefinitions),
+            Box::new(M0006AddSagasTraceParent),
         ]
     }
 }
@@ -410,6 +411,44 @@ impl MigrationTrait for M0005CreateDefinitions {
                 Table::drop()
                     .table(Definitions::Table)
                     .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// `sagas.trace_parent`: the W3C `traceparent` of a saga's start, the parent of the spans of
+/// inputs that carry no trace context of their own (timers, operator commands).
+struct M0006AddSagasTraceParent;
+
+impl MigrationName for M0006AddSagasTraceParent {
+    fn name(&self) -> &str {
+        "m0006_add_sagas_trace_parent"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0006AddSagasTraceParent {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.has_column("sagas", "trace_parent").await? {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Sagas::Table)
+                    .add_column(text_null(Alias::new("trace_parent")))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Sagas::Table)
+                    .drop_column(Alias::new("trace_parent"))
                     .to_owned(),
             )
             .await

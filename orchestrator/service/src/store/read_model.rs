@@ -291,7 +291,7 @@ impl SagaRow {
 }
 
 /// Columns a commit rewrites on an existing saga row (never `id`, `name`, `idempotency_key`,
-/// `created_at`).
+/// `trace_parent`, `created_at`).
 pub(super) const STATE_COLUMNS: [sagas::Column; 8] = [
     sagas::Column::Status,
     sagas::Column::BusinessKey,
@@ -303,7 +303,7 @@ pub(super) const STATE_COLUMNS: [sagas::Column; 8] = [
     sagas::Column::UpdatedAt,
 ];
 
-/// Columns the rebuild rewrites: all but `id` and `idempotency_key`.
+/// Columns the rebuild rewrites: all but `id`, `idempotency_key` and `trace_parent`.
 const REBUILT_COLUMNS: [sagas::Column; 10] = [
     sagas::Column::Name,
     sagas::Column::Status,
@@ -318,7 +318,7 @@ const REBUILT_COLUMNS: [sagas::Column; 10] = [
 ];
 
 /// Number of columns of `sagas`, to size the chunks of multi-row statements.
-pub(super) const SAGA_COLUMNS: usize = 12;
+pub(super) const SAGA_COLUMNS: usize = 13;
 
 /// Sagas folded per round trip by the rebuild.
 const REBUILD_CHUNK: usize = 500;
@@ -349,6 +349,7 @@ pub(super) fn saga_active_model(
     saga_id: Uuid,
     state: &SagaState,
     idempotency_key: Option<String>,
+    trace_parent: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 ) -> Result<sagas::ActiveModel, String> {
@@ -366,6 +367,7 @@ pub(super) fn saga_active_model(
         data: Set(data),
         state: Set(snapshot),
         version: Set(version),
+        trace_parent: Set(trace_parent),
         created_at: Set(created_at),
         updated_at: Set(updated_at),
     })
@@ -432,8 +434,15 @@ fn fold(log: &[saga_events::Model]) -> Result<sagas::ActiveModel, StoreError> {
     let saga_id = log[0].saga_id;
     let state = fold_log(saga_id, log)?;
     let (first, last) = (&log[0], &log[log.len() - 1]);
-    saga_active_model(saga_id, &state, None, first.recorded_at, last.recorded_at)
-        .map_err(StoreError::Corrupt)
+    saga_active_model(
+        saga_id,
+        &state,
+        None,
+        None,
+        first.recorded_at,
+        last.recorded_at,
+    )
+    .map_err(StoreError::Corrupt)
 }
 
 /// The saga's state as the fold of its whole log (ordered by `seq`, without gaps).

@@ -27,6 +27,9 @@ pub struct Model {
     #[sea_orm(column_type = "Text")]
     pub state: String,
     pub version: i64,
+    /// The W3C `traceparent` of the saga's start, when it was traced.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub trace_parent: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
