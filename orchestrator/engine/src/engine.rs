@@ -396,17 +396,21 @@ impl Ctx<'_> {
             .is_some_and(|s| s.action.is_pending())
     }
 
-    /// Why the step of a parallel group at `index` breaks its group: it failed, or its output
-    /// wrote a key the step does not declare (its siblings' replies arrive in any order, so an
-    /// undeclared key could overwrite theirs depending on timing).
-    fn breaks_group(&self, index: usize) -> Option<String> {
+    /// Why the step of a parallel group at `index` breaks its group, and the `seq` of the event
+    /// that shows it: it failed, or its output wrote a key the step does not declare (its
+    /// siblings' replies arrive in any order, so an undeclared key could overwrite theirs
+    /// depending on timing).
+    fn breaks_group(&self, index: usize) -> Option<(u64, String)> {
         let d = &self.def.steps[index];
         let s = self.state.step(&d.name)?;
         if s.failed {
-            return Some(format!(
-                "step `{}` failed: {}",
-                d.name,
-                s.last_error.as_deref().unwrap_or_default()
+            return Some((
+                s.failed_seq.unwrap_or(u64::MAX),
+                format!(
+                    "step `{}` failed: {}",
+                    d.name,
+                    s.last_error.as_deref().unwrap_or_default()
+                ),
             ));
         }
         let declared = d.outputs.as_deref().unwrap_or_default();
@@ -416,15 +420,19 @@ impl Ctx<'_> {
             .filter(|_| s.completed)?
             .keys()
             .find(|k| !declared.contains(k))?;
-        Some(format!(
-            "step `{}` wrote the output key `{undeclared}`, which it does not declare in \
-             `outputs`",
-            d.name
+        Some((
+            s.completed_seq.unwrap_or(u64::MAX),
+            format!(
+                "step `{}` wrote the output key `{undeclared}`, which it does not declare in \
+                 `outputs`",
+                d.name
+            ),
         ))
     }
 
     /// Once no step of the parallel group `stage` awaits its answer: why the saga must be
-    /// compensated instead of going on, if it must.
+    /// compensated instead of going on, if it must. The step that broke the group first names
+    /// it (a sibling's later failure may be only the consequence: not retried).
     fn group_stop(&self, stage: std::ops::Range<usize>) -> Option<String> {
         if let Some(abort) = &self.state.abort_requested {
             return Some(format!("aborted: {abort}"));
@@ -432,7 +440,10 @@ impl Ctx<'_> {
         if self.state.deadline_exceeded {
             return Some("saga deadline exceeded".into());
         }
-        stage.into_iter().find_map(|i| self.breaks_group(i))
+        stage
+            .filter_map(|i| self.breaks_group(i))
+            .min_by_key(|(seq, _)| *seq)
+            .map(|(_, why)| why)
     }
 
     /// A sibling of step `index` in its parallel group broke the group: the saga will be

@@ -80,6 +80,10 @@ pub struct StepState {
     /// parallel group are compensated in reverse order of it.
     #[serde(default)]
     pub completed_seq: Option<u64>,
+    /// The `seq` of the event that recorded the action's definitive failure: the first step
+    /// of a group to fail names the group's failure.
+    #[serde(default)]
+    pub failed_seq: Option<u64>,
 }
 
 /// A step's status as shown to people (API, read model).
@@ -120,6 +124,7 @@ impl StepState {
             started_at: None,
             expires_at: None,
             completed_seq: None,
+            failed_seq: None,
         }
     }
 
@@ -272,8 +277,10 @@ impl SagaState {
                 }
             }
             SagaEvent::StepFailed { step, reason, .. } => {
+                let seq = self.version;
                 let s = self.step_mut(step);
                 s.failed = true;
+                s.failed_seq = Some(seq);
                 s.action.silences = 0;
                 s.last_error = Some(reason.clone());
                 s.action.in_flight = None;

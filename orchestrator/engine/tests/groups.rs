@@ -241,3 +241,21 @@ fn a_path_through_a_failed_group_keeps_the_invariants() {
     ]);
     invariants(&s.def, s.saga_id, &s.log, s.state.as_ref().unwrap()).unwrap();
 }
+
+#[test]
+fn the_step_that_broke_the_group_first_names_the_compensation() {
+    let s = given(fork())
+        .started()
+        .and([
+            ok("order", 1, json!({})),
+            ok("a", 1, json!({})),
+            fail("c", 1, "no slot"),
+        ])
+        .when(error("b", 1, "busy"));
+    assert_eq!(s.status(), SagaStatus::Compensating);
+    assert_eq!(
+        s.state.as_ref().unwrap().compensation_reason.as_deref(),
+        Some("step `c` failed: no slot"),
+        "b failed only because c had: it was not retried"
+    );
+}
