@@ -982,6 +982,8 @@ fn a_definition_without_groups_serialises_as_before() {
         }
         assert_eq!(saga.version, saga.content_version());
     }
+    // As computed before groups existed.
+    assert_eq!(defs.sagas[0].version, "715e8f96b5741cfa");
     let groups = saga_with(&format!(
         "      - parallel:\n{}",
         grouped_step(10, "a", "[ka]")
