@@ -55,8 +55,30 @@ pub struct SagaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_schema: Option<serde_json::Value>,
     /// The steps, in order: compensatable steps, then at most one pivot, then retriable steps.
+    /// An item may be a `parallel` group of steps that run at once.
     #[schemars(length(min = 1))]
-    pub steps: Vec<StepSpec>,
+    pub steps: Vec<StepEntrySpec>,
+}
+
+/// An item of a saga's `steps`: one step, or a group of steps that run at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StepEntrySpec {
+    Step(Box<StepSpec>),
+    Parallel(ParallelSpec),
+}
+
+/// A group of steps sent at once, each to its own participant. The group succeeds when every
+/// step succeeds; when one fails, the others' definitive answers are awaited, then every
+/// completed step is compensated (the group's in reverse order of completion). All its steps
+/// are compensatable, or it holds only the pivot; each declares its `outputs`, and no two of
+/// them declare the same key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// The steps of the group (no nested groups).
+    #[schemars(length(min = 1))]
+    pub parallel: Vec<StepSpec>,
 }
 
 /// One step of a saga: a command sent to one participant.
@@ -84,6 +106,11 @@ pub struct StepSpec {
     /// `compensatable` (the default), `pivot` or `retriable`.
     #[serde(default)]
     pub kind: StepKindSpec,
+    /// The keys of the saga data this step's output may write. Required on the steps of a
+    /// `parallel` group, where no two steps may declare the same key (their replies arrive in
+    /// any order); a key a parallel step writes without declaring it fails the saga.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<String>>,
     /// How long one attempt waits for its reply before the step is asked again (e.g. `5s`).
     /// Default `30s`. Each further silence doubles the wait, up to `1m` (or `timeout` if
     /// longer). Silence never fails a step.
@@ -188,7 +215,7 @@ macro_rules! mapping_keys {
     )*};
 }
 
-mapping_keys!(DefinitionFile, SagaSpec, StepSpec, RetrySpec);
+mapping_keys!(DefinitionFile, SagaSpec, StepSpec, RetrySpec, ParallelSpec);
 
 #[cfg(test)]
 mod tests {

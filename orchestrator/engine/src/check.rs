@@ -531,7 +531,9 @@ macro_rules! ensure {
 }
 
 /// The saga invariants over a log and the state it folds to: replay, reverse-order
-/// compensation, no action after compensation began, no compensation of a step that is not
+/// compensation (stages in reverse definition order; within a parallel group, steps in reverse
+/// order of completion, one that may have run without a recorded completion first), no
+/// compensation before every sent step of a parallel group was answered definitively, no action after compensation began, no compensation of a step that is not
 /// compensatable or surely did not run, no compensation past the point of no return, retry
 /// budgets kept, no command after the saga completed or was compensated (but for the
 /// compensation of a step whose success arrives after the saga was compensated).
@@ -553,13 +555,17 @@ pub fn invariants(
     let mut finished = false;
     let mut late_success = false;
     let mut sent: HashSet<CommandKey> = HashSet::new();
-    let mut first_compensations: Vec<usize> = Vec::new();
+    // (stage, completion, step) of each step's first compensation: must decrease.
+    let mut first_compensations: Vec<(usize, usize, usize)> = Vec::new();
+    let mut completed_at: HashMap<String, usize> = HashMap::new();
+    // Steps sent whose definitive answer (completion or failure) is not recorded yet.
+    let mut awaiting: BTreeSet<String> = BTreeSet::new();
     let mut budget_used: HashMap<String, u32> = HashMap::new();
     let mut may_have_run: HashMap<String, BTreeSet<u32>> = HashMap::new();
     let mut compensated_once: BTreeSet<String> = BTreeSet::new();
     let mut pivots_heard_nothing: BTreeSet<String> = BTreeSet::new();
 
-    for event in log {
+    for (position, event) in log.iter().enumerate() {
         match event {
             SagaEvent::CommandSent {
                 step,
@@ -584,6 +590,7 @@ pub fn invariants(
                         if d.kind == StepKind::Retriable {
                             committed = true;
                         }
+                        awaiting.insert(step.clone());
                         may_have_run
                             .entry(step.clone())
                             .or_default()
@@ -599,7 +606,8 @@ pub fn invariants(
                             "`{step}` was compensated although its action surely did not run"
                         );
                         if compensated_once.insert(step.clone()) {
-                            first_compensations.push(i);
+                            let completion = completed_at.get(step).copied().unwrap_or(usize::MAX);
+                            first_compensations.push((def.stage(i).start, completion, i));
                         }
                     }
                 }
@@ -632,6 +640,7 @@ pub fn invariants(
                 );
             }
             SagaEvent::StepFailed { step, attempt, .. } => {
+                awaiting.remove(step);
                 let timed_out = log.iter().any(|e| {
                     matches!(e, SagaEvent::AttemptTimedOut { step: s, direction: Direction::Execute, attempt: a }
                         if s == step && a == attempt)
@@ -652,6 +661,8 @@ pub fn invariants(
                 // (to be safe with a participant that would not refuse a late action): the
                 // one case where commands follow the end, after a new CompensationStarted.
                 late_success |= finished;
+                completed_at.insert(step.clone(), position);
+                awaiting.remove(step);
                 may_have_run.entry(step.clone()).or_default().insert(0);
                 if index(step).is_some_and(|i| def.steps[i].kind == StepKind::Pivot)
                     && !compensation_began
@@ -675,6 +686,14 @@ pub fn invariants(
                     !finished || late_success,
                     "compensation began again after the saga ended, with no late success"
                 );
+                let unheard = awaiting
+                    .iter()
+                    .find(|s| index(s).is_some_and(|i| def.is_parallel(i)));
+                ensure!(
+                    unheard.is_none(),
+                    "compensation began while `{}` of a parallel group awaited its answer",
+                    unheard.map_or("", |s| s.as_str())
+                );
                 finished = false;
                 late_success = false;
                 compensation_began = true;
@@ -688,7 +707,7 @@ pub fn invariants(
         "compensations out of reverse order: {:?}",
         first_compensations
             .iter()
-            .map(|i| def.steps[*i].name.as_str())
+            .map(|(_, _, i)| def.steps[*i].name.as_str())
             .collect::<Vec<_>>()
     );
     if committed {

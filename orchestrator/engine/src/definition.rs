@@ -86,6 +86,38 @@ impl SagaDefinition {
     pub fn step(&self, name: &str) -> Option<(usize, &StepDefinition)> {
         self.steps.iter().enumerate().find(|(_, s)| s.name == name)
     }
+
+    /// The indexes of the steps that run together with step `index`: its `parallel` group, or
+    /// the step alone. A saga runs stage after stage.
+    pub fn stage(&self, index: usize) -> std::ops::Range<usize> {
+        let Some(group) = self.steps[index].group else {
+            return index..index + 1;
+        };
+        let same = |i: &usize| self.steps[*i].group == Some(group);
+        let start = (0..index).rev().take_while(same).last().unwrap_or(index);
+        let end = (index..self.steps.len())
+            .take_while(same)
+            .last()
+            .unwrap_or(index);
+        start..end + 1
+    }
+
+    /// Every stage in order: each a range of step indexes.
+    pub fn stages(&self) -> Vec<std::ops::Range<usize>> {
+        let mut stages = Vec::new();
+        let mut i = 0;
+        while i < self.steps.len() {
+            let stage = self.stage(i);
+            i = stage.end;
+            stages.push(stage);
+        }
+        stages
+    }
+
+    /// Whether step `index` runs in a group with other steps.
+    pub fn is_parallel(&self, index: usize) -> bool {
+        self.stage(index).len() > 1
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
@@ -117,6 +149,14 @@ pub struct StepDefinition {
     /// Retries of the compensation after a retryable error, before the saga waits for an
     /// operator.
     pub compensation_retry: RetryPolicy,
+    /// The `parallel` group the step belongs to: the position of the group in the saga's
+    /// `steps` list. The steps of one group are consecutive and run at once. Left out of the
+    /// serialised form when absent, so definitions without groups keep their content version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
+    /// The data keys the step's output may write, when declared (always, in a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<String>>,
 }
 
 impl StepDefinition {

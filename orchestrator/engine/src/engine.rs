@@ -301,7 +301,9 @@ fn start(
             due_at,
         });
     }
-    ctx.send(0, Direction::Execute, 1);
+    for index in def.stage(0) {
+        ctx.send(index, Direction::Execute, 1);
+    }
     ctx.into_decision()
 }
 
@@ -379,6 +381,92 @@ impl Ctx<'_> {
                 StepKind::Compensatable => false,
             })
         })
+    }
+
+    /// A step of a parallel group awaits its answer (or its retry): the group's outcome, and
+    /// so the order in which its steps would be compensated, is not known yet.
+    fn group_unsettled(&self) -> bool {
+        (0..self.def.steps.len()).any(|i| self.def.is_parallel(i) && self.pending(i))
+    }
+
+    /// The action of step `index` awaits its reply or its retry.
+    fn pending(&self, index: usize) -> bool {
+        self.state
+            .step(&self.def.steps[index].name)
+            .is_some_and(|s| s.action.is_pending())
+    }
+
+    /// Why the step of a parallel group at `index` breaks its group, and the `seq` of the event
+    /// that shows it: it failed, or its output wrote a key the step does not declare (its
+    /// siblings' replies arrive in any order, so an undeclared key could overwrite theirs
+    /// depending on timing).
+    fn breaks_group(&self, index: usize) -> Option<(u64, String)> {
+        let d = &self.def.steps[index];
+        let s = self.state.step(&d.name)?;
+        if s.failed {
+            return Some((
+                s.failed_seq.unwrap_or(u64::MAX),
+                format!(
+                    "step `{}` failed: {}",
+                    d.name,
+                    s.last_error.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        let declared = d.outputs.as_deref().unwrap_or_default();
+        let undeclared = s
+            .output
+            .as_ref()
+            .filter(|_| s.completed)?
+            .keys()
+            .find(|k| !declared.contains(k))?;
+        Some((
+            s.completed_seq.unwrap_or(u64::MAX),
+            format!(
+                "step `{}` wrote the output key `{undeclared}`, which it does not declare in \
+                 `outputs`",
+                d.name
+            ),
+        ))
+    }
+
+    /// Once no step of the parallel group `stage` awaits its answer: why the saga must be
+    /// compensated instead of going on, if it must. The step that broke the group first names
+    /// it (a sibling's later failure may be only the consequence: not retried).
+    fn group_stop(&self, stage: std::ops::Range<usize>) -> Option<String> {
+        if let Some(abort) = &self.state.abort_requested {
+            return Some(format!("aborted: {abort}"));
+        }
+        if self.state.deadline_exceeded {
+            return Some("saga deadline exceeded".into());
+        }
+        stage
+            .filter_map(|i| self.breaks_group(i))
+            .min_by_key(|(seq, _)| *seq)
+            .map(|(_, why)| why)
+    }
+
+    /// A sibling of step `index` in its parallel group broke the group: the saga will be
+    /// compensated once the others answer, so a retryable error is not retried.
+    fn group_failing(&self, index: usize) -> bool {
+        self.def.is_parallel(index)
+            && self
+                .def
+                .stage(index)
+                .any(|i| i != index && self.breaks_group(i).is_some())
+    }
+
+    /// Step `index` failed definitively while running forward, for `why`. Alone, it starts
+    /// compensation; in a parallel group, compensation waits for the definitive answers of the
+    /// siblings still in flight, so that every step that completed is known and undone.
+    fn step_failed(&mut self, index: usize, why: String) {
+        let stage = self.def.stage(index);
+        if stage.len() == 1 {
+            self.begin_compensation(why);
+        } else if !stage.clone().any(|i| self.pending(i)) {
+            let why = self.group_stop(stage).unwrap_or(why);
+            self.begin_compensation(why);
+        }
     }
 
     /// The pivot was asked and its definitive answer is still owed: an attempt awaits its reply,
@@ -568,7 +656,7 @@ impl Ctx<'_> {
                         attempt,
                         reason: reason.clone(),
                     });
-                    self.begin_compensation(format!("step `{name}` failed: {reason}"));
+                    self.step_failed(index, format!("step `{name}` failed: {reason}"));
                 }
                 Ok(())
             }
@@ -598,7 +686,9 @@ impl Ctx<'_> {
         let name = def.name.clone();
         let step = self.state.step(&name).cloned().expect("sent step");
         let errors = step.action.errors;
-        let stopping = self.state.deadline_exceeded || self.state.abort_requested.is_some();
+        let stopping = self.state.deadline_exceeded
+            || self.state.abort_requested.is_some()
+            || self.group_failing(index);
         // A pivot with an unanswered attempt may still run: only its definitive answer (the
         // recorded outcome, or the expiry refusal) may end it.
         let must_hear_back = def.kind == StepKind::Pivot && step.maybe_ran;
@@ -638,12 +728,24 @@ impl Ctx<'_> {
             Some(abort) => format!("aborted: {abort}"),
             None => format!("step `{name}` failed: {reason}"),
         };
-        self.begin_compensation(why);
+        self.step_failed(index, why);
     }
 
-    /// Step `index` completed while running forward.
+    /// Step `index` completed while running forward. In a parallel group, the saga goes on
+    /// once every step of the group completed; if one broke the group (or a stop was asked
+    /// meanwhile), it is compensated once none awaits its answer.
     fn advance(&mut self, index: usize) {
-        let next = index + 1;
+        let stage = self.def.stage(index);
+        if stage.len() > 1 {
+            if stage.clone().any(|i| self.pending(i)) {
+                return;
+            }
+            if let Some(why) = self.group_stop(stage.clone()) {
+                self.begin_compensation(why);
+                return;
+            }
+        }
+        let next = stage.end;
         let commits = self.def.steps[index].kind == StepKind::Pivot
             || self
                 .def
@@ -657,12 +759,14 @@ impl Ctx<'_> {
             self.cancel(TimerKind::Deadline);
         }
         if next < self.def.steps.len() {
-            let attempt = self
-                .state
-                .step(&self.def.steps[next].name)
-                .map_or(0, |s| s.action.sent)
-                + 1;
-            self.send(next, Direction::Execute, attempt);
+            for index in self.def.stage(next) {
+                let attempt = self
+                    .state
+                    .step(&self.def.steps[index].name)
+                    .map_or(0, |s| s.action.sent)
+                    + 1;
+                self.send(index, Direction::Execute, attempt);
+            }
         } else {
             self.emit(SagaEvent::SagaCompleted);
         }
@@ -686,20 +790,31 @@ impl Ctx<'_> {
         self.continue_compensation();
     }
 
-    /// Sends the next compensation, in reverse step order, or settles the saga.
+    /// Sends the next compensation, or settles the saga. Stages are undone in reverse order;
+    /// within a parallel group, steps in reverse order of completion, a step that may have run
+    /// without a recorded completion first (it would have completed last).
     fn continue_compensation(&mut self) {
         if self.state.status != SagaStatus::Compensating
             || self.state.steps.iter().any(|s| s.compensation.is_pending())
         {
             return;
         }
-        let owed = self.def.steps.iter().enumerate().rev().find(|(_, d)| {
-            d.kind == StepKind::Compensatable
-                && self
-                    .state
-                    .step(&d.name)
-                    .is_some_and(|s| s.may_need_undo() && !s.compensated && !s.compensation_failed)
-        });
+        let owed = self
+            .def
+            .steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let s = self.state.step(&d.name)?;
+                let owed = d.kind == StepKind::Compensatable
+                    && s.may_need_undo()
+                    && !s.compensated
+                    && !s.compensation_failed;
+                let completion = s.completed_seq.filter(|_| s.completed).unwrap_or(u64::MAX);
+                owed.then_some(((self.def.stage(i).start, completion, i), (i, d)))
+            })
+            .max_by_key(|(order, _)| *order)
+            .map(|(_, owed)| owed);
         if let Some((index, d)) = owed {
             let attempt = self.state.step(&d.name).map_or(0, |s| s.compensation.sent) + 1;
             self.send(index, Direction::Compensate, attempt);
@@ -882,8 +997,9 @@ impl Ctx<'_> {
                     return ignore(Ignored::DeadlineNotApplicable);
                 }
                 self.emit(SagaEvent::DeadlineExceeded);
-                // An unsettled pivot decides: if it succeeds, the saga must finish.
-                if !self.pivot_unsettled() {
+                // An unsettled pivot decides: if it succeeds, the saga must finish. A parallel
+                // group's siblings are heard out first, so every completed step is undone.
+                if !self.pivot_unsettled() && !self.group_unsettled() {
                     self.begin_compensation("saga deadline exceeded".into());
                 }
                 Ok(())
@@ -909,7 +1025,7 @@ impl Ctx<'_> {
                     reason: reason.clone(),
                     by,
                 });
-                if !self.pivot_unsettled() {
+                if !self.pivot_unsettled() && !self.group_unsettled() {
                     self.begin_compensation(format!("aborted: {reason}"));
                 }
                 Ok(())

@@ -5,7 +5,8 @@
 //! undoes the compensatable steps completed before it in reverse order and ends in
 //! `compensated`. A retriable step cannot fail: it has a `retry` loop instead. Node shapes follow
 //! the kind: rectangles for compensatable steps, a hexagon for the pivot, rounded boxes for
-//! retriable steps.
+//! retriable steps. A parallel group forks into its steps and joins after them; its
+//! compensations form a subgraph, run in reverse order of completion.
 
 use std::fmt::Write;
 
@@ -56,47 +57,87 @@ pub fn mermaid(def: &SagaDefinition) -> String {
         let _ = writeln!(w, "    compensated([\"compensated\"])");
     }
 
-    // The forward path.
+    // The forward path; a parallel group forks into its steps and joins after them.
+    let stages = def.stages();
     let mut previous = "start".to_owned();
-    for (i, step) in def.steps.iter().enumerate() {
-        let id = step_id(i, &step.name);
-        let _ = writeln!(w, "    {previous} --> {id}");
-        previous = id;
+    for stage in &stages {
+        if stage.len() == 1 {
+            let id = step_id(stage.start, &def.steps[stage.start].name);
+            let _ = writeln!(w, "    {previous} --> {id}");
+            previous = id;
+            continue;
+        }
+        let (fork, join) = (
+            format!("fork{}", stage.start),
+            format!("join{}", stage.start),
+        );
+        let _ = writeln!(w, "    {fork}((\"fork\"))");
+        let _ = writeln!(w, "    {join}((\"join\"))");
+        let _ = writeln!(w, "    {previous} --> {fork}");
+        for i in stage.clone() {
+            let id = step_id(i, &def.steps[i].name);
+            let _ = writeln!(w, "    {fork} --> {id}");
+            let _ = writeln!(w, "    {id} --> {join}");
+        }
+        previous = join;
     }
     let _ = writeln!(w, "    {previous} --> completed");
 
-    // Failures, and the retry loops of steps that cannot fail.
+    // What undoes each stage: one compensation, or a parallel group's compensations as a
+    // subgraph (run in reverse order of completion, which only the run knows).
+    let undo_stage = |stage: &std::ops::Range<usize>| -> Option<String> {
+        let mine: Vec<usize> = compensatable
+            .iter()
+            .copied()
+            .filter(|c| stage.contains(c))
+            .collect();
+        match mine.as_slice() {
+            [] => None,
+            [one] if stage.len() == 1 => Some(undo_id(*one, &def.steps[*one].name)),
+            _ => Some(format!("undo{}", stage.start)),
+        }
+    };
+    let undo_stages: Vec<(usize, String)> = stages
+        .iter()
+        .filter_map(|stage| undo_stage(stage).map(|id| (stage.start, id)))
+        .collect();
+    for stage in stages.iter().filter(|s| s.len() > 1) {
+        if let Some(id) = undo_stage(stage) {
+            let _ = writeln!(
+                w,
+                "    subgraph {id} [\"undo in reverse order of completion\"]"
+            );
+            for i in stage.clone() {
+                let _ = writeln!(w, "        {}", undo_id(i, &def.steps[i].name));
+            }
+            let _ = writeln!(w, "    end");
+        }
+    }
+
+    // Failures, and the retry loops of steps that cannot fail. A step of a group that fails
+    // leads to its own group's compensations: its siblings may have completed.
     for (i, step) in def.steps.iter().enumerate() {
         let id = step_id(i, &step.name);
         if step.kind == StepKind::Retriable {
             let _ = writeln!(w, "    {id} -->|retry| {id}");
             continue;
         }
-        let target = compensatable
+        let stage = def.stage(i);
+        let target = undo_stages
             .iter()
             .rev()
-            .find(|&&c| c < i)
-            .map(|&c| undo_id(c, &def.steps[c].name))
+            .find(|(start, _)| *start < stage.start || (stage.len() > 1 && *start == stage.start))
+            .map(|(_, id)| id.clone())
             .unwrap_or_else(|| "compensated".to_owned());
         let _ = writeln!(w, "    {id} -.->|fails| {target}");
     }
 
     // The compensation chain, newest first.
-    for pair in compensatable.windows(2).rev() {
-        let (earlier, later) = (pair[0], pair[1]);
-        let _ = writeln!(
-            w,
-            "    {} --> {}",
-            undo_id(later, &def.steps[later].name),
-            undo_id(earlier, &def.steps[earlier].name)
-        );
+    for pair in undo_stages.windows(2).rev() {
+        let _ = writeln!(w, "    {} --> {}", pair[1].1, pair[0].1);
     }
-    if let Some(&first) = compensatable.first() {
-        let _ = writeln!(
-            w,
-            "    {} --> compensated",
-            undo_id(first, &def.steps[first].name)
-        );
+    if let Some((_, first)) = undo_stages.first() {
+        let _ = writeln!(w, "    {first} --> compensated");
     }
 
     let _ = writeln!(w, "    classDef undo stroke-dasharray: 5 3");
@@ -212,6 +253,46 @@ sagas:
             "{chart}"
         );
         assert!(chart.contains("c0_say__hi___1 --> compensated"), "{chart}");
+    }
+
+    #[test]
+    fn a_group_forks_and_joins_and_is_undone_as_a_subgraph() {
+        let defs = Definitions::parse(
+            "parallel.yaml",
+            include_str!("../../examples/parallel.yaml"),
+        )
+        .unwrap();
+        let chart = mermaid(defs.get("parallel-checkout").unwrap());
+        assert_eq!(
+            edges(&chart),
+            [
+                "start --> s0_create_order",
+                "s0_create_order --> fork1",
+                "fork1 --> s1_reserve_stock",
+                "s1_reserve_stock --> join1",
+                "fork1 --> s2_take_payment",
+                "s2_take_payment --> join1",
+                "join1 --> s3_schedule_shipment",
+                "s3_schedule_shipment --> s4_approve_order",
+                "s4_approve_order --> completed",
+                "s0_create_order -.->|fails| compensated",
+                "s1_reserve_stock -.->|fails| undo1",
+                "s2_take_payment -.->|fails| undo1",
+                "s3_schedule_shipment -->|retry| s3_schedule_shipment",
+                "s4_approve_order -->|retry| s4_approve_order",
+                "undo1 --> c0_create_order",
+                "c0_create_order --> compensated",
+            ],
+            "{chart}"
+        );
+        assert!(
+            chart.contains(
+                "    subgraph undo1 [\"undo in reverse order of completion\"]\n        \
+                 c1_reserve_stock\n        c2_take_payment\n    end\n"
+            ),
+            "{chart}"
+        );
+        assert!(chart.contains(r#"    fork1(("fork"))"#), "{chart}");
     }
 
     #[test]

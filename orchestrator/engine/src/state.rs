@@ -19,7 +19,8 @@ pub struct SagaState {
     pub abort_requested: Option<String>,
     /// Why compensation began, once it has.
     pub compensation_reason: Option<String>,
-    /// Steps in the order they were first sent, which is definition order.
+    /// Steps in the order they were first sent, which is definition order (the steps of a
+    /// parallel group are sent together, in definition order).
     pub steps: Vec<StepState>,
     /// Each settled status the saga reached, with the `seq` of the event that first reached
     /// it: a saga is counted once per status, however often it comes back to it.
@@ -75,6 +76,14 @@ pub struct StepState {
     /// After this the participant refuses to start the action (fixed at the first attempt).
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The `seq` of the event that recorded the action's latest completion: the steps of a
+    /// parallel group are compensated in reverse order of it.
+    #[serde(default)]
+    pub completed_seq: Option<u64>,
+    /// The `seq` of the event that recorded the action's definitive failure: the first step
+    /// of a group to fail names the group's failure.
+    #[serde(default)]
+    pub failed_seq: Option<u64>,
 }
 
 /// A step's status as shown to people (API, read model).
@@ -114,6 +123,8 @@ impl StepState {
             last_error: None,
             started_at: None,
             expires_at: None,
+            completed_seq: None,
+            failed_seq: None,
         }
     }
 
@@ -245,8 +256,10 @@ impl SagaState {
                 if self.status == SagaStatus::CompletionFailed {
                     self.status = SagaStatus::Running;
                 }
+                let seq = self.version;
                 let s = self.step_mut(step);
                 s.completed = true;
+                s.completed_seq = Some(seq);
                 s.failed = false;
                 s.action.silences = 0;
                 if s.compensated {
@@ -264,8 +277,10 @@ impl SagaState {
                 }
             }
             SagaEvent::StepFailed { step, reason, .. } => {
+                let seq = self.version;
                 let s = self.step_mut(step);
                 s.failed = true;
+                s.failed_seq = Some(seq);
                 s.action.silences = 0;
                 s.last_error = Some(reason.clone());
                 s.action.in_flight = None;

@@ -197,3 +197,58 @@ mod invariants {
         assert!(error.contains("after compensation began"), "{error}");
     }
 }
+
+/// order, then [a, b] at once, then pay (pivot) and ship (retriable).
+fn grouped() -> saga_engine::SagaDefinition {
+    let parallel = |name: &str| saga_engine::StepDefinition {
+        group: Some(1),
+        outputs: Some(vec![format!("{name}_id")]),
+        ..step(name, StepKind::Compensatable)
+    };
+    saga(vec![
+        step("order", StepKind::Compensatable),
+        parallel("a"),
+        parallel("b"),
+        step("pay", StepKind::Pivot),
+        step("ship", StepKind::Retriable),
+    ])
+}
+
+#[test]
+fn a_group_explores_the_interleavings_of_its_replies_and_the_invariants_hold() {
+    let def = grouped();
+    let calm = explore(&def, bounds(0));
+    // Without faults, the siblings answer in either order: two paths, both completed.
+    assert_eq!(calm.paths, 2);
+    assert!(
+        calm.outcomes
+            .iter()
+            .all(|o| o.status == SagaStatus::Completed)
+    );
+
+    let mut def = grouped();
+    def.deadline = Some(Duration::from_secs(60));
+    let report = explore(&def, bounds(2));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.truncated, 0);
+    // A sibling's failure waits for the other's answer: the shortest way to this ending is
+    // both failing, with the group's compensation left empty.
+    let failed = report
+        .outcomes
+        .iter()
+        .find(|o| {
+            o.cause.as_deref() == Some("step `a` failed: declined by the participant")
+                && o.status == SagaStatus::Compensated
+        })
+        .expect("a failed sibling is compensated");
+    assert_eq!(
+        failed.witness,
+        [
+            "the saga starts",
+            "`order` action #1 answers success",
+            "`a` action #1 answers failure (declined by the participant)",
+            "`b` action #1 answers failure (declined by the participant)",
+            "`order` compensation #1 answers success",
+        ]
+    );
+}

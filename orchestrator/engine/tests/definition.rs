@@ -110,6 +110,8 @@ fn the_example_parses_into_the_expected_values() {
         expiry: (kind != StepKind::Retriable).then_some(secs(60)),
         retry,
         compensation_retry: DEFAULT_COMPENSATION_RETRY,
+        group: None,
+        outputs: None,
     };
     let expected = vec![
         step(
@@ -209,6 +211,8 @@ fn defaults_apply_to_every_key_left_out() {
             expiry: Some(DEFAULT_EXPIRY),
             retry: DEFAULT_RETRY,
             compensation_retry: DEFAULT_COMPENSATION_RETRY,
+            group: None,
+            outputs: None,
         }]
     );
 }
@@ -927,5 +931,195 @@ fn the_wait_for_a_reply_doubles_on_each_silence_up_to_a_cap() {
         defs.sagas[0].steps[0].wait_after(3),
         secs(300),
         "never below timeout"
+    );
+}
+
+// --- Parallel groups -------------------------------------------------------------------------
+
+/// A compensatable step `name` at indent `pad` (spaces before `- name`) declaring `outputs`.
+fn grouped_step(pad: usize, name: &str, outputs: &str) -> String {
+    let p = " ".repeat(pad);
+    format!(
+        "{p}- name: {name}\n{p}  participant: p\n{p}  action: do\n{p}  compensation: undo\n\
+         {p}  outputs: {outputs}\n"
+    )
+}
+
+#[test]
+fn a_parallel_group_reads_as_consecutive_steps_of_one_group() {
+    let yaml = saga_with(&format!(
+        "{GOOD_STEP}      - parallel:\n{}{}      - name: z\n        participant: p\n        \
+         action: do\n        kind: pivot\n",
+        grouped_step(10, "b", "[kb]"),
+        grouped_step(10, "c", "[]"),
+    ));
+    let defs = parse(&yaml).unwrap();
+    let saga = &defs.sagas[0];
+    let groups: Vec<Option<u32>> = saga.steps.iter().map(|s| s.group).collect();
+    assert_eq!(groups, [None, Some(1), Some(1), None]);
+    assert_eq!(saga.steps[1].outputs, Some(vec!["kb".to_owned()]));
+    assert_eq!(saga.stages(), [0..1, 1..3, 3..4]);
+    assert_eq!(saga.stage(2), 1..3);
+    assert!(saga.is_parallel(1) && !saga.is_parallel(3));
+
+    // Serialised and read back: the same definition and the same version.
+    let json = serde_json::to_string(saga).unwrap();
+    let back: SagaDefinition = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, saga);
+    assert_eq!(back.content_version(), saga.version);
+}
+
+#[test]
+fn a_definition_without_groups_serialises_as_before() {
+    // The content version hashes the serialised definition: new keys left out when unused keep
+    // the versions already stored in databases.
+    let defs = Definitions::parse("sagas.yaml", EXAMPLE).unwrap();
+    for saga in &defs.sagas {
+        let json = serde_json::to_value(saga).unwrap();
+        for step in json["steps"].as_array().unwrap() {
+            assert!(step.get("group").is_none(), "{step}");
+            assert!(step.get("outputs").is_none(), "{step}");
+        }
+        assert_eq!(saga.version, saga.content_version());
+    }
+    // As computed before groups existed.
+    assert_eq!(defs.sagas[0].version, "715e8f96b5741cfa");
+    let groups = saga_with(&format!(
+        "      - parallel:\n{}",
+        grouped_step(10, "a", "[ka]")
+    ));
+    let plain = saga_with(&format!("{GOOD_STEP}        outputs: [ka]\n"));
+    assert_ne!(
+        parse(&groups).unwrap().sagas[0].version,
+        parse(&plain).unwrap().sagas[0].version,
+        "a group is content"
+    );
+}
+
+#[test]
+fn rejects_parallel_steps_that_write_the_same_key() {
+    let yaml = saga_with(&format!(
+        "      - parallel:\n{}{}",
+        grouped_step(10, "a", "[id, ka]"),
+        grouped_step(10, "b", "[kb, id]"),
+    ));
+    let error = only_error(&yaml);
+    assert_error(
+        &error,
+        Some("s"),
+        Some("b"),
+        14,
+        "output key `id` is also written by `a` (line 9)",
+    );
+}
+
+#[test]
+fn rejects_a_parallel_step_that_does_not_declare_its_outputs() {
+    let yaml = saga_with(&format!(
+        "      - parallel:\n{}          - name: b\n            participant: p\n            \
+         action: do\n            compensation: undo\n",
+        grouped_step(10, "a", "[ka]"),
+    ));
+    let error = only_error(&yaml);
+    assert_error(&error, Some("s"), Some("b"), 10, "missing `outputs`");
+}
+
+#[test]
+fn rejects_a_pivot_in_a_group_of_several_steps_but_not_alone() {
+    let pivot = "          - name: p\n            participant: p\n            action: do\n            \
+                 kind: pivot\n            outputs: []\n";
+    let yaml = saga_with(&format!(
+        "      - parallel:\n{}{pivot}",
+        grouped_step(10, "a", "[ka]")
+    ));
+    let error = only_error(&yaml);
+    assert_error(
+        &error,
+        Some("s"),
+        Some("p"),
+        13,
+        "pivot in a group of 2 steps",
+    );
+
+    let alone = saga_with(&format!("{GOOD_STEP}      - parallel:\n{pivot}"));
+    assert!(parse(&alone).is_ok());
+}
+
+#[test]
+fn rejects_mixed_kinds_and_groups_of_retriable_steps() {
+    let retriable = |name: &str| {
+        format!(
+            "          - name: {name}\n            participant: p\n            action: do\n            \
+             kind: retriable\n            outputs: []\n"
+        )
+    };
+    let mixed = saga_with(&format!(
+        "      - parallel:\n{}{}",
+        grouped_step(10, "a", "[ka]"),
+        retriable("r")
+    ));
+    let error = only_error(&mixed);
+    assert_error(&error, Some("s"), Some("r"), 13, "mixed kinds in a group");
+
+    let only = saga_with(&format!(
+        "{GOOD_STEP}      - parallel:\n{}{}",
+        retriable("r"),
+        retriable("q")
+    ));
+    let errors = all_errors(&only);
+    assert_eq!(errors.len(), 2, "{errors}");
+    assert_error(
+        &errors[0],
+        Some("s"),
+        Some("r"),
+        12,
+        "a group of retriable steps is not supported",
+    );
+}
+
+#[test]
+fn rejects_an_empty_group_and_a_nested_group() {
+    let empty = saga_with(&format!("{GOOD_STEP}      - parallel: []\n"));
+    assert_error(&only_error(&empty), Some("s"), None, 8, "empty group");
+
+    let nested = saga_with(&format!(
+        "      - parallel:\n{}          - parallel:\n{}",
+        grouped_step(10, "a", "[ka]"),
+        grouped_step(14, "b", "[kb]"),
+    ));
+    assert_error(
+        &only_error(&nested),
+        Some("s"),
+        Some("b"),
+        10,
+        "nested group",
+    );
+
+    let unknown = saga_with(&format!(
+        "      - parallel:\n{}        name: g\n",
+        grouped_step(10, "a", "[ka]")
+    ));
+    assert_error(
+        &only_error(&unknown),
+        Some("s"),
+        None,
+        10,
+        "unknown key `name` in a `parallel` group",
+    );
+}
+
+#[test]
+fn step_names_are_unique_across_groups() {
+    let yaml = saga_with(&format!(
+        "{}      - parallel:\n{}",
+        grouped_step(6, "a", "[]"),
+        grouped_step(10, "a", "[ka]")
+    ));
+    assert_error(
+        &only_error(&yaml),
+        Some("s"),
+        Some("a"),
+        10,
+        "duplicate step name",
     );
 }

@@ -18,8 +18,10 @@ use saga_engine::{
 use saga_schemas::{Data, Direction, Outcome as Reply, SagaEvent, SagaStatus};
 use uuid::Uuid;
 
+/// Random definitions: up to 5 compensatable steps, some of them run at once in `parallel`
+/// groups (each declaring its own output key), a pivot or not, up to 2 retriable steps.
 fn definitions() -> impl Strategy<Value = SagaDefinition> {
-    (0usize..4, any::<bool>(), 0usize..3, any::<bool>())
+    (0usize..6, any::<bool>(), 0usize..3, any::<bool>())
         .prop_filter("at least one step", |(c, p, r, _)| {
             c + usize::from(*p) + r > 0
         })
@@ -27,10 +29,12 @@ fn definitions() -> impl Strategy<Value = SagaDefinition> {
             let n = compensatable + usize::from(pivot) + retriable;
             (
                 prop::collection::vec((1u32..4, 1u32..4), n),
+                // Whether each compensatable step runs together with the one before it.
+                prop::collection::vec(any::<bool>(), compensatable),
                 Just((compensatable, pivot, deadline)),
             )
         })
-        .prop_map(|(budgets, (compensatable, pivot, deadline))| {
+        .prop_map(|(budgets, joins, (compensatable, pivot, deadline))| {
             let mut steps = Vec::new();
             for (i, (attempts, compensation_attempts)) in budgets.into_iter().enumerate() {
                 let kind = if i < compensatable {
@@ -48,6 +52,18 @@ fn definitions() -> impl Strategy<Value = SagaDefinition> {
                 };
                 s.compensation_retry.max_attempts = compensation_attempts;
                 steps.push(s);
+            }
+            // A group is a run of joined compensatable steps, numbered by its first step.
+            let mut starts = Vec::new();
+            for i in 0..compensatable {
+                let start = if i > 0 && joins[i] { starts[i - 1] } else { i };
+                starts.push(start);
+            }
+            for i in 0..compensatable {
+                if starts.iter().filter(|s| **s == starts[i]).count() > 1 {
+                    steps[i].group = Some(starts[i] as u32);
+                    steps[i].outputs = Some(vec![format!("k{i}")]);
+                }
             }
             let mut def = saga(steps);
             def.deadline = deadline.then(|| Duration::from_secs(7));

@@ -187,6 +187,8 @@ fn step(name: &str, kind: StepKind) -> StepDefinition {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(4),
         },
+        group: None,
+        outputs: None,
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
 use marked_yaml::{FromNodeError, LoadError, LoaderOptions, Marker, Node};
 use saga_schemas::definition::{
-    DefinitionFile, MappingKeys, RetrySpec, SagaSpec, StepKindSpec, StepSpec,
+    DefinitionFile, MappingKeys, ParallelSpec, RetrySpec, SagaSpec, StepKindSpec, StepSpec,
 };
 use serde_json::Value;
 
@@ -412,8 +412,12 @@ impl Cx<'_> {
                     "a saga needs at least one step: `steps` is empty",
                 );
             }
-            for item in items {
+            for (position, item) in items.into_iter().enumerate() {
                 match item.as_mapping() {
+                    Some(group) if group.contains_key("parallel") => {
+                        let position = u32::try_from(position).unwrap_or(u32::MAX);
+                        steps.extend(self.group(at, group, position));
+                    }
                     Some(step) => {
                         if let Some(parsed) = self.step(at, step) {
                             steps.push(parsed);
@@ -573,6 +577,139 @@ impl Cx<'_> {
         }
     }
 
+    /// A `parallel` group: its steps, marked with the group's `position` in the saga's list,
+    /// once the rules of groups are checked (kinds, declared outputs, no nesting).
+    fn group(&mut self, saga: At<'_>, map: &MarkedMappingNode, position: u32) -> Vec<ParsedStep> {
+        self.check_keys(saga, map, ParallelSpec::keys(), "a `parallel` group");
+        let list = map.get_node("parallel").expect("checked by the caller");
+        let items: Vec<&Node> = match list {
+            Node::Sequence(seq) => seq.iter().collect(),
+            node if is_null(node) => Vec::new(),
+            node => {
+                self.error(
+                    saga,
+                    start(node),
+                    "wrong type: `parallel` must be a list of steps",
+                );
+                return Vec::new();
+            }
+        };
+        if items.is_empty() {
+            self.error(
+                saga,
+                key_at(map, "parallel"),
+                "empty group: `parallel` needs at least one step",
+            );
+        }
+        let mut steps: Vec<ParsedStep> = Vec::new();
+        for item in items {
+            match item.as_mapping() {
+                Some(nested) if nested.contains_key("parallel") => {
+                    let first = nested
+                        .get_sequence("parallel")
+                        .and_then(|seq| seq.iter().next())
+                        .and_then(|n| n.as_mapping())
+                        .and_then(|m| scalar(m, "name"))
+                        .unwrap_or_default();
+                    self.error(
+                        saga.step(first),
+                        key_at(nested, "parallel"),
+                        "nested group: a `parallel` group holds steps, not other groups",
+                    );
+                }
+                Some(step) => {
+                    if let Some(mut parsed) = self.step(saga, step) {
+                        parsed.def.group = Some(position);
+                        steps.push(parsed);
+                    }
+                }
+                None => self.error(
+                    saga,
+                    start(item),
+                    "wrong type: a step must be a mapping with `name`, `participant` and \
+                     `action`",
+                ),
+            }
+        }
+        if steps.len() > 1 {
+            self.group_rules(saga, &steps);
+        }
+        steps
+    }
+
+    /// The rules of a group of several steps: all compensatable (a pivot stands alone, and
+    /// groups of retriable steps are not supported), each declaring its outputs, none twice.
+    fn group_rules(&mut self, saga: At<'_>, steps: &[ParsedStep]) {
+        const KINDS: &str = "a group's steps are all compensatable, or the group holds only the \
+                             pivot";
+        let first_compensatable = steps
+            .iter()
+            .find(|s| s.def.kind == StepKind::Compensatable)
+            .map(|s| s.def.name.as_str());
+        for step in steps {
+            let at = saga.step(&step.def.name);
+            match (step.def.kind, first_compensatable) {
+                (StepKind::Compensatable, _) => {}
+                (StepKind::Pivot, _) => self.error(
+                    at,
+                    step.kind_at,
+                    format!(
+                        "pivot in a group of {} steps: the pivot is the one go/no-go point and \
+                         must be alone in its group; {KINDS}",
+                        steps.len()
+                    ),
+                ),
+                (StepKind::Retriable, Some(other)) => self.error(
+                    at,
+                    step.kind_at,
+                    format!(
+                        "mixed kinds in a group: `{}` is retriable and `{other}` \
+                         compensatable; {KINDS}",
+                        step.def.name
+                    ),
+                ),
+                (StepKind::Retriable, None) => self.error(
+                    at,
+                    step.kind_at,
+                    format!("a group of retriable steps is not supported; {KINDS}"),
+                ),
+            }
+        }
+        let mut declared: HashMap<&str, (&str, Option<Marker>)> = HashMap::new();
+        for step in steps {
+            let name = step.def.name.as_str();
+            let Some(outputs) = &step.def.outputs else {
+                self.error(
+                    saga.step(name),
+                    step.name_at,
+                    "missing `outputs` on a step of a group: its siblings' replies arrive in any \
+                     order, so each declares the data keys it writes (`outputs: []` for none)",
+                );
+                continue;
+            };
+            for (i, key) in outputs.iter().enumerate() {
+                let marker = step.outputs_at.get(i).copied().flatten();
+                match declared.get(key.as_str()) {
+                    Some((other, other_at)) if *other != name => self.error(
+                        saga.step(name),
+                        marker,
+                        format!(
+                            "output key `{key}` is also written by `{other}`{}, in the same \
+                             group: steps that run at once must write different keys",
+                            other_at
+                                .map(|m| format!(" (line {})", m.line()))
+                                .unwrap_or_default()
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        declared.insert(key, (name, marker));
+                    }
+                }
+            }
+        }
+    }
+
     fn step(&mut self, saga: At<'_>, map: &MarkedMappingNode) -> Option<ParsedStep> {
         let name_at = value_at(map, "name");
         let raw_name = scalar(map, "name").unwrap_or_default();
@@ -701,9 +838,14 @@ impl Cx<'_> {
             DEFAULT_COMPENSATION_RETRY,
         );
 
+        let outputs_at = match map.get_node("outputs") {
+            Some(Node::Sequence(seq)) => seq.iter().map(start).collect(),
+            _ => Vec::new(),
+        };
         Some(ParsedStep {
             name_at,
             kind_at: value_at(map, "kind").or_else(|| map_at(map)),
+            outputs_at,
             def: StepDefinition {
                 name: spec.name,
                 participant: spec.participant,
@@ -714,6 +856,8 @@ impl Cx<'_> {
                 expiry,
                 retry,
                 compensation_retry,
+                group: None,
+                outputs: spec.outputs,
             },
         })
     }
@@ -823,6 +967,8 @@ impl Cx<'_> {
 struct ParsedStep {
     name_at: Option<Marker>,
     kind_at: Option<Marker>,
+    /// Where each key of `outputs` is written.
+    outputs_at: Vec<Option<Marker>>,
     def: StepDefinition,
 }
 

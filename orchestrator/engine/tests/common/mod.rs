@@ -32,6 +32,8 @@ pub fn step(name: &str, kind: StepKind) -> StepDefinition {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(4),
         },
+        group: None,
+        outputs: None,
     }
 }
 

@@ -115,9 +115,10 @@ fn text(report: &Report, file: &str, elapsed: Duration) -> String {
     for e in operator {
         out += &ending(e);
     }
-    out += "\ninvariants (replay, reverse-order compensation, no compensation of a pivot or past \
-            the point of no return, every completed step undone in a compensated saga, no \
-            command after the end, retry budgets):\n";
+    out += "\ninvariants (replay, reverse-order compensation (a group's steps in reverse order of \
+            completion), no compensation while a group's step awaits its answer, no \
+            compensation of a pivot or past the point of no return, every completed step undone \
+            in a compensated saga, no command after the end, retry budgets):\n";
     if report.violations.is_empty() {
         out += "  hold on every path\n";
     }

@@ -324,14 +324,14 @@ pub(super) const SAGA_COLUMNS: usize = 13;
 const REBUILD_CHUNK: usize = 500;
 
 /// The step people should look at: the one with an action or compensation in flight or
-/// waiting for its retry; else one whose compensation failed (waiting for an operator);
-/// else, once compensation began, the last one compensated (the earliest step touched by
-/// compensation, which runs in reverse); else the last step sent.
+/// waiting for its retry (while a parallel group runs, the first such step in definition
+/// order: the list of the group's steps is in the saga's view); else one whose compensation
+/// failed (waiting for an operator); else, once compensation began, the last one compensated
+/// (the earliest step touched by compensation, which runs in reverse); else the last step sent.
 pub fn current_step(state: &SagaState) -> Option<String> {
     let steps = &state.steps;
     steps
         .iter()
-        .rev()
         .find(|s| s.action.is_pending() || s.compensation.is_pending())
         .or_else(|| steps.iter().rev().find(|s| s.compensation_failed))
         .or_else(|| match state.status {
@@ -463,4 +463,51 @@ pub(super) fn fold_log(saga_id: Uuid, log: &[saga_events::Model]) -> Result<Saga
             "log of saga {saga_id} does not begin with saga_started"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use saga_engine::{Definitions, Input, decide};
+    use saga_schemas::{Direction, Outcome};
+
+    use super::*;
+
+    #[test]
+    fn while_a_group_runs_the_current_step_is_its_first_running_step() {
+        let yaml = "sagas:
+  - name: g
+    steps:
+      - parallel:
+          - {name: a, participant: p, action: x, compensation: y, outputs: []}
+          - {name: b, participant: p, action: x, compensation: y, outputs: []}
+          - {name: c, participant: p, action: x, compensation: y, outputs: []}
+";
+        let defs = Definitions::parse("g.yaml", yaml).unwrap();
+        let def = &defs.sagas[0];
+        let now = Utc::now();
+        let saga_id = Uuid::from_u128(1);
+        let start = Input::Start {
+            saga_id,
+            input: Data::new(),
+            business_key: None,
+        };
+        let state = decide(def, None, &start, now).state.unwrap();
+        assert_eq!(current_step(&state).as_deref(), Some("a"));
+        let a_done = Input::Reply {
+            step: "a".into(),
+            direction: Direction::Execute,
+            attempt: 1,
+            in_reply_to: saga_engine::engine::command_message_id(
+                saga_id,
+                "a",
+                Direction::Execute,
+                1,
+            ),
+            outcome: Outcome::Success {
+                output: Data::new(),
+            },
+        };
+        let state = decide(def, Some(&state), &a_done, now).state.unwrap();
+        assert_eq!(current_step(&state).as_deref(), Some("b"));
+    }
 }
