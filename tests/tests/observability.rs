@@ -142,13 +142,8 @@ fn the_dashboards_are_what_grafana_loads_against_the_provisioned_datasource() {
             if panel["type"] == "row" {
                 continue;
             }
-            check_datasource(
-                &uids,
-                &panel["datasource"],
-                &format!("{file}: panel {title:?}"),
-            )
-            .into_iter()
-            .for_each(|p| problems.push(p));
+            let at = format!("{file}: panel {title:?}");
+            problems.extend(check_datasource(&uids, &panel["datasource"], &at));
             let targets = panel["targets"].as_array().cloned().unwrap_or_default();
             if targets.is_empty() {
                 problems.push(format!("{file}: panel {title:?} has no query"));
