@@ -6,7 +6,11 @@
 //! - The wiring: published port = `HTTP_ADDR` port, the mounted definitions = `SAGA_CONFIG`, URLs
 //!   pointing at the compose services with the database's credentials, `service_healthy`
 //!   dependencies on checked services, a schema of its own for each participant.
-//! - The file as a real compose implementation reads it: `docker-compose config -q`.
+//! - The `observability` profile: Prometheus and Grafana only under it, their mounted files in
+//!   the repository, scrape targets and datasources naming compose services on the right
+//!   ports, RabbitMQ's exporter plugin enabled.
+//! - The file as a real compose implementation reads it: `docker-compose config -q`, with and
+//!   without the profile.
 //! - The Dockerfile's runtime stage ships every binary the compose file runs, as a non-root
 //!   user, with a health check.
 //!
@@ -23,6 +27,8 @@ use saga_system::bins;
 
 const COMPOSE_FILE: &str = "docker-compose.yml";
 const DOCKERFILE: &str = "Dockerfile";
+/// The profile of Prometheus and Grafana: `docker compose --profile observability up`.
+const OBSERVABILITY: &str = "observability";
 
 /// Environment variables a binary reads outside clap, so absent from its `--help`: the
 /// orchestrator's log format (`telemetry.rs`), and every binary's log filter. Each is still
@@ -299,6 +305,335 @@ fn compose_wiring_is_consistent() {
     assert_no_problems(&problems);
 }
 
+#[test]
+fn the_observability_profile_is_wired_to_files_and_services_that_exist() {
+    let compose = Compose::load();
+    let mut problems = Vec::new();
+
+    // Whatever a service mounts from the repository is there.
+    for service in &compose.services {
+        for volume in &service.volumes {
+            let source = volume.split(':').next().unwrap_or_default();
+            if source.starts_with("./") && !root().join(source).exists() {
+                problems.push(format!(
+                    "{}: service `{}` mounts {source}, which is not in the repository",
+                    service.at, service.name
+                ));
+            }
+        }
+    }
+
+    let (Some(prometheus), Some(grafana)) = (
+        compose.by_image("prom/prometheus"),
+        compose.by_image("grafana/grafana"),
+    ) else {
+        problems.push(format!(
+            "{COMPOSE_FILE}: the `{OBSERVABILITY}` profile needs a `prom/prometheus` and a \
+             `grafana/grafana` service"
+        ));
+        assert_no_problems(&problems);
+        return;
+    };
+    for service in [prometheus, grafana] {
+        if service.profiles != [OBSERVABILITY] {
+            problems.push(format!(
+                "{}: service `{}` should be under `profiles: [{OBSERVABILITY}]` (found {:?}), \
+                 so a plain `docker compose up` stays light",
+                service.at, service.name, service.profiles
+            ));
+        }
+    }
+    // A plain `up` must not pull a profile's service in through a dependency.
+    for service in compose.services.iter().filter(|s| s.profiles.is_empty()) {
+        for dependency in service.depends_on.keys() {
+            if compose
+                .service(dependency)
+                .is_some_and(|d| !d.profiles.is_empty())
+            {
+                problems.push(format!(
+                    "{}: service `{}` starts by default but depends on `{dependency}`, which is \
+                     in a profile",
+                    service.at, service.name
+                ));
+            }
+        }
+    }
+
+    check_prometheus(&compose, prometheus, &mut problems);
+    check_grafana(prometheus, grafana, &mut problems);
+    assert_no_problems(&problems);
+}
+
+/// Prometheus's configuration, as mounted: its rule files exist, and each scrape target is a
+/// compose service on the port it serves metrics on, reachable the way it is configured.
+fn check_prometheus(compose: &Compose, prometheus: &Service, problems: &mut Vec<String>) {
+    let (at, name) = (&prometheus.at, &prometheus.name);
+    let target = prometheus
+        .command
+        .iter()
+        .find_map(|word| word.strip_prefix("--config.file="))
+        .unwrap_or("/etc/prometheus/prometheus.yml");
+    let Some(path) = prometheus.host_path(target).filter(|p| p.is_file()) else {
+        problems.push(format!(
+            "{at}: service `{name}` reads {target}, which no mount of a repository file provides"
+        ));
+        return;
+    };
+    let config = load_yaml(&path);
+    let config = config.as_mapping().expect("checked by load_yaml");
+    let config_dir = Path::new(target).parent().unwrap_or(Path::new("/"));
+    for rule_file in config
+        .get_sequence("rule_files")
+        .map(strings_of)
+        .unwrap_or_default()
+    {
+        if !prometheus
+            .host_path(&config_dir.join(&rule_file).to_string_lossy())
+            .is_some_and(|p| p.is_file())
+        {
+            problems.push(format!(
+                "{}: rule file {rule_file} is not mounted into `{name}`",
+                path.display()
+            ));
+        }
+    }
+    let Some(orchestrator) = compose.built().find(|s| s.binary() == Some("orchestrator")) else {
+        problems.push(format!("{COMPOSE_FILE}: no orchestrator to scrape"));
+        return;
+    };
+    let rabbitmq = compose.by_image("rabbitmq");
+    let mut scraped = BTreeSet::new();
+    for job in config
+        .get_sequence("scrape_configs")
+        .map(|s| s.iter().filter_map(Node::as_mapping).collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let job_name = job.get_scalar("job_name").map_or("?", |s| s.as_str());
+        let targets = job
+            .get_sequence("static_configs")
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .filter_map(Node::as_mapping)
+            .filter_map(|c| c.get_sequence("targets"))
+            .flat_map(strings_of);
+        for address in targets {
+            let (host, port) = address.rsplit_once(':').unwrap_or((&address, ""));
+            let port: Option<u16> = port.parse().ok();
+            let Some(service) = compose.services.iter().find(|s| s.answers_to(host)) else {
+                problems.push(format!(
+                    "{}: job `{job_name}` scrapes {address}, but no compose service is `{host}`",
+                    path.display()
+                ));
+                continue;
+            };
+            scraped.insert(service.name.clone());
+            if service.name == orchestrator.name {
+                let http_port = orchestrator
+                    .env("HTTP_ADDR")
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .map(|a| a.port());
+                if port != http_port {
+                    problems.push(format!(
+                        "{}: job `{job_name}` scrapes {address}, but the orchestrator listens \
+                         on port {http_port:?} (HTTP_ADDR)",
+                        path.display()
+                    ));
+                }
+                // /metrics needs a token with the read role (or operate, which includes it).
+                let credentials = job
+                    .get_mapping("authorization")
+                    .and_then(|a| a.get_scalar("credentials"))
+                    .map(|c| c.as_str().to_owned());
+                let tokens = orchestrator.env("API_TOKENS").unwrap_or_default();
+                let known = tokens.split([';', '\n']).any(|entry| {
+                    let words: Vec<&str> = entry.split_whitespace().collect();
+                    matches!(words.as_slice(), [_, "read" | "operate", token]
+                        if Some(*token) == credentials.as_deref())
+                });
+                if !known {
+                    problems.push(format!(
+                        "{}: job `{job_name}` must send a token of the orchestrator's \
+                         API_TOKENS with the `read` role (`authorization: credentials:`), \
+                         found {credentials:?}",
+                        path.display()
+                    ));
+                }
+            } else if rabbitmq.is_some_and(|r| r.name == service.name) {
+                if port != Some(15692) {
+                    problems.push(format!(
+                        "{}: job `{job_name}` scrapes {address}: RabbitMQ's exporter listens on \
+                         15692",
+                        path.display()
+                    ));
+                }
+                let plugins = service
+                    .host_path("/etc/rabbitmq/enabled_plugins")
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                for plugin in ["rabbitmq_prometheus", "rabbitmq_management"] {
+                    if !plugins.contains(plugin) {
+                        problems.push(format!(
+                            "{}: service `{}` should enable {plugin} in a mounted \
+                             /etc/rabbitmq/enabled_plugins (found {plugins:?})",
+                            service.at, service.name
+                        ));
+                    }
+                }
+            } else {
+                problems.push(format!(
+                    "{}: job `{job_name}` scrapes `{}`, which serves no metrics this set-up \
+                     knows",
+                    path.display(),
+                    service.name
+                ));
+            }
+        }
+    }
+    for expected in std::iter::once(orchestrator).chain(rabbitmq) {
+        if !scraped.contains(&expected.name) {
+            problems.push(format!(
+                "{}: nothing scrapes `{}`",
+                path.display(),
+                expected.name
+            ));
+        }
+    }
+}
+
+/// Grafana's provisioning, as mounted: a datasource on the Prometheus service, and a dashboard
+/// provider whose directory holds the dashboards.
+fn check_grafana(prometheus: &Service, grafana: &Service, problems: &mut Vec<String>) {
+    let (at, name) = (&grafana.at, &grafana.name);
+    let Some(provisioning) = grafana
+        .host_path("/etc/grafana/provisioning")
+        .filter(|p| p.is_dir())
+    else {
+        problems.push(format!(
+            "{at}: service `{name}` mounts no repository directory at /etc/grafana/provisioning"
+        ));
+        return;
+    };
+    let prometheus_port = prometheus
+        .command
+        .iter()
+        .find_map(|w| w.strip_prefix("--web.listen-address="))
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .unwrap_or(9090u16);
+    let mut datasources = 0;
+    for file in yaml_files(&provisioning.join("datasources")) {
+        let yaml = load_yaml(&file);
+        for source in yaml
+            .as_mapping()
+            .and_then(|m| m.get_sequence("datasources"))
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .filter_map(Node::as_mapping)
+        {
+            datasources += 1;
+            let url = Url::parse(source.get_scalar("url").map_or("", |u| u.as_str()));
+            if source.get_scalar("type").map(|t| t.as_str()) != Some("prometheus")
+                || !prometheus.answers_to(&url.host)
+                || url.port != Some(prometheus_port)
+            {
+                problems.push(format!(
+                    "{}: a datasource should be of type prometheus at http://{}:{prometheus_port}, \
+                     found {url:?}",
+                    file.display(),
+                    prometheus.name
+                ));
+            }
+        }
+    }
+    if datasources == 0 {
+        problems.push(format!(
+            "{}: no datasource is provisioned",
+            provisioning.join("datasources").display()
+        ));
+    }
+    let mut dashboards = 0;
+    for file in yaml_files(&provisioning.join("dashboards")) {
+        let yaml = load_yaml(&file);
+        for provider in yaml
+            .as_mapping()
+            .and_then(|m| m.get_sequence("providers"))
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .filter_map(Node::as_mapping)
+        {
+            let path = provider
+                .get_mapping("options")
+                .and_then(|o| o.get_scalar("path"))
+                .map_or("", |p| p.as_str());
+            match grafana.host_path(path).filter(|p| p.is_dir()) {
+                None => problems.push(format!(
+                    "{}: provider path {path:?} is not a repository directory mounted into \
+                     `{name}`",
+                    file.display()
+                )),
+                Some(dir) => {
+                    dashboards += std::fs::read_dir(&dir)
+                        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                        .filter(|e| {
+                            e.as_ref()
+                                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+                        })
+                        .count()
+                }
+            }
+        }
+    }
+    if dashboards == 0 {
+        problems.push(format!(
+            "{}: no provider loads a dashboard (.json)",
+            provisioning.join("dashboards").display()
+        ));
+    }
+    if let Some(home) = grafana.env("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+        && !grafana.host_path(home).is_some_and(|p| p.is_file())
+    {
+        problems.push(format!(
+            "{at}: service `{name}`: GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH {home} is not a \
+             mounted repository file"
+        ));
+    }
+}
+
+/// The `.yml` and `.yaml` files of `dir` (none if it does not exist).
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A YAML file whose top level is a mapping.
+fn load_yaml(path: &Path) -> Node {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let node = marked_yaml::parse_yaml(0, &text)
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+    assert!(
+        node.as_mapping().is_some(),
+        "{}: the top level is not a mapping",
+        path.display()
+    );
+    node
+}
+
+/// The scalars of a sequence, as strings (other items skipped).
+fn strings_of(sequence: &marked_yaml::types::MarkedSequenceNode) -> Vec<String> {
+    sequence
+        .iter()
+        .filter_map(Node::as_scalar)
+        .map(|s| s.as_str().to_owned())
+        .collect()
+}
+
 /// The orchestrator's HTTP address, published port, health check and saga definitions.
 fn check_orchestrator(service: &Service, problems: &mut Vec<String>) {
     let at = &service.at;
@@ -406,7 +741,7 @@ fn check_orchestrator(service: &Service, problems: &mut Vec<String>) {
 fn docker_compose_accepts_the_file() {
     // Compose v1 (`docker-compose`, Debian's package), or else the v2 plugin (`docker
     // compose`): either parses and validates the file without an engine.
-    let (program, mut command) = match Command::new("docker-compose").arg("version").output() {
+    let (program, command) = match Command::new("docker-compose").arg("version").output() {
         Ok(_) => ("docker-compose", Command::new("docker-compose")),
         Err(_) if has_compose_plugin() => {
             let mut command = Command::new("docker");
@@ -419,18 +754,24 @@ fn docker_compose_accepts_the_file() {
              docker-compose` (scripts/test does), or the Docker Compose v2 plugin (`docker compose`)"
         ),
     };
-    let output = command
-        .args(["-f", COMPOSE_FILE, "config", "-q"])
-        .current_dir(root())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
-    assert!(
-        output.status.success(),
-        "`{program} -f {COMPOSE_FILE} config -q` rejects the file ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // As a plain `up` reads it, and with the dashboards' profile.
+    for profile in [&[][..], &["--profile", OBSERVABILITY][..]] {
+        let output = Command::new(command.get_program())
+            .args(command.get_args())
+            .args(profile)
+            .args(["-f", COMPOSE_FILE, "config", "-q"])
+            .current_dir(root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
+        assert!(
+            output.status.success(),
+            "`{program} {} -f {COMPOSE_FILE} config -q` rejects the file ({}):\n{}{}",
+            profile.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
 
 fn has_compose_plugin() -> bool {
@@ -657,6 +998,8 @@ struct Service {
     depends_on: BTreeMap<String, Option<String>>,
     healthcheck: Option<Healthcheck>,
     restart: Option<String>,
+    /// `profiles`: empty for the services a plain `up` starts.
+    profiles: Vec<String>,
 }
 
 struct EnvVar {
@@ -798,6 +1141,7 @@ impl Service {
             depends_on,
             healthcheck,
             restart: scalar("restart"),
+            profiles: map.get_node("profiles").map(strings).unwrap_or_default(),
         }
     }
 
@@ -811,6 +1155,27 @@ impl Service {
             .iter()
             .find(|var| var.name == name)
             .map(|var| var.value.as_str())
+    }
+
+    /// The repository path mounted (read-only or not) at `target` or at a directory above it:
+    /// `./deploy/prometheus:/etc/prometheus` maps `/etc/prometheus/alerts.yml` to
+    /// `deploy/prometheus/alerts.yml`.
+    fn host_path(&self, target: &str) -> Option<PathBuf> {
+        self.volumes.iter().find_map(|volume| {
+            let mut parts = volume.split(':');
+            let (source, mounted) = (parts.next()?, parts.next()?);
+            if !source.starts_with("./") {
+                return None;
+            }
+            let rest = Path::new(target).strip_prefix(mounted).ok()?;
+            let source = root().join(source.trim_start_matches("./"));
+            // Joining "" would add a trailing slash, which a file's path must not have.
+            Some(if rest.as_os_str().is_empty() {
+                source
+            } else {
+                source.join(rest)
+            })
+        })
     }
 
     /// Whether other containers reach this service under `host`.

@@ -1,5 +1,6 @@
 //! Messages nobody can read, replies for sagas nobody here knows and replies to commands never
-//! sent are dead-lettered with the reason, and nothing else stops.
+//! sent are dead-lettered with the reason, counted in `saga_dead_letters_total`, and nothing
+//! else stops.
 
 use std::time::Duration;
 
@@ -15,9 +16,40 @@ use uuid::Uuid;
 
 const MALFORMED: &[u8] = b"{\"saga_id\": \"not closed";
 
+/// `saga_dead_letters_total{queue="saga.replies"}`; served at 0 before anything is dead-lettered.
+async fn replies_dead_lettered(system: &System) -> f64 {
+    let scrape = scrape(system.http_url()).await;
+    scrape
+        .get("saga_dead_letters_total", &[("queue", REPLIES_QUEUE)])
+        .unwrap_or_else(|| {
+            panic!(
+                "saga_dead_letters_total for {REPLIES_QUEUE}:\n{}",
+                scrape.text
+            )
+        })
+}
+
+/// Asserts the orchestrator counted exactly one dead letter from `saga.replies` since `before`.
+/// It counts once the copy is confirmed and the original acked, a moment after the copy is in
+/// its queue: so poll a little before comparing.
+async fn assert_one_more_dead_letter(system: &System, before: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut now = replies_dead_lettered(system).await;
+    while now < before + 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = replies_dead_lettered(system).await;
+    }
+    assert_eq!(
+        now - before,
+        1.0,
+        "saga_dead_letters_total{{queue=\"{REPLIES_QUEUE}\"}} moved by one"
+    );
+}
+
 async fn malformed_messages(backend: Backend) {
     let system = System::start(Options::new(backend).label("dead-letters")).await;
     let amqp = system.amqp().await;
+    let before = replies_dead_lettered(&system).await;
     let version = [(
         header::SCHEMA_VERSION,
         HeaderValue::Int(SCHEMA_VERSION.into()),
@@ -59,6 +91,8 @@ async fn malformed_messages(backend: Backend) {
         );
         assert!(amqp.get(&dlq).await.is_none(), "{dlq} holds one message");
     }
+    // The orchestrator counts its own (the participant's is in its `.dlq` queue's depth).
+    assert_one_more_dead_letter(&system, before).await;
 
     // Both consumers go on: a saga started afterwards completes.
     let sku = unique_sku("fig");
@@ -82,6 +116,7 @@ async fn replies_for_unknown_sagas(backend: Backend) {
             .get_or_zero("saga_replies_unknown_total", &[])
     };
     let before = counted(&scrape(system.http_url()).await.text);
+    let dead_before = replies_dead_lettered(&system).await;
 
     let saga_id = Uuid::new_v4();
     let reply = StepReply {
@@ -128,6 +163,7 @@ async fn replies_for_unknown_sagas(backend: Backend) {
         1.0,
         "saga_replies_unknown_total moved by one"
     );
+    assert_one_more_dead_letter(&system, dead_before).await;
     let log = std::fs::read_to_string(system.log_path(saga_system::ORCHESTRATOR)).unwrap();
     assert!(
         log.lines().any(|l| l.contains("WARN")
@@ -175,6 +211,7 @@ async fn replies_to_commands_never_sent(backend: Backend) {
         |reply: StepReply| OutgoingMessage::reply(&reply, CHECKOUT, &command.action, REPLIES_QUEUE);
 
     let forged = reply(Uuid::new_v4());
+    let before = replies_dead_lettered(&system).await;
     amqp.publish(&publish(forged.clone())).await;
     let dlq = dead_letter_queue(REPLIES_QUEUE);
     let dead = amqp
@@ -188,6 +225,7 @@ async fn replies_to_commands_never_sent(backend: Backend) {
         reason.contains(&saga_id) && reason.contains("did not send"),
         "{reason}"
     );
+    assert_one_more_dead_letter(&system, before).await;
     let saga = system.saga(&saga_id).await;
     assert_eq!(
         step_status(&saga, &command.step),

@@ -167,6 +167,14 @@ async fn counters_move_by_the_batch(backend: Backend) {
         "nothing runs long (threshold 5m):\n{}",
         after.text
     );
+    for status in ["compensation_failed", "completion_failed"] {
+        assert_eq!(
+            after.get("saga_awaiting_operator", &[SAGA, ("status", status)]),
+            Some(0.0),
+            "no saga waits for an operator in {status}:\n{}",
+            after.text
+        );
+    }
     for gauge in ["saga_timers_scheduled", "saga_timers_due"] {
         let value = after.get(gauge, &[]);
         assert!(

@@ -161,6 +161,18 @@ async fn start_by_message(backend: Backend) {
         reasons.iter().any(|r| r.contains("input_schema")),
         "{reasons:?}"
     );
+    // All three are counted, by the queue they came from (a moment after the copy is
+    // confirmed: poll briefly).
+    let counted = |scrape: &saga_system::prometheus::Scrape| {
+        scrape.get("saga_dead_letters_total", &[("queue", START_QUEUE)])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut scrape = saga_system::prometheus::scrape(system.http_url()).await;
+    while counted(&scrape) != Some(3.0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        scrape = saga_system::prometheus::scrape(system.http_url()).await;
+    }
+    assert_eq!(counted(&scrape), Some(3.0), "{}", scrape.text);
     assert_eq!(system.list_all("").await.len(), 1, "nothing else started");
     let stray = channel
         .basic_get(answers.as_str().into(), BasicGetOptions { no_ack: true })

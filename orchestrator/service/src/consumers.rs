@@ -18,6 +18,7 @@ use saga_schemas::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::metrics::DEAD_LETTERS;
 use crate::runtime::{Runtime, RuntimeError, Started, Work};
 
 /// Deliveries decided in one transaction at most.
@@ -61,8 +62,7 @@ async fn handle_replies(
         let Some(Received {
             message: reply,
             delivery,
-        }) = saga_amqp::decode_or_dead_letter::<StepReply>(publisher, delivery, REPLIES_QUEUE)
-            .await?
+        }) = decode_or_dead_letter::<StepReply>(publisher, delivery, REPLIES_QUEUE).await?
         else {
             continue;
         };
@@ -120,14 +120,14 @@ async fn handle_replies(
                     );
                     warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply for an unknown saga");
                     metrics::counter!(REPLIES_UNKNOWN).increment(1);
-                    saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                    dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
                 }
                 // Forged, or from another orchestrator's saga with a colliding id: never
                 // applied, and kept with why rather than acked away.
                 Ok(Outcome::Ignored(ignored @ Ignored::UnknownCommand { .. })) => {
                     let reason = result_reason(&w.saga_id, &ignored.to_string());
                     warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
-                    saga_amqp::dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                    dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
                 }
                 Ok(_) => handled.push(delivery),
                 // It can never be handled (its saga's definition is gone, its saga
@@ -175,6 +175,31 @@ async fn handle_replies(
             return Ok(());
         }
     }
+}
+
+/// [`saga_amqp::dead_letter`], counted in [`DEAD_LETTERS`] once the dead letter is confirmed.
+async fn dead_letter(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    from_queue: &'static str,
+    reason: &str,
+) -> Result<(), AmqpError> {
+    saga_amqp::dead_letter(publisher, delivery, from_queue, reason).await?;
+    metrics::counter!(DEAD_LETTERS, "queue" => from_queue).increment(1);
+    Ok(())
+}
+
+/// [`saga_amqp::decode_or_dead_letter`], counting what it dead-letters like [`dead_letter`].
+async fn decode_or_dead_letter<T: serde::de::DeserializeOwned>(
+    publisher: &Publisher,
+    delivery: Delivery,
+    from_queue: &'static str,
+) -> Result<Option<Received<T>>, AmqpError> {
+    let received = saga_amqp::decode_or_dead_letter(publisher, delivery, from_queue).await?;
+    if received.is_none() {
+        metrics::counter!(DEAD_LETTERS, "queue" => from_queue).increment(1);
+    }
+    Ok(received)
 }
 
 /// The first pause before handling a delivery again after a passing fault, and the longest.
@@ -297,7 +322,7 @@ async fn refuse_start(
     info!(saga_id = "none", saga = %limits::reason(saga), reason = %limits::reason(&refusal.why),
         "rejecting a start message; dead-lettering it");
     answer_rejection(publisher, delivery, saga, refusal.reason, &refusal.detail).await;
-    saga_amqp::dead_letter(publisher, delivery, START_QUEUE, &refusal.why).await
+    dead_letter(publisher, delivery, START_QUEUE, &refusal.why).await
 }
 
 /// The idempotency key rule, as over HTTP (the runtime checks the input itself).
@@ -402,8 +427,7 @@ pub async fn starts(
             }
             Err(_) => {
                 // Unreadable: dead-lettered unanswered, with the reason.
-                saga_amqp::decode_or_dead_letter::<StartSaga>(publisher, delivery, START_QUEUE)
-                    .await?;
+                decode_or_dead_letter::<StartSaga>(publisher, delivery, START_QUEUE).await?;
                 continue;
             }
         };

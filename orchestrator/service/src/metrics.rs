@@ -1,6 +1,7 @@
 //! Prometheus metrics. Counters and the step-duration histogram are recorded after each commit
-//! from the events it wrote; gauges (in flight, outbox backlog, timers, long-running sagas) are
-//! read from the database at scrape time, so they are right whichever process did the work.
+//! from the events it wrote; gauges (in flight, awaiting an operator, outbox backlog, timers,
+//! long-running sagas) are read from the database at scrape time, so they are right whichever
+//! process did the work.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use saga_engine::{Definitions, SagaState};
+use saga_schemas::amqp::{REPLIES_QUEUE, START_QUEUE};
 use saga_schemas::{SagaEvent, SagaStatus};
 
 use crate::store::{SetAsideKind, Store, StoreError};
@@ -17,6 +19,14 @@ const STEP_DURATION: &str = "saga_step_duration_seconds";
 const STEP_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+
+/// Sagas stopped in a status only an operator ends (`GET /sagas?status=...`), by saga and status.
+const AWAITING_OPERATOR: &str = "saga_awaiting_operator";
+const OPERATOR_STATUSES: [SagaStatus; 2] =
+    [SagaStatus::CompensationFailed, SagaStatus::CompletionFailed];
+/// Messages the orchestrator dead-letters itself (to `<queue>.dlq`, with the reason in a
+/// header), whatever the reason, by the queue they came from.
+pub const DEAD_LETTERS: &str = "saga_dead_letters_total";
 
 /// The process-wide recorder; installed once, shared by every API instance in the process.
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -40,6 +50,11 @@ impl Metrics {
                 // Another recorder (a test harness) may be installed already: keep rendering ours.
                 let _ = metrics::set_global_recorder(recorder);
                 describe();
+                // Served at 0 from the start: the first dead letter is then an increase that
+                // `increase()` sees, not a new series.
+                for queue in [REPLIES_QUEUE, START_QUEUE] {
+                    counter!(DEAD_LETTERS, "queue" => queue).increment(0);
+                }
                 handle
             })
             .clone();
@@ -60,6 +75,10 @@ impl Metrics {
         let cutoff =
             now - chrono::Duration::from_std(self.long_running).unwrap_or(chrono::Duration::MAX);
         let long_running = store.in_flight_by_name(Some(cutoff)).await?;
+        let mut awaiting = Vec::new();
+        for status in OPERATOR_STATUSES {
+            awaiting.push((status, store.count_by_name(status).await?));
+        }
         for saga in &definitions.sagas {
             let count = |rows: &[(String, u64)]| {
                 rows.iter()
@@ -69,6 +88,11 @@ impl Metrics {
             gauge!("saga_in_flight", "saga" => saga.name.clone()).set(count(&in_flight) as f64);
             gauge!("saga_long_running", "saga" => saga.name.clone())
                 .set(count(&long_running) as f64);
+            // Every (saga, status) pair is served, 0 included, so an alert sees it go back down.
+            for (status, rows) in &awaiting {
+                gauge!(AWAITING_OPERATOR, "saga" => saga.name.clone(), "status" => status.as_str())
+                    .set(count(rows) as f64);
+            }
         }
         gauge!("saga_outbox_backlog").set(store.outbox_backlog().await? as f64);
         gauge!("saga_timers_scheduled").set(store.timer_count().await? as f64);
@@ -110,6 +134,10 @@ fn describe() {
         "Replies for a saga this orchestrator's database does not know, dead-lettered."
     );
     describe_counter!(
+        DEAD_LETTERS,
+        "Messages the orchestrator dead-lettered (unreadable, refused, unknown saga or command), by the queue they came from."
+    );
+    describe_counter!(
         "saga_set_aside_total",
         "Timers and replies that can never be handled, set aside with the reason (GET /set-aside), by kind."
     );
@@ -121,6 +149,10 @@ fn describe() {
     describe_gauge!(
         "saga_in_flight",
         "Sagas running or compensating, by saga name."
+    );
+    describe_gauge!(
+        AWAITING_OPERATOR,
+        "Sagas in compensation_failed or completion_failed, which only an operator ends, by saga name and status."
     );
     describe_gauge!(
         "saga_long_running",

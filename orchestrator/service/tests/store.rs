@@ -168,6 +168,7 @@ on_both_backends!(
     one_unreadable_saga_does_not_break_the_listing,
     the_inbox_forgets_replies_after_its_retention,
     definition_versions_are_kept_listed_and_pruned,
+    sagas_are_counted_by_name_in_a_status,
 );
 
 // --- sagas ----------------------------------------------------------------------------------
@@ -1778,4 +1779,73 @@ async fn definition_versions_are_kept_listed_and_pruned(db: TestDb) {
             "v1"
         );
     }
+}
+
+/// What the operator gauge reads: one row per saga name with sagas in the status, none for a
+/// status nobody is in.
+async fn sagas_are_counted_by_name_in_a_status(db: TestDb) {
+    let store = db.store().await;
+    let (checkout, refund) = (checkout(), refund());
+    let now = t0();
+    // Two checkouts past the pivot whose last step fails: completion failed.
+    for _ in 0..2 {
+        let id = start(&store, &checkout, now).await;
+        for step in ["order", "stock", "pay"] {
+            apply(&store, &checkout, id, ok(id, step), now).await;
+        }
+        let state = apply(&store, &checkout, id, fail(id, "ship"), now).await;
+        assert_eq!(state.status, SagaStatus::CompletionFailed);
+    }
+    // A checkout whose stock fails and whose order cannot be undone: compensation failed.
+    let id = start(&store, &checkout, now).await;
+    apply(&store, &checkout, id, ok(id, "order"), now).await;
+    apply(&store, &checkout, id, fail(id, "stock"), now).await;
+    let refused = Input::Reply {
+        step: "order".into(),
+        direction: Direction::Compensate,
+        attempt: 1,
+        in_reply_to: command_message_id(id, "order", Direction::Compensate, 1),
+        outcome: Reply::Failure {
+            reason: "refund refused".into(),
+        },
+    };
+    let state = apply(&store, &checkout, id, refused, now).await;
+    assert_eq!(state.status, SagaStatus::CompensationFailed);
+    // Others, in statuses that need nobody.
+    start(&store, &checkout, now).await;
+    start(&store, &refund, now).await;
+
+    let sorted = |mut rows: Vec<(String, u64)>| {
+        rows.sort();
+        rows
+    };
+    assert_eq!(
+        sorted(
+            store
+                .count_by_name(SagaStatus::CompletionFailed)
+                .await
+                .unwrap()
+        ),
+        [("checkout".to_owned(), 2)]
+    );
+    assert_eq!(
+        sorted(
+            store
+                .count_by_name(SagaStatus::CompensationFailed)
+                .await
+                .unwrap()
+        ),
+        [("checkout".to_owned(), 1)]
+    );
+    assert_eq!(
+        sorted(store.count_by_name(SagaStatus::Running).await.unwrap()),
+        [("checkout".to_owned(), 1), ("refund".to_owned(), 1)]
+    );
+    assert!(
+        store
+            .count_by_name(SagaStatus::Completed)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

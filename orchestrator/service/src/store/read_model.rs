@@ -204,6 +204,26 @@ impl Store {
             .collect())
     }
 
+    /// Sagas now in `status`, per saga name (for the gauge of sagas waiting for an operator).
+    pub async fn count_by_name(
+        &self,
+        status: SagaStatus,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sagas::Entity::find()
+            .select_only()
+            .column(sagas::Column::Name)
+            .column_as(sagas::Column::Id.count(), "count")
+            .filter(sagas::Column::Status.eq(status.as_str()))
+            .group_by(sagas::Column::Name)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, count)| (name, count.max(0) as u64))
+            .collect())
+    }
+
     /// Rebuilds every `sagas` row (snapshot and version included) from `saga_events` alone,
     /// by folding each saga's log; deletes rows whose saga has no events. `created_at` is the
     /// first event's `recorded_at`, `updated_at` the last one's; an existing row keeps its
