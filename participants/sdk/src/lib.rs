@@ -78,6 +78,10 @@
 //! - It reconnects after the broker restarts, and on shutdown (the [`CancellationToken`]) stops
 //!   consuming, lets in-flight commands finish, and returns.
 //! - Every log line about a command carries `saga_id` (a tracing span per command).
+//! - **Traces.** With an OTLP layer installed ([`trace::otlp_layer`], when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set), the span of each command is a child of the
+//!   orchestrator's span for that step (the command's `traceparent`), its log lines carry
+//!   `trace_id`, and the reply carries the span's context back.
 
 mod db;
 mod handler;
@@ -99,7 +103,7 @@ pub use handler::{
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
 /// A [`CancellationToken`] cancelled on SIGTERM or Ctrl-C, for [`Participant::run`].
-pub use saga_amqp::{QueueType, SecretUrl, shutdown_on_signal};
+pub use saga_amqp::{QueueType, SecretUrl, shutdown_on_signal, trace};
 pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;
