@@ -179,6 +179,10 @@ impl Work {
 /// The span a work item is decided in: a child of the context it carries, else of the saga's
 /// start (`parents`), so that every span of one saga is in one trace.
 fn work_span(work: &Work, parents: &HashMap<Uuid, String>) -> tracing::Span {
+    // Without export the span would only cost: the log lines carry saga_id themselves.
+    if !trace::enabled() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!("saga.input", saga_id = %work.saga_id, input = work.kind(),
         trace_id = tracing::field::Empty);
     let parent = work
@@ -647,13 +651,15 @@ impl Runtime {
                 Some(discard_after),
             );
             // The participant's span is a child of this one: one span per command sent.
-            let span = tracing::info_span!("saga.step", step = %command.step,
-                direction = command.direction.as_str(), attempt = command.attempt,
-                participant = %step.participant);
-            for (key, value) in trace::context_headers(&span) {
-                message
-                    .headers
-                    .push((key.to_owned(), HeaderValue::Str(value)));
+            if trace::enabled() {
+                let span = tracing::info_span!("saga.step", step = %command.step,
+                    direction = command.direction.as_str(), attempt = command.attempt,
+                    participant = %step.participant);
+                for (key, value) in trace::context_headers(&span) {
+                    message
+                        .headers
+                        .push((key.to_owned(), HeaderValue::Str(value)));
+                }
             }
             commit.outbox.push(message);
         }
