@@ -115,6 +115,11 @@ impl ApiError {
         ApiError(status, limits::reason(why.as_ref()))
     }
 
+    /// The status and why, for an answer that is not JSON (the web view's pages).
+    pub(crate) fn parts(&self) -> (StatusCode, &str) {
+        (self.0, &self.1)
+    }
+
     /// The answer to a failed runtime call; `saga_id` is the saga it concerns, for the log.
     fn runtime(error: RuntimeError, saga_id: Option<Uuid>) -> Self {
         let status = match &error {
@@ -619,7 +624,10 @@ struct SagaList {
 
 /// A query parameter's value, refused with 400 when it holds a control character (NUL, which
 /// PostgreSQL cannot take, among them) or is longer than [`MAX_QUERY_VALUE_BYTES`].
-pub(crate) fn query_value<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn query_value<'a>(
+    name: &str,
+    value: Option<&'a str>,
+) -> Result<Option<&'a str>, ApiError> {
     let Some(value) = value else {
         return Ok(None);
     };

@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// Serve /metrics without a token (with tokens set, it needs the `read` role otherwise).
     #[arg(long, env = "METRICS_OPEN")]
     pub metrics_open: bool,
+    /// The RabbitMQ management UI as a browser reaches it: the web view (/ui) links a saga's
+    /// participants to their queues' pages there (in the vhost of the AMQP URL).
+    #[arg(long, env = "MANAGEMENT_URL", default_value = orchestrator::ui::DEFAULT_MANAGEMENT_URL)]
+    pub management_url: String,
     /// Serve the HTTP API on a non-loopback address with no tokens configured.
     #[arg(long, env = "INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,

@@ -1066,10 +1066,21 @@ async fn statuses_are_counted_and_keys_searched(db: TestDb) {
         idempotency_key: Some(key.to_owned()),
         ..start_commit(def, Uuid::new_v4(), t0())
     };
-    let (a, b, c) = (keyed(&checkout, "k1"), keyed(&refund, "k1"), keyed(&checkout, "k2"));
+    let (a, b, c) = (
+        keyed(&checkout, "k1"),
+        keyed(&refund, "k1"),
+        keyed(&checkout, "k2"),
+    );
     store.commit(&[a.clone(), b.clone(), c]).await.unwrap();
     let unkeyed = start(&store, &refund, t0() + secs(1)).await;
-    let state = apply(&store, &refund, unkeyed, fail(unkeyed, "refund"), t0() + secs(2)).await;
+    let state = apply(
+        &store,
+        &refund,
+        unkeyed,
+        fail(unkeyed, "refund"),
+        t0() + secs(2),
+    )
+    .await;
     assert_eq!(state.status, SagaStatus::Compensated);
 
     let mut counts = store.status_counts(None).await.unwrap();
@@ -1080,7 +1091,13 @@ async fn statuses_are_counted_and_keys_searched(db: TestDb) {
     );
     let refunds = store.status_counts(Some("refund")).await.unwrap();
     assert_eq!(refunds.len(), 2, "{refunds:?}");
-    assert!(store.status_counts(Some("nothing")).await.unwrap().is_empty());
+    assert!(
+        store
+            .status_counts(Some("nothing"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let by_key = |key: &str, name: Option<&str>| ListFilter {
         idempotency_key: Some(key.to_owned()),
