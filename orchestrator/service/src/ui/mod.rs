@@ -181,7 +181,9 @@ fn page(status: StatusCode, markup: Markup) -> Response {
             (header::CACHE_CONTROL, "no-store"),
             (header::CONTENT_SECURITY_POLICY, POLICY),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
+            // Not `no-referrer`: under it a browser posts the login form with `Origin: null`,
+            // and the login checks the origin.
+            (header::REFERRER_POLICY, "same-origin"),
         ],
         markup.into_string(),
     )
