@@ -594,6 +594,7 @@ async fn saga_page(
                 None => p.notice.ok #flash { (done) ": done." },
             }
         }
+        div.overview {
         dl.facts {
             dt { "Status" } dd #status { (status_badge(view.status)) }
             dt { "Current step" } dd #current-step { (view.current_step.as_deref().unwrap_or("–")) }
@@ -624,6 +625,22 @@ async fn saga_page(
                 span.muted { "(RabbitMQ management UI, vhost " code { (state.config.vhost) } ")" }
             }
         }
+        section.definition {
+            @if let Some(definition) = definition {
+                p.legend.muted {
+                    "Definition, steps coloured by state: "
+                    @for (class, what) in LEGEND {
+                        span class={"badge st-step-" (class)} { (what) }
+                    }
+                }
+                div.graph {
+                    pre.mermaid #graph { (graph(definition, &view)) }
+                }
+            } @else {
+                p.notice.error { "This saga's definition is gone: no graph." }
+            }
+        }
+        }
 
         h2 { "Operator actions" }
         div.actions {
@@ -633,7 +650,7 @@ async fn saga_page(
             @for action in &actions {
                 @if action.route == "abort" {
                     label { "Reason "
-                        input #abort-reason type="text" maxlength="512" placeholder="aborted through the web view" disabled[!may_operate];
+                        input #abort-reason type="text" maxlength="512" placeholder="aborted in the web view" disabled[!may_operate];
                     }
                 }
                 button type="button" class=[action.danger.then_some("danger")]
@@ -680,9 +697,6 @@ async fn saga_page(
             p.notice.error { "The definition this saga runs on is gone: its steps cannot be shown." }
         }
 
-        h2 { "Saga data" }
-        pre #data { (serde_json::to_string_pretty(&view.data).unwrap_or_default()) }
-
         h2 { "Timeline" }
         table #timeline {
             thead { tr {
@@ -705,20 +719,9 @@ async fn saga_page(
             }
         }
 
-        h2 { "Definition" }
-        @if let Some(definition) = definition {
-            p.legend.muted {
-                "Steps coloured by state: "
-                @for (class, what) in LEGEND {
-                    span class={"badge st-step-" (class)} { (what) }
-                }
-            }
-            div.graph {
-                pre.mermaid #graph { (graph(definition, &view)) }
-            }
-        } @else {
-            p.notice.error { "This saga's definition is gone: no graph." }
-        }
+
+        h2 { "Saga data" }
+        pre #data { (serde_json::to_string_pretty(&view.data).unwrap_or_default()) }
     };
     let title = format!("{} {}", view.name, view.id);
     page(StatusCode::OK, layout(&title, &viewer, true, body))

@@ -20,7 +20,7 @@ async function act(button) {
   const body = {};
   if (button.dataset.step) body.step = button.dataset.step;
   const reason = document.getElementById("abort-reason");
-  if (action === "abort" && reason && reason.value.trim()) body.reason = reason.value.trim();
+  if (action === "abort") body.reason = (reason && reason.value.trim()) || "aborted in the web view";
   const result = document.getElementById("action-result");
   button.disabled = true;
   try {
