@@ -157,6 +157,28 @@ async fn without_tokens_the_view_is_open_and_shows_a_saga() {
     assert!(!saga.body.contains("<b>1</b>"), "{}", saga.body);
     assert!(saga.body.contains("&lt;script&gt;alert"), "{}", saga.body);
 
+    // Pages follow the API's cursor: two more sagas, two a page, each saga on one page.
+    let ids = [id.clone(), app.start().await, app.start().await];
+    let first = get(&app, "/ui?limit=2", None).await;
+    let next = first
+        .body
+        .split(r#"rel="next" href=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no next page link in {}", first.body))
+        .replace("&amp;", "&");
+    let second = get(&app, &next, None).await;
+    assert!(!second.body.contains(r#"rel="next""#), "{}", second.body);
+    let on = |page: &Page| {
+        ids.iter()
+            .filter(|i| page.body.contains(i.as_str()))
+            .count()
+    };
+    assert_eq!((on(&first), on(&second)), (2, 1), "{next}");
+    for saga in &ids {
+        assert!(first.body.contains(saga.as_str()) != second.body.contains(saga.as_str()));
+    }
+
     let missing = get(&app, "/ui/sagas/00000000-0000-0000-0000-000000000000", None).await;
     assert_eq!(missing.status, 404);
     assert!(missing.body.contains("No saga has the id"));
@@ -237,6 +259,22 @@ async fn with_tokens_people_log_in_and_the_roles_hold() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("token `viewer` has the role read"), "{body}");
     assert_eq!(get(&app, "/ui", Some(&reader)).await.status, 200);
+
+    // Behind a proxy that terminates TLS, the cookie is never sent in clear.
+    let behind_tls = browser()
+        .post(format!("{}/ui/login", app.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(format!("token={READER}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        behind_tls.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .ends_with("; Secure")
+    );
 
     // An operate token: the action works, but only with the header a cross-site form lacks.
     let operator = session(&log_in(&app, OPERATOR, None).await);

@@ -992,9 +992,16 @@ async fn login(
     }
     // The token matched a configured one, so it holds only RFC 6750 token characters: a valid
     // cookie value.
-    let cookie = format!(
+    let mut cookie = format!(
         "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_MAX_AGE}"
     );
+    // Behind a proxy that terminates TLS, the browser must never send the token in clear.
+    let forwarded = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok());
+    if forwarded.is_some_and(|proto| proto.eq_ignore_ascii_case("https")) {
+        cookie.push_str("; Secure");
+    }
     let mut response = Redirect::to(&next).into_response();
     match HeaderValue::from_str(&cookie) {
         Ok(value) => {
