@@ -482,25 +482,32 @@ fn actions(view: &SagaView) -> Vec<Action> {
         danger,
     };
     match view.status {
-        SagaStatus::Running => vec![
-            action(
-                "abort",
-                "Abort",
-                format!(
-                    "Abort saga {}? Its completed steps will be compensated.",
-                    view.id
-                ),
-                None,
-                true,
+        // Before the point of no return an operator may abort; past it (the pivot done, or
+        // a retriable step begun) only push the retriable step on, or do it by hand.
+        SagaStatus::Running if !past_point_of_no_return(view) => vec![action(
+            "abort",
+            "Abort",
+            format!(
+                "Abort saga {}? Its completed steps will be compensated.",
+                view.id
             ),
+            None,
+            true,
+        )],
+        SagaStatus::Running => vec![
             action(
                 "retry-step",
                 "Retry step now",
-                format!(
-                    "Retry step `{step}` now, with a fresh budget? (Only past the point of no return.)"
-                ),
+                format!("Retry step `{step}` now, with a fresh budget?"),
                 None,
                 false,
+            ),
+            action(
+                "mark-completed",
+                "Mark completed",
+                format!("Record that `{step}` was done by hand? The saga goes on."),
+                Some(step.clone()),
+                true,
             ),
         ],
         SagaStatus::CompensationFailed => vec![
@@ -537,6 +544,16 @@ fn actions(view: &SagaView) -> Vec<Action> {
         ],
         SagaStatus::Compensating | SagaStatus::Completed | SagaStatus::Compensated => vec![],
     }
+}
+
+/// Whether the saga has passed its point of no return: its pivot completed, or (without one)
+/// its first retriable step was sent.
+fn past_point_of_no_return(view: &SagaView) -> bool {
+    view.steps.iter().any(|s| match s.kind {
+        StepKind::Pivot => s.status == StepStatus::Completed,
+        StepKind::Retriable => s.attempts > 0,
+        StepKind::Compensatable => false,
+    })
 }
 
 async fn saga_page(
