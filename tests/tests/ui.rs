@@ -1,8 +1,8 @@
 //! The web view (`/ui`) in a real browser: Debian's chromium, headless, driven through
 //! chromedriver (fantoccini). The system runs as processes with an `operate` token; sagas
 //! complete, are compensated, and stop in `completion_failed`; one waits on a stopped
-//! participant. A person logs in, reads the list and a saga's timeline, and aborts the
-//! waiting saga with its button.
+//! participant. A person logs in, reads the list and a saga's timeline, marks the stopped
+//! saga's step completed by hand, and aborts the waiting saga with its button.
 //!
 //! Screenshots of the list, a saga's page and the page after the abort are written to
 //! `<target>/tmp/ui-screenshots/` (the path is printed); `docs/ui-saga.png` in the README is a
@@ -167,6 +167,15 @@ async fn wait_for_text(
     }
 }
 
+/// Accepts the confirmation an action asks for.
+async fn confirm(client: &Client) {
+    let started = Instant::now();
+    while client.accept_alert().await.is_err() {
+        assert!(started.elapsed() < PATIENCE, "no confirmation was asked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn screenshot(client: &Client, dir: &Path, name: &str) {
     let png = client.screenshot().await.expect("a screenshot");
     let path = dir.join(name);
@@ -316,12 +325,33 @@ async fn a_person_reads_sagas_and_aborts_one_in_the_browser() {
         .unwrap();
     assert_eq!(text(&client, "#status").await, "completion_failed");
     assert_eq!(text(&client, "#current-step").await, "charge-late");
-    for action in ["retry-step", "mark-completed"] {
-        client
-            .find(Locator::Css(&format!("button[data-action='{action}']")))
-            .await
-            .unwrap_or_else(|_| panic!("no {action} button"));
-    }
+    client
+        .find(Locator::Css("button[data-action='retry-step']"))
+        .await
+        .expect("a retry-step button");
+    // The operator charged by hand: mark the step completed, with what it returned.
+    client
+        .find(Locator::Css("#mark-output"))
+        .await
+        .expect("the output field")
+        .send_keys(r#"{"payment_id": "by-hand-1"}"#)
+        .await
+        .expect("type the output");
+    client
+        .find(Locator::Css("button[data-action='mark-completed']"))
+        .await
+        .expect("a mark-completed button")
+        .click()
+        .await
+        .expect("click mark-completed");
+    confirm(&client).await;
+    assert_eq!(text(&client, "#flash").await, "mark-completed: done.");
+    wait_for_text(&client, "#status", "the saga marked completed", |s| {
+        s == "completed"
+    })
+    .await;
+    assert!(text(&client, "#data").await.contains("by-hand-1"));
+    assert!(text(&client, "#timeline").await.contains("manual=true"));
 
     // The waiting saga: links to its participants' queues, and the abort button.
     client
@@ -358,12 +388,7 @@ async fn a_person_reads_sagas_and_aborts_one_in_the_browser() {
         .click()
         .await
         .expect("click abort");
-    // The confirmation.
-    let started = Instant::now();
-    while client.accept_alert().await.is_err() {
-        assert!(started.elapsed() < PATIENCE, "no confirmation was asked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    confirm(&client).await;
     assert_eq!(text(&client, "#flash").await, "abort: done.");
     let timeline = text(&client, "#timeline").await;
     assert!(timeline.contains("abort_requested"), "{timeline}");

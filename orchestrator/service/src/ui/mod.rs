@@ -670,6 +670,11 @@ async fn saga_page(
                         input #abort-reason type="text" maxlength="512" placeholder="aborted in the web view" disabled[!may_operate];
                     }
                 }
+                @if action.route == "mark-completed" {
+                    label { "Output (a JSON object, merged into the data) "
+                        input #mark-output.mono type="text" size="30" placeholder=r#"{"shipment_id": "by hand"}"# disabled[!may_operate];
+                    }
+                }
                 button type="button" class=[action.danger.then_some("danger")]
                     data-action=(action.route) data-saga=(view.id) data-confirm=(action.confirm)
                     data-step=[action.step.as_deref()] disabled[!may_operate] {

@@ -16,12 +16,22 @@ document.addEventListener("DOMContentLoaded", () => {
 // X-Saga-UI header is what a cross-site form cannot send), then show the saga again.
 async function act(button) {
   const { action, saga, confirm: question } = button.dataset;
-  if (!window.confirm(question)) return;
   const body = {};
   if (button.dataset.step) body.step = button.dataset.step;
   const reason = document.getElementById("abort-reason");
   if (action === "abort") body.reason = (reason && reason.value.trim()) || "aborted in the web view";
   const result = document.getElementById("action-result");
+  const output = document.getElementById("mark-output");
+  if (action === "mark-completed" && output && output.value.trim()) {
+    try {
+      body.output = JSON.parse(output.value);
+    } catch (error) {
+      result.className = "notice error";
+      result.textContent = `the output is not JSON: ${error.message}`;
+      return;
+    }
+  }
+  if (!window.confirm(question)) return;
   button.disabled = true;
   try {
     const response = await fetch(`/sagas/${saga}/${action}`, {
