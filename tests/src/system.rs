@@ -36,7 +36,7 @@ const LOG_TAIL_LINES: usize = 40;
 
 /// Variables the services read, removed from the inherited environment so that nothing from
 /// the test's own environment leaks into a service.
-const SERVICE_VARS: [&str; 20] = [
+const SERVICE_VARS: [&str; 21] = [
     "AMQP_URL",
     "AMQP_CA_FILE",
     "DATABASE_URL",
@@ -55,6 +55,7 @@ const SERVICE_VARS: [&str; 20] = [
     "TOKENS_FILE",
     "METRICS_OPEN",
     "INSECURE_NO_AUTH",
+    "MANAGEMENT_URL",
     "HTTP_PROXY",
     "http_proxy",
 ];

@@ -228,6 +228,7 @@ async fn run(
         inbox_retention: orchestrator::retention::DEFAULT_INBOX_RETENTION,
         amqp_tls: tls.clone(),
         auth: Default::default(),
+        management_url: orchestrator::ui::DEFAULT_MANAGEMENT_URL.into(),
     };
     let service = tokio::spawn(serve_runtime(runtime.clone(), config, shutdown.clone()));
     // Cancelled when a participant process exits before the end: no use waiting for sagas.

@@ -152,12 +152,13 @@ pub fn mermaid(def: &SagaDefinition) -> String {
 }
 
 /// The node id of step `index`: its position keeps ids unique whatever the names sanitise to.
-fn step_id(index: usize, name: &str) -> String {
+/// Public so that a viewer can style the nodes (`class ID ...`) of one saga's steps.
+pub fn step_id(index: usize, name: &str) -> String {
     format!("s{index}_{}", sanitize(name))
 }
 
 /// The node id of the compensation of step `index`.
-fn undo_id(index: usize, name: &str) -> String {
+pub fn undo_id(index: usize, name: &str) -> String {
     format!("c{index}_{}", sanitize(name))
 }
 

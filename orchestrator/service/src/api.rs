@@ -115,6 +115,11 @@ impl ApiError {
         ApiError(status, limits::reason(why.as_ref()))
     }
 
+    /// The status and why, for an answer that is not JSON (the web view's pages).
+    pub(crate) fn parts(&self) -> (StatusCode, &str) {
+        (self.0, &self.1)
+    }
+
     /// The answer to a failed runtime call; `saga_id` is the saga it concerns, for the log.
     fn runtime(error: RuntimeError, saga_id: Option<Uuid>) -> Self {
         let status = match &error {
@@ -272,7 +277,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| bad_request(format!("`{raw}` is not a saga id (a UUID)")))
 }
 
@@ -393,34 +398,34 @@ async fn start_saga(
 }
 
 #[derive(Serialize, ToSchema)]
-struct StepView {
-    name: String,
-    participant: String,
+pub(crate) struct StepView {
+    pub(crate) name: String,
+    pub(crate) participant: String,
     #[schema(schema_with = contract_ref::<saga_engine::StepKind>)]
-    kind: saga_engine::StepKind,
+    pub(crate) kind: saga_engine::StepKind,
     #[schema(schema_with = contract_ref::<StepStatus>)]
-    status: StepStatus,
+    pub(crate) status: StepStatus,
     /// Commands sent for the action.
-    attempts: u32,
+    pub(crate) attempts: u32,
     /// Commands sent for the compensation.
-    compensation_attempts: u32,
+    pub(crate) compensation_attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// What the action returned, merged into the saga data.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    output: Option<Data>,
+    pub(crate) output: Option<Data>,
 }
 
 /// One event of the saga's log: the event's fields with its place in the log.
 #[derive(Serialize, ToSchema)]
-struct HistoryEntry {
+pub(crate) struct HistoryEntry {
     /// Position in the log, from 1, without gaps.
-    seq: u64,
-    recorded_at: DateTime<Utc>,
+    pub(crate) seq: u64,
+    pub(crate) recorded_at: DateTime<Utc>,
     #[serde(flatten)]
     #[schema(schema_with = contract_ref::<SagaEvent>)]
-    event: SagaEvent,
+    pub(crate) event: SagaEvent,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -451,14 +456,14 @@ impl From<&SagaListing> for SagaSummary {
 
 /// What a saga in flight waits for: the step with an attempt in flight or a retry scheduled.
 #[derive(Debug, Serialize, ToSchema)]
-struct WaitingOn {
-    step: String,
+pub(crate) struct WaitingOn {
+    pub(crate) step: String,
     #[schema(schema_with = contract_ref::<Direction>)]
-    direction: Direction,
+    pub(crate) direction: Direction,
     /// The attempt in flight, or the one the scheduled retry will send.
-    attempt: u32,
+    pub(crate) attempt: u32,
     /// When the step's first command in this direction was sent: how long it has waited.
-    since: DateTime<Utc>,
+    pub(crate) since: DateTime<Utc>,
 }
 
 fn waiting_on(state: &SagaState, history: &[RecordedEvent]) -> Option<WaitingOn> {
@@ -498,29 +503,29 @@ fn waiting_on(state: &SagaState, history: &[RecordedEvent]) -> Option<WaitingOn>
 
 /// A saga: its state from the read model, its steps as defined, and its whole log.
 #[derive(Serialize, ToSchema)]
-struct SagaView {
-    id: Uuid,
-    name: String,
+pub(crate) struct SagaView {
+    pub(crate) id: Uuid,
+    pub(crate) name: String,
     #[schema(schema_with = contract_ref::<SagaStatus>)]
-    status: SagaStatus,
-    current_step: Option<String>,
+    pub(crate) status: SagaStatus,
+    pub(crate) current_step: Option<String>,
     /// While running or compensating: the step the saga waits for.
-    waiting_on: Option<WaitingOn>,
-    business_key: Option<String>,
+    pub(crate) waiting_on: Option<WaitingOn>,
+    pub(crate) business_key: Option<String>,
     /// Content hash of the saga definition the saga runs.
-    definition_version: String,
+    pub(crate) definition_version: String,
     /// The start input with every completed step's output merged in.
     #[schema(value_type = Object)]
-    data: Data,
-    compensation_reason: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
+    pub(crate) data: Data,
+    pub(crate) compensation_reason: Option<String>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
     /// Every step of the definition, in order (none when the definition is gone).
-    steps: Vec<StepView>,
-    history: Vec<HistoryEntry>,
+    pub(crate) steps: Vec<StepView>,
+    pub(crate) history: Vec<HistoryEntry>,
 }
 
-fn saga_view(runtime: &Runtime, row: SagaRow, history: Vec<RecordedEvent>) -> SagaView {
+pub(crate) fn saga_view(runtime: &Runtime, row: SagaRow, history: Vec<RecordedEvent>) -> SagaView {
     let waiting_on = waiting_on(&row.state, &history);
     let def = runtime
         .definition_of(&row.name, &row.state.definition_version)
@@ -625,7 +630,10 @@ struct SagaList {
 
 /// A query parameter's value, refused with 400 when it holds a control character (NUL, which
 /// PostgreSQL cannot take, among them) or is longer than [`MAX_QUERY_VALUE_BYTES`].
-fn query_value<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn query_value<'a>(
+    name: &str,
+    value: Option<&'a str>,
+) -> Result<Option<&'a str>, ApiError> {
     let Some(value) = value else {
         return Ok(None);
     };
@@ -644,7 +652,7 @@ fn query_value<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>
 }
 
 /// `limit` of a listing: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
-fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
+pub(crate) fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
     match raw {
         Some(raw) => match raw.parse::<u64>() {
             Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -657,11 +665,11 @@ fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
 }
 
 /// The cursor is the (created_at, id) of the last saga on the previous page.
-fn encode_cursor(row: &SagaListing) -> String {
+pub(crate) fn encode_cursor(row: &SagaListing) -> String {
     format!("{}_{}", row.created_at.timestamp_micros(), row.id)
 }
 
-fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+pub(crate) fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let invalid = || bad_request(format!("`{raw}` is not a cursor from a previous page"));
     let (micros, id) = raw.split_once('_').ok_or_else(invalid)?;
     let micros: i64 = micros.parse().map_err(|_| invalid())?;
@@ -707,6 +715,7 @@ async fn list_sagas(
     let filter = ListFilter {
         status,
         name: name.filter(|n| !n.is_empty()).map(str::to_owned),
+        idempotency_key: None,
         limit: limit + 1,
         before,
     };

@@ -15,6 +15,15 @@
 //! unknown token, is 401 with `WWW-Authenticate: Bearer`; a token without the role the request
 //! needs is 403; both with the API's JSON `{"error": ...}`.
 //!
+//! The web view (`/ui`, [`crate::ui`]) logs in with a token once: `POST /ui/login` checks it
+//! and sets it as the [`SESSION_COOKIE`] (HttpOnly, `SameSite=Strict`), which is taken like
+//! the bearer header when there is none, on the view's pages and on the API calls its buttons
+//! make. A request other than `GET` authenticated by the cookie must also carry the
+//! [`UI_HEADER`] header: a cross-site form cannot send it, and a cross-site script cannot
+//! without a CORS preflight this server never grants. A view page without a usable token
+//! redirects to the login page instead of answering 401. The login and logout forms and the
+//! view's static assets are open.
+//!
 //! Only a SHA-256 digest of each token is kept, and a presented token's digest is compared
 //! with every one of them in constant time. Tokens never reach a log or an error: parse
 //! errors name the line and entry, not what is on it, and [`Tokens`] redacts its `Debug`.
@@ -39,6 +48,13 @@ use crate::api::ApiError;
 pub const MIN_TOKEN_CHARS: usize = 32;
 /// The longest token name.
 pub const MAX_NAME_CHARS: usize = 64;
+
+/// The web view's session cookie: it holds the token (see the module's notes).
+pub const SESSION_COOKIE: &str = "saga_session";
+/// How long the session cookie lasts, in seconds.
+pub const SESSION_MAX_AGE: u64 = 12 * 3600;
+/// The header a cookie-authenticated request other than `GET` must carry (any value).
+pub const UI_HEADER: &str = "x-saga-ui";
 
 /// What a token may do; `Operate` includes `Read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -186,7 +202,7 @@ impl Tokens {
     }
 
     /// The caller `presented` is, if any. Every digest is compared, in constant time.
-    fn find(&self, presented: &[u8]) -> Option<Caller> {
+    pub(crate) fn find(&self, presented: &[u8]) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
         for token in self.0.iter() {
@@ -314,6 +330,9 @@ pub fn required_role(method: &Method, path: &str, metrics_open: bool) -> Option<
     match path {
         "/healthz" | "/readyz" | "/openapi.json" => None,
         "/metrics" if metrics_open => None,
+        // Logging in and out, and the web view's static assets (no saga in them).
+        "/ui/login" | "/ui/logout" => None,
+        _ if path.starts_with("/ui/assets/") => None,
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Read),
         _ => Some(Role::Operate),
     }
@@ -324,23 +343,38 @@ async fn gate(State(config): State<Arc<AuthConfig>>, mut request: Request, next:
     else {
         return next.run(request).await;
     };
+    let view = is_view(request.uri().path());
     let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
-    let presented = match (values.next(), values.next()) {
-        (None, _) => {
-            return unauthorized(
-                "this endpoint needs a token: send `Authorization: Bearer TOKEN`",
-                false,
-            );
-        }
-        (Some(value), None) => bearer(value),
-        (Some(_), Some(_)) => None,
+    let (presented, by_cookie) = match (values.next(), values.next()) {
+        (None, _) => match session_token(request.headers()) {
+            Some(token) => (Some(token), true),
+            None if view => return to_login(&request, None),
+            None => {
+                return unauthorized(
+                    "this endpoint needs a token: send `Authorization: Bearer TOKEN`",
+                    false,
+                );
+            }
+        },
+        (Some(value), None) => (bearer(value), false),
+        (Some(_), Some(_)) => (None, false),
     };
     let Some(presented) = presented else {
         return unauthorized("the Authorization header must be one `Bearer TOKEN`", true);
     };
     let Some(caller) = config.tokens.find(presented) else {
+        if view {
+            return to_login(&request, Some("expired"));
+        }
         return unauthorized("the token is not valid", true);
     };
+    let safe = request.method() == Method::GET || request.method() == Method::HEAD;
+    if by_cookie && !safe && !request.headers().contains_key(UI_HEADER) {
+        let why = "a request authenticated by the web view's session cookie must carry the \
+                   X-Saga-UI header (a cross-site form cannot); API clients send \
+                   `Authorization: Bearer TOKEN`";
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+    }
     if caller.role < needed {
         let why = format!(
             "token `{}` has the role {}; {} {} needs {needed}",
@@ -353,6 +387,38 @@ async fn gate(State(config): State<Arc<AuthConfig>>, mut request: Request, next:
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+/// A page of the web view (which answers HTML, and sends people to log in).
+fn is_view(path: &str) -> bool {
+    path == "/ui" || path.starts_with("/ui/")
+}
+
+/// The token in the web view's session cookie, if one is sent.
+fn session_token(headers: &axum::http::HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|cookies| cookies.split(';'))
+        .filter_map(|cookie| cookie.trim().split_once('='))
+        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
+        .map(|(_, value)| value.as_bytes())
+}
+
+/// Sends a person to the login page, to come back to this page after.
+fn to_login(request: &Request, why: Option<&str>) -> Response {
+    let back = request.uri().path_and_query().map_or("/ui", |p| p.as_str());
+    let mut location = format!("/ui/login?next={}", crate::ui::encode(back));
+    if let Some(why) = why {
+        location.push_str("&why=");
+        location.push_str(why);
+    }
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 /// The token of `Bearer TOKEN` (the scheme in any case).
@@ -460,6 +526,11 @@ mod tests {
             Some(Role::Operate)
         );
         assert_eq!(role(Method::GET, "//healthz", false), Some(Role::Read));
+        assert_eq!(role(Method::POST, "/ui/login", false), None);
+        assert_eq!(role(Method::POST, "/ui/logout", false), None);
+        assert_eq!(role(Method::GET, "/ui/assets/ui.js", false), None);
+        assert_eq!(role(Method::GET, "/ui", false), Some(Role::Read));
+        assert_eq!(role(Method::GET, "/ui/sagas/x", false), Some(Role::Read));
     }
 
     #[test]

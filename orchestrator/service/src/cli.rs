@@ -26,7 +26,8 @@ pub enum Command {
     /// invariants on every path; exit 1 with a witness when one breaks.
     Check(CheckArgs),
     /// Run the orchestrator: drive sagas over RabbitMQ, serve the HTTP API.
-    Run(RunArgs),
+    // Boxed: its many options would make every command as large as this one.
+    Run(Box<RunArgs>),
     /// Rebuild the read model (the `sagas` table) from the event log alone.
     Rebuild(RebuildArgs),
     /// List the definition versions in the database, with the sagas that run on each.
@@ -43,7 +44,7 @@ impl Command {
             Command::Validate(args) => commands::validate::run(args),
             Command::Graph(args) => commands::graph::run(args),
             Command::Check(args) => commands::check::run(args),
-            Command::Run(args) => commands::run::run(args),
+            Command::Run(args) => commands::run::run(*args),
             Command::Rebuild(args) => commands::rebuild::run(args),
             Command::Definitions(args) => commands::definitions::list(args),
             Command::PruneDefinitions(args) => commands::definitions::prune(args),
@@ -168,6 +169,10 @@ pub struct RunArgs {
     /// Serve /metrics without a token (with tokens set, it needs the `read` role otherwise).
     #[arg(long, env = "METRICS_OPEN")]
     pub metrics_open: bool,
+    /// The RabbitMQ management UI as a browser reaches it: the web view (/ui) links a saga's
+    /// participants to their queues' pages there (in the vhost of the AMQP URL).
+    #[arg(long, env = "MANAGEMENT_URL", default_value = orchestrator::ui::DEFAULT_MANAGEMENT_URL)]
+    pub management_url: String,
     /// Serve the HTTP API on a non-loopback address with no tokens configured.
     #[arg(long, env = "INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -223,7 +228,7 @@ mod tests {
     fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
         let args = ["orchestrator", "run", "--config", "sagas.yaml"];
         match Cli::try_parse_from(args.iter().chain(extra))?.command {
-            Command::Run(args) => Ok(args),
+            Command::Run(args) => Ok(*args),
             other => panic!("not `run`: {other:?}"),
         }
     }

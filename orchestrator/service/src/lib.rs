@@ -10,6 +10,7 @@
 //! - [`auth`]: its bearer tokens and roles;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`presence`]: notices another orchestrator with another database on the same vhost;
+//! - [`ui`]: the web view at `/ui`, over the same queries and commands as the API;
 //! - [`service`]: wires them together for `orchestrator run`.
 
 pub mod api;
@@ -27,3 +28,4 @@ pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod timers;
+pub mod ui;

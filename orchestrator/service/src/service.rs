@@ -27,6 +27,7 @@ use crate::http::{self, HttpConfig};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::{Store, StoreOptions};
+use crate::ui::UiConfig;
 use crate::{consumers, presence, relay, retention, timers};
 
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct ServiceConfig {
     pub amqp_tls: saga_amqp::Tls,
     /// Who may use the HTTP API (see [`crate::auth`]).
     pub auth: AuthConfig,
+    /// The RabbitMQ management UI's base URL, for the web view's links to queues.
+    pub management_url: String,
 }
 
 /// The names of the supervised tasks, as `/readyz` and the exit error give them.
@@ -250,6 +253,12 @@ pub async fn serve(
     serve_runtime(runtime, config, shutdown).await
 }
 
+/// What the HTTP server serves: the API and the web view, behind the tokens of `auth`.
+pub fn app(api: ApiState, ui: UiConfig, auth: &AuthConfig) -> axum::Router {
+    let view = crate::ui::router(api.runtime.clone(), ui, auth.tokens.clone());
+    crate::auth::protect(api::router(api).merge(view), auth)
+}
+
 /// Serves an already built runtime (the benchmark drives the same runtime directly). Unlike
 /// [`serve`], it does not refuse an unauthenticated non-loopback address: check
 /// [`AuthConfig::check_address`] first.
@@ -270,12 +279,13 @@ pub async fn serve_runtime(
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
     info!(address = %listener.local_addr()?, "HTTP API listening");
-    let app = api::router(ApiState {
+    let api = ApiState {
         runtime: runtime.clone(),
         health: health.clone(),
         metrics: Metrics::install(config.long_running_threshold),
-    });
-    let app = crate::auth::protect(app, &config.auth);
+    };
+    let ui = UiConfig::new(&config.management_url, config.amqp_url.expose());
+    let app = app(api, ui, &config.auth);
     let mut tasks = Supervisor::new(shutdown.clone(), health.clone());
     tasks.spawn(HTTP_TASK, {
         let shutdown = shutdown.clone();

@@ -160,6 +160,7 @@ on_both_backends!(
     outbox_rows_are_batched_and_marked_sent,
     outbox_batches_claim_rows,
     list_pages_newest_first_with_filters,
+    statuses_are_counted_and_keys_searched,
     the_read_model_is_rebuilt_from_the_events,
     concurrent_writers_never_both_advance_a_saga,
     a_timer_is_set_aside_once_and_only_as_read,
@@ -1057,6 +1058,69 @@ async fn list_pages_newest_first_with_filters(db: TestDb) {
         .map(|(id, _, _)| *id)
         .collect();
     assert_eq!(in_flight, checkouts);
+}
+
+/// What the web view's list shows above the page: counts per status (for one saga name or
+/// all), and the sagas started with an idempotency key, under any saga name.
+async fn statuses_are_counted_and_keys_searched(db: TestDb) {
+    let store = db.store().await;
+    let (checkout, refund) = (checkout(), refund());
+    let keyed = |def: &SagaDefinition, key: &str| Commit {
+        idempotency_key: Some(key.to_owned()),
+        ..start_commit(def, Uuid::new_v4(), t0())
+    };
+    let (a, b, c) = (
+        keyed(&checkout, "k1"),
+        keyed(&refund, "k1"),
+        keyed(&checkout, "k2"),
+    );
+    store.commit(&[a.clone(), b.clone(), c]).await.unwrap();
+    let unkeyed = start(&store, &refund, t0() + secs(1)).await;
+    let state = apply(
+        &store,
+        &refund,
+        unkeyed,
+        fail(unkeyed, "refund"),
+        t0() + secs(2),
+    )
+    .await;
+    assert_eq!(state.status, SagaStatus::Compensated);
+
+    let mut counts = store.status_counts(None).await.unwrap();
+    counts.sort_by_key(|(status, _)| status.as_str());
+    assert_eq!(
+        counts,
+        vec![(SagaStatus::Compensated, 1), (SagaStatus::Running, 3)]
+    );
+    let refunds = store.status_counts(Some("refund")).await.unwrap();
+    assert_eq!(refunds.len(), 2, "{refunds:?}");
+    assert!(
+        store
+            .status_counts(Some("nothing"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let by_key = |key: &str, name: Option<&str>| ListFilter {
+        idempotency_key: Some(key.to_owned()),
+        name: name.map(str::to_owned),
+        ..all(10)
+    };
+    let mut found: Vec<Uuid> = store
+        .listing(&by_key("k1", None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.id)
+        .collect();
+    found.sort();
+    let mut expected = vec![a.saga_id, b.saga_id];
+    expected.sort();
+    assert_eq!(found, expected);
+    let one = store.listing(&by_key("k1", Some("refund"))).await.unwrap();
+    assert_eq!(one.iter().map(|r| r.id).collect::<Vec<_>>(), [b.saga_id]);
+    assert!(store.listing(&by_key("k3", None)).await.unwrap().is_empty());
 }
 
 async fn the_read_model_is_rebuilt_from_the_events(db: TestDb) {

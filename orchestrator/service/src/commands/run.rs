@@ -33,6 +33,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         inbox_retention: args.inbox_retention,
         amqp_tls: saga_amqp::Tls::from_ca_file(args.amqp_ca_file.as_deref())?,
         auth,
+        management_url: args.management_url,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result = runtime.block_on(async move {

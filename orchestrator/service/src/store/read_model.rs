@@ -59,6 +59,8 @@ pub struct RecordedEvent {
 pub struct ListFilter {
     pub status: Option<SagaStatus>,
     pub name: Option<String>,
+    /// Sagas started with this idempotency key, under any saga name.
+    pub idempotency_key: Option<String>,
     pub limit: u64,
     /// Keyset cursor: only rows strictly older than this `(created_at, id)`; pass the last
     /// row of the previous page.
@@ -224,6 +226,34 @@ impl Store {
             .collect())
     }
 
+    /// How many sagas are in each status (only those of saga `name`, if given); statuses no
+    /// saga is in are absent.
+    pub async fn status_counts(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+        let mut query = sagas::Entity::find()
+            .select_only()
+            .column(sagas::Column::Status)
+            .column_as(sagas::Column::Id.count(), "count");
+        if let Some(name) = name {
+            query = query.filter(sagas::Column::Name.eq(name));
+        }
+        let rows: Vec<(String, i64)> = query
+            .group_by(sagas::Column::Status)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(|(status, count)| {
+                let status = status
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("a saga's status: {e}")))?;
+                Ok((status, count.max(0) as u64))
+            })
+            .collect()
+    }
+
     /// Rebuilds every `sagas` row (snapshot and version included) from `saga_events` alone,
     /// by folding each saga's log; deletes rows whose saga has no events. `created_at` is the
     /// first event's `recorded_at`, `updated_at` the last one's; an existing row keeps its
@@ -267,6 +297,9 @@ fn page(filter: &ListFilter) -> sea_orm::Select<sagas::Entity> {
     }
     if let Some(name) = &filter.name {
         query = query.filter(sagas::Column::Name.eq(name.as_str()));
+    }
+    if let Some(key) = &filter.idempotency_key {
+        query = query.filter(sagas::Column::IdempotencyKey.eq(key.as_str()));
     }
     if let Some((created_at, id)) = filter.before {
         query = query.filter(

@@ -8,12 +8,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use orchestrator::api::{self, ApiState};
+use orchestrator::api::ApiState;
 use orchestrator::auth::AuthConfig;
 use orchestrator::metrics::Metrics;
 use orchestrator::runtime::Runtime;
 use orchestrator::service::Health;
 use orchestrator::store::Store;
+use orchestrator::ui::{DEFAULT_MANAGEMENT_URL, UiConfig};
 use saga_engine::Definitions;
 use sea_orm::ConnectionTrait;
 use serde_json::Value;
@@ -170,12 +171,16 @@ pub async fn spawn_app_behind(
     let definitions = Definitions::parse("sagas.yaml", SAGAS).expect("valid definitions");
     let runtime = Runtime::open(definitions, store).await.expect("a runtime");
     let health = Health::new();
-    let router = api::router(ApiState {
+    let api = ApiState {
         runtime: runtime.clone(),
         health: health.clone(),
         metrics: Metrics::install(Duration::from_secs(300)),
-    });
-    let router = orchestrator::auth::protect(router, auth);
+    };
+    let ui = UiConfig::new(
+        DEFAULT_MANAGEMENT_URL,
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    );
+    let router = orchestrator::service::app(api, ui, auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
