@@ -184,26 +184,11 @@ impl Store {
         &self,
         started_before: Option<DateTime<Utc>>,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut query = sagas::Entity::find()
-            .select_only()
-            .column(sagas::Column::Name)
-            .column_as(sagas::Column::Id.count(), "count")
-            .filter(sagas::Column::Status.is_in([
-                SagaStatus::Running.as_str(),
-                SagaStatus::Compensating.as_str(),
-            ]));
-        if let Some(before) = started_before {
-            query = query.filter(sagas::Column::CreatedAt.lt(before));
-        }
-        let rows: Vec<(String, i64)> = query
-            .group_by(sagas::Column::Name)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(name, count)| (name, count.max(0) as u64))
-            .collect())
+        self.counted_by_name(
+            &[SagaStatus::Running, SagaStatus::Compensating],
+            started_before,
+        )
+        .await
     }
 
     /// Sagas now in `status`, per saga name (for the gauge of sagas waiting for an operator).
@@ -211,11 +196,23 @@ impl Store {
         &self,
         status: SagaStatus,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sagas::Entity::find()
+        self.counted_by_name(&[status], None).await
+    }
+
+    async fn counted_by_name(
+        &self,
+        statuses: &[SagaStatus],
+        started_before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut query = sagas::Entity::find()
             .select_only()
             .column(sagas::Column::Name)
             .column_as(sagas::Column::Id.count(), "count")
-            .filter(sagas::Column::Status.eq(status.as_str()))
+            .filter(sagas::Column::Status.is_in(statuses.iter().map(|s| s.as_str())));
+        if let Some(before) = started_before {
+            query = query.filter(sagas::Column::CreatedAt.lt(before));
+        }
+        let rows: Vec<(String, i64)> = query
             .group_by(sagas::Column::Name)
             .into_tuple()
             .all(&self.db)

@@ -43,16 +43,6 @@ use crate::store::{ListFilter, StoreError};
 /// Where the RabbitMQ management UI is, for links to queues, when nothing says otherwise.
 pub const DEFAULT_MANAGEMENT_URL: &str = "http://localhost:15672";
 
-/// Every status, in the order the counts are shown.
-const STATUSES: [SagaStatus; 6] = [
-    SagaStatus::Running,
-    SagaStatus::Compensating,
-    SagaStatus::Completed,
-    SagaStatus::Compensated,
-    SagaStatus::CompensationFailed,
-    SagaStatus::CompletionFailed,
-];
-
 /// The longest value shown in a timeline row; the saga data section shows data in full.
 const MAX_DETAIL_CHARS: usize = 400;
 
@@ -371,7 +361,7 @@ async fn list(
             a.on[status.is_none()] href=(link(None, None)) {
                 "all " strong { (total) }
             }
-            @for s in STATUSES {
+            @for s in SagaStatus::ALL {
                 a.on[status == Some(s)] href=(link(Some(s), None)) data-status=(s.as_str()) {
                     span class={"badge st-" (s.as_str())} { (s.as_str()) } " " strong { (count(s)) }
                 }
@@ -381,7 +371,7 @@ async fn list(
             label { "Status"
                 select name="status" {
                     option value="" { "any" }
-                    @for s in STATUSES {
+                    @for s in SagaStatus::ALL {
                         option value=(s.as_str()) selected[status == Some(s)] { (s.as_str()) }
                     }
                 }
