@@ -74,3 +74,13 @@ pub fn check_all() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The program `name` on the `PATH`, if one is there (for the tools some tests drive: the
+/// browser, promtool), so a test can fail saying how to install it rather than skip.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}

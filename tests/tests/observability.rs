@@ -646,19 +646,14 @@ fn root() -> PathBuf {
 
 /// A Prometheus tool on the PATH, or a failure saying how to install it.
 fn tool(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not installed, and these tests validate deploy/ with it. Install \
+    saga_system::bins::on_path(name).unwrap_or_else(|| {
+        panic!(
+            "`{name}` is not installed, and these tests validate deploy/ with it. Install \
                  Debian's Prometheus package: `apt-get update && apt-get install -y \
                  --no-install-recommends prometheus` (scripts/test does); it provides \
                  `promtool` and `prometheus`"
-            )
-        })
+        )
+    })
 }
 
 fn run(command: &mut Command) -> Output {

@@ -60,18 +60,13 @@ impl Drop for Driver {
 /// `name` on the PATH, or a failure that says how to install it: a browser test that skips is
 /// a test that lies.
 fn required(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the web view's browser test needs `{name}`, from Debian's chromium and \
+    saga_system::bins::on_path(name).unwrap_or_else(|| {
+        panic!(
+            "the web view's browser test needs `{name}`, from Debian's chromium and \
                  chromium-driver packages: apt-get install -y chromium chromium-driver \
                  (scripts/test installs them when missing)"
-            )
-        })
+        )
+    })
 }
 
 async fn start_driver() -> Driver {

@@ -120,7 +120,7 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>, tracestate: O
 
 /// Records `span`'s trace id in its `trace_id` field (declared `tracing::field::Empty`), so
 /// that every log line inside it carries the trace id next to the saga id.
-pub fn record_trace_id(span: &tracing::Span) {
+fn record_trace_id(span: &tracing::Span) {
     if !enabled() {
         return;
     }
