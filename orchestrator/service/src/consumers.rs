@@ -86,12 +86,24 @@ async fn handle_replies(
         return Ok(());
     }
     // Replies already handled (a redelivery after a crash before the ack) need no decision.
-    let ids: Vec<_> = work.iter().filter_map(|w| w.inbox_id).collect();
-    let seen = runtime.store().seen(&ids).await.unwrap_or_else(|error| {
-        // Deciding them again is safe: the inbox makes a duplicate commit fail.
-        warn!(%error, "cannot read the inbox; deciding every reply of the batch");
+    // Only a redelivery can be one, bar a publisher's own retry: the inbox insert catches that
+    // one, and the batch is then decided reply by reply. Asking only about redeliveries spares
+    // the common batch a query.
+    let ids: Vec<_> = work
+        .iter()
+        .zip(&pending)
+        .filter(|(_, delivery)| delivery.redelivered)
+        .filter_map(|(w, _)| w.inbox_id)
+        .collect();
+    let seen = if ids.is_empty() {
         Default::default()
-    });
+    } else {
+        runtime.store().seen(&ids).await.unwrap_or_else(|error| {
+            // Deciding them again is safe: the inbox makes a duplicate commit fail.
+            warn!(%error, "cannot read the inbox; deciding every reply of the batch");
+            Default::default()
+        })
+    };
     let (mut fresh, mut fresh_deliveries) = (Vec::new(), Vec::new());
     // Acks go out together once their batch is decided: one hand-off to the connection's I/O
     // task instead of one round each.
