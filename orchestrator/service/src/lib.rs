@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod auth;
+mod cache;
 pub mod consumers;
 pub mod group_commit;
 pub mod http;

@@ -1,15 +1,24 @@
 //! The outbox relay: publishes committed outbox rows with publisher confirms, many in flight
 //! at once, and marks them sent. A crash between publish and mark re-sends them: receivers
 //! de-duplicate by message id.
+//!
+//! The rows this process commits reach the relay in memory, through the [`Handoff`], the
+//! moment they are committed: no query stands between a decision and its publication, and the
+//! marks ride on the next group commit instead of a transaction of their own. The database is
+//! read only for what the handoff cannot carry: rows left from before a restart, rows another
+//! process wrote (an operator's command line), rows whose publication failed, and rows past
+//! the handoff's limit while the relay is behind or the broker away.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
 use saga_schemas::amqp::{HeaderValue, header, message_type};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -18,11 +27,53 @@ use crate::store::OutboxRow;
 
 /// Rows per round trip: enough to share one confirm wait among many messages.
 const BATCH: u64 = 256;
-/// How often to look for rows nobody woke us for (another process wrote them, or a retry).
+/// How often to look in the database for rows the handoff did not bring.
 const POLL: Duration = Duration::from_millis(500);
+/// Rows younger than this are left to the handoff by the periodic look at the database: one of
+/// this process's is on its way in memory, and another orchestrator's on its own relay's way.
+const POLL_MIN_AGE: Duration = Duration::from_secs(1);
+/// Rows the handoff holds at most: past it they are dropped from memory, and read back from
+/// the database (where they are anyway) once the relay catches up. Keeps memory flat while the
+/// broker is away.
+const HANDOFF_LIMIT: usize = 4096;
 /// Sent rows are kept this long (to inspect what went out), then deleted.
 const KEEP_SENT: Duration = Duration::from_secs(600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Outbox rows committed by this process, on their way to the relay.
+#[derive(Default)]
+pub struct Handoff {
+    state: Mutex<Handed>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Handed {
+    rows: Vec<OutboxRow>,
+    /// Rows were dropped at the limit: the relay reads the database.
+    missed: bool,
+}
+
+impl Handoff {
+    pub(crate) fn push(&self, rows: impl IntoIterator<Item = OutboxRow>) {
+        {
+            let mut handed = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            handed.rows.extend(rows);
+            if handed.rows.len() > HANDOFF_LIMIT {
+                handed.rows = Vec::new();
+                handed.missed = true;
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// The rows handed so far, and whether some were dropped.
+    fn take(&self) -> (Vec<OutboxRow>, bool) {
+        let mut handed = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let missed = std::mem::take(&mut handed.missed);
+        (std::mem::take(&mut handed.rows), missed)
+    }
+}
 
 /// Runs until `shutdown`; returns an error when the broker connection is lost.
 pub async fn run(
@@ -30,89 +81,240 @@ pub async fn run(
     publisher: Publisher,
     shutdown: CancellationToken,
 ) -> Result<(), AmqpError> {
-    let mut failures = 0u32;
+    let mut relay = Relay {
+        runtime,
+        publisher,
+        unmarked: HashSet::new(),
+        marking: VecDeque::new(),
+        read_back: Recent::default(),
+        failures: 0,
+    };
     let mut last_prune = Instant::now();
+    // At the start, whatever is unsent, however young: rows left from before.
+    let mut read_all = true;
+    let mut next_poll = Instant::now();
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
-            let before = Utc::now() - KEEP_SENT;
-            match runtime.store().prune_outbox(before).await {
-                Ok(0) => {}
-                Ok(pruned) => debug!(pruned, "deleted old sent outbox rows"),
-                Err(error) => warn!(%error, "cannot prune the outbox"),
-            }
+            relay.prune().await;
         }
-        let batch = match runtime.store().outbox_batch(BATCH).await {
-            Ok(batch) => batch,
-            Err(error) => {
-                warn!(%error, "cannot read the outbox; retrying");
-                pause(&shutdown, Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if batch.rows.is_empty() {
-            drop(batch);
-            tokio::select! {
-                _ = runtime.relay_wake().notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+        relay.settle_marks();
+        let (rows, missed) = relay.runtime.handoff().take();
+        read_all |= missed;
+        if !rows.is_empty() {
+            read_all |= !relay.publish_handed(rows, &shutdown).await?;
+            continue;
+        }
+        if read_all || Instant::now() >= next_poll {
+            let created_before = (!read_all).then(|| Utc::now() - POLL_MIN_AGE);
+            match relay.publish_stored(created_before, &shutdown).await? {
+                // More may wait: read on.
+                Some(true) => read_all = true,
+                Some(false) => {
+                    read_all = false;
+                    next_poll = Instant::now() + POLL;
+                }
+                None => {}
             }
             continue;
         }
+        tokio::select! {
+            _ = relay.runtime.handoff().wake.notified() => {}
+            _ = tokio::time::sleep_until(next_poll.into()) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+struct Relay {
+    runtime: Runtime,
+    publisher: Publisher,
+    /// Rows published from the handoff whose marks are not committed yet: the database still
+    /// shows them unsent, and must not have them published again.
+    unmarked: HashSet<i64>,
+    /// Marks on their way through the group commit, oldest first.
+    marking: VecDeque<(oneshot::Receiver<bool>, Vec<i64>)>,
+    /// Rows lately published from a read of the database: one committed here just before that
+    /// read may still come through the handoff.
+    read_back: Recent,
+    failures: u32,
+}
+
+/// Ids remembered for [`Recent::KEEP`].
+#[derive(Default)]
+struct Recent {
+    ids: HashSet<i64>,
+    order: VecDeque<(Instant, i64)>,
+}
+
+impl Recent {
+    /// Far longer than a row takes from its commit to the relay's next look at the handoff.
+    const KEEP: Duration = Duration::from_secs(10);
+
+    fn insert(&mut self, id: i64) {
+        self.forget_old();
+        if self.ids.insert(id) {
+            self.order.push_back((Instant::now(), id));
+        }
+    }
+
+    fn contains(&mut self, id: i64) -> bool {
+        self.forget_old();
+        self.ids.contains(&id)
+    }
+
+    fn forget_old(&mut self) {
+        while let Some(&(at, old)) = self.order.front() {
+            if at.elapsed() < Self::KEEP {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&old);
+        }
+    }
+}
+
+impl Relay {
+    async fn prune(&self) {
+        let before = Utc::now() - KEEP_SENT;
+        match self.runtime.store().prune_outbox(before).await {
+            Ok(0) => {}
+            Ok(pruned) => debug!(pruned, "deleted old sent outbox rows"),
+            Err(error) => warn!(%error, "cannot prune the outbox"),
+        }
+    }
+
+    /// Forgets the rows whose marks are committed (or will never be, the worker having stopped:
+    /// a later read of the database publishes them again, at least once as ever).
+    fn settle_marks(&mut self) {
+        while let Some((answer, _)) = self.marking.front_mut() {
+            if matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                break;
+            }
+            let (_, ids) = self.marking.pop_front().expect("the front just seen");
+            for id in ids {
+                self.unmarked.remove(&id);
+            }
+        }
+    }
+
+    /// Publishes rows from the handoff and has them marked in the next group commit. Returns
+    /// whether every one went out (those that did not stay unsent in the database).
+    async fn publish_handed(
+        &mut self,
+        rows: Vec<OutboxRow>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, AmqpError> {
+        // Already published from a read of the database that raced with the handoff.
+        let rows: Vec<OutboxRow> = rows
+            .into_iter()
+            .filter(|row| !self.unmarked.contains(&row.id) && !self.read_back.contains(row.id))
+            .collect();
+        let (sent, all_sent) = self.publish(&rows).await;
+        if !sent.is_empty() {
+            self.unmarked.extend(&sent);
+            let answer = self.runtime.mark_sent(sent.clone());
+            self.marking.push_back((answer, sent));
+        }
+        self.after_publish(all_sent, shutdown).await?;
+        Ok(all_sent)
+    }
+
+    /// Publishes a batch read from the database and marks it sent there. Returns whether the
+    /// batch was full (`None` when the database could not be read).
+    async fn publish_stored(
+        &mut self,
+        created_before: Option<DateTime<Utc>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<bool>, AmqpError> {
+        let excluding: Vec<i64> = self.unmarked.iter().copied().collect();
+        let batch = match self
+            .runtime
+            .store()
+            .outbox_batch_where(BATCH, &excluding, created_before)
+            .await
+        {
+            Ok(batch) => batch,
+            Err(error) => {
+                warn!(%error, "cannot read the outbox; retrying");
+                pause(shutdown, Duration::from_secs(1)).await;
+                return Ok(None);
+            }
+        };
+        let full = batch.rows.len() as u64 >= BATCH;
+        if batch.rows.is_empty() {
+            drop(batch);
+            return Ok(Some(false));
+        }
+        let (sent, all_sent) = self.publish(&batch.rows).await;
+        for id in &sent {
+            self.read_back.insert(*id);
+        }
+        if let Err(error) = batch.mark_sent(&sent).await {
+            warn!(%error, "cannot mark outbox rows sent; they will be sent again");
+        }
+        self.after_publish(all_sent, shutdown).await?;
+        Ok(Some(full))
+    }
+
+    /// Publishes `rows` but the superseded ones; returns the ids to mark sent (the confirmed
+    /// and the superseded) and whether that is all of them.
+    async fn publish(&self, rows: &[OutboxRow]) -> (Vec<i64>, bool) {
         // An earlier attempt of a step that a later row of the batch asks again (after a broker
         // outage, say) would only add to the queue of a participant that is behind.
         let now = Utc::now();
-        let superseded_ids = superseded(&batch.rows);
-        let (superseded, live): (Vec<_>, Vec<_>) = batch
-            .rows
+        let superseded_ids = superseded(rows);
+        let (superseded, live): (Vec<_>, Vec<_>) = rows
             .iter()
             .partition(|row| superseded_ids.contains(&row.id));
-        let mut sent: Vec<i64> = Vec::with_capacity(batch.rows.len());
+        let mut sent: Vec<i64> = Vec::with_capacity(rows.len());
         for row in &superseded {
             debug!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key,
                 "superseded by a later attempt in the outbox: not published");
             sent.push(row.id);
         }
         let messages: Vec<_> = live.iter().map(|row| lifetime_from(row, now)).collect();
-        let results = publisher.publish_all(&messages).await;
+        let results = self.publisher.publish_all(&messages).await;
         for (row, result) in live.iter().zip(results) {
             match result {
                 Ok(()) => sent.push(row.id),
                 Err(error) => {
-                    let saga_id = row
-                        .message
-                        .correlation_id
-                        .map(|id| id.to_string())
-                        .unwrap_or_default();
-                    warn!(%saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key, %error,
+                    warn!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key, %error,
                         "publish not confirmed; it stays in the outbox");
                 }
             }
         }
-        let all_sent = sent.len() == batch.rows.len();
         debug!(
             sent = sent.len() - superseded.len(),
             superseded = superseded.len(),
-            of = batch.rows.len(),
+            of = rows.len(),
             "relayed outbox rows"
         );
-        if let Err(error) = batch.mark_sent(&sent).await {
-            warn!(%error, "cannot mark outbox rows sent; they will be sent again");
-        }
-        if !publisher.is_open() {
+        let all_sent = sent.len() == rows.len();
+        (sent, all_sent)
+    }
+
+    /// Ends the relay when its channel closed; backs off after a failure.
+    async fn after_publish(
+        &mut self,
+        all_sent: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        if !self.publisher.is_open() {
             return Err(AmqpError::ConnectionLost(
                 "the relay's channel closed".into(),
             ));
         }
         if all_sent {
-            failures = 0;
+            self.failures = 0;
         } else {
-            failures = (failures + 1).min(6);
-            pause(&shutdown, Duration::from_millis(100 << failures)).await;
+            self.failures = (self.failures + 1).min(6);
+            pause(shutdown, Duration::from_millis(100 << self.failures)).await;
         }
+        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! decision implies in one transaction. Every input to a saga (start, reply, timer, operator
 //! command) goes through here, so this is the one place where a saga moves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
@@ -13,12 +13,11 @@ use saga_engine::{
 };
 use saga_schemas::amqp::{HeaderValue, OutgoingMessage, REPLIES_QUEUE};
 use saga_schemas::{Data, EventEnvelope, SagaEvent, limits};
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::group_commit::{Committed, GroupCommit};
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, OutboxRow, Store, StoreError};
 
 /// Which recorded events are also published to `saga.events`: every event is always recorded
 /// in the event log; this only says which leave as messages, one per event.
@@ -213,7 +212,10 @@ struct Inner {
     store: Store,
     /// Started at the first commit, inside the async runtime.
     group_commit: OnceLock<GroupCommit>,
-    relay_wake: Notify,
+    /// Outbox rows just committed, for the relay.
+    handoff: crate::relay::Handoff,
+    /// The states last committed here, to decide on without a read.
+    states: crate::cache::StateCache,
     events: PublishEvents,
 }
 
@@ -238,7 +240,8 @@ impl Runtime {
                 input_validators,
                 store,
                 group_commit: OnceLock::new(),
-                relay_wake: Notify::new(),
+                handoff: crate::relay::Handoff::default(),
+                states: crate::cache::StateCache::default(),
                 events: PublishEvents::All,
             }),
         })
@@ -316,9 +319,18 @@ impl Runtime {
         all
     }
 
-    /// Woken after every commit that wrote outbox rows.
-    pub fn relay_wake(&self) -> &Notify {
-        &self.inner.relay_wake
+    /// The outbox rows committed by this runtime, handed to the relay as they commit.
+    pub(crate) fn handoff(&self) -> &crate::relay::Handoff {
+        &self.inner.handoff
+    }
+
+    /// Marks outbox rows sent in the next group commit (see [`GroupCommit::mark_sent`]).
+    pub(crate) fn mark_sent(&self, ids: Vec<i64>) -> tokio::sync::oneshot::Receiver<bool> {
+        let store = &self.inner.store;
+        self.inner
+            .group_commit
+            .get_or_init(|| GroupCommit::start(store.clone()))
+            .mark_sent(ids)
     }
 
     /// Commits through the shared group commit. One transaction at a time on either database:
@@ -421,7 +433,7 @@ impl Runtime {
         match result {
             Ok(outbox) => {
                 span.in_scope(|| info!(%saga_id, saga = name, "saga started"));
-                self.after_commit(&commits, std::slice::from_ref(&span), outbox);
+                self.after_commit(commits, std::slice::from_ref(&span), outbox);
                 Ok(Started {
                     saga_id,
                     created: true,
@@ -482,21 +494,38 @@ impl Runtime {
             return vec![self.handle_one(&batch[0]).await];
         }
         match self.try_batch(batch).await {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Ok(Some(outcomes)) => return outcomes.into_iter().map(Ok).collect(),
+            Ok(None) => {
+                debug!(
+                    size = batch.len(),
+                    "an input on a cached state changes nothing; handling one by one"
+                );
+            }
             Err(error) => {
                 debug!(%error, size = batch.len(), "group commit failed; handling one by one");
-                let mut results = Vec::with_capacity(batch.len());
-                for work in batch {
-                    results.push(self.handle_one(work).await);
-                }
-                results
             }
         }
+        let mut results = Vec::with_capacity(batch.len());
+        for work in batch {
+            results.push(self.handle_one(work).await);
+        }
+        results
     }
 
-    async fn try_batch(&self, batch: &[Work]) -> Result<Vec<Outcome>, RuntimeError> {
+    /// Decides and commits the whole batch at once; `None` when an input would be left without
+    /// an event on a cached state, which might be stale (see `cache`): then nothing is written.
+    async fn try_batch(&self, batch: &[Work]) -> Result<Option<Vec<Outcome>>, RuntimeError> {
         let ids: Vec<Uuid> = batch.iter().map(|w| w.saga_id).collect();
-        let mut states = self.inner.store.load_many(&ids).await?;
+        let mut states = self.inner.states.take(&ids);
+        let cached: HashSet<Uuid> = states.keys().copied().collect();
+        let missing: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !cached.contains(id))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            states.extend(self.inner.store.load_many(&missing).await?);
+        }
         let parents = self.trace_parents(batch).await?;
         let now = Utc::now();
         let mut commits: Vec<Commit> = Vec::with_capacity(batch.len());
@@ -508,6 +537,9 @@ impl Runtime {
             let span = work_span(work, &parents);
             let state = states.get(&work.saga_id);
             let (decision, def) = span.in_scope(|| self.decide_for(work, state, now))?;
+            if decision.events.is_empty() && cached.contains(&work.saga_id) {
+                return Ok(None);
+            }
             let expected = state.map_or(0, |s| s.version);
             commits.push(span.in_scope(|| self.commit_for(def, work, expected, &decision, now)));
             spans.push(span);
@@ -518,23 +550,32 @@ impl Runtime {
         }
         let (commits, result) = self.commit(commits).await;
         let outbox = result.map_err(|e| RuntimeError::Store(e.error))?;
-        self.after_commit(&commits, &spans, outbox);
-        Ok(outcomes)
+        self.after_commit(commits, &spans, outbox);
+        Ok(Some(outcomes))
     }
 
     async fn handle_one(&self, work: &Work) -> Result<Outcome, RuntimeError> {
         let parents = self.trace_parents(std::slice::from_ref(work)).await?;
         let span = work_span(work, &parents);
+        // The cached state first, if any; the stored one after a conflict, or when the cached
+        // one would leave the input without an event (see `cache`).
+        let mut cached = self.inner.states.take(std::slice::from_ref(&work.saga_id));
         for _ in 0..CONFLICT_RETRIES {
-            let state = self.inner.store.load(work.saga_id).await?;
+            let (state, from_cache) = match cached.remove(&work.saga_id) {
+                Some(state) => (Some(state), true),
+                None => (self.inner.store.load(work.saga_id).await?, false),
+            };
             let now = Utc::now();
             let (decision, def) = span.in_scope(|| self.decide_for(work, state.as_ref(), now))?;
+            if from_cache && decision.events.is_empty() {
+                continue;
+            }
             let expected = state.as_ref().map_or(0, |s| s.version);
             let commit = span.in_scope(|| self.commit_for(def, work, expected, &decision, now));
             let (commits, result) = self.commit(vec![commit]).await;
             match result {
                 Ok(outbox) => {
-                    self.after_commit(&commits, std::slice::from_ref(&span), outbox);
+                    self.after_commit(commits, std::slice::from_ref(&span), outbox);
                     return Ok(decision.outcome);
                 }
                 Err(e) => match e.error {
@@ -684,8 +725,9 @@ impl Runtime {
     }
 
     /// Metrics and log lines of what was committed, each line in its work's span (`spans`, in
-    /// the order of `commits`) so that it carries the trace id.
-    fn after_commit(&self, commits: &[Commit], spans: &[tracing::Span], outbox_rows: usize) {
+    /// the order of `commits`) so that it carries the trace id; then the outbox rows to the
+    /// relay and the new states to the cache.
+    fn after_commit(&self, commits: Vec<Commit>, spans: &[tracing::Span], outbox_ids: Vec<i64>) {
         for (index, commit) in commits.iter().enumerate() {
             let _entered = spans.get(index).map(tracing::Span::enter);
             if let Some(state) = &commit.state {
@@ -708,8 +750,26 @@ impl Runtime {
                 }
             }
         }
-        if outbox_rows > 0 {
-            self.inner.relay_wake.notify_one();
+        // The outbox ids follow the commits' messages in order.
+        let mut ids = outbox_ids.into_iter();
+        let mut rows = Vec::with_capacity(ids.len());
+        for commit in commits {
+            for (message, id) in commit.outbox.into_iter().zip(ids.by_ref()) {
+                rows.push(OutboxRow {
+                    id,
+                    saga_id: commit.saga_id,
+                    message,
+                    created_at: commit.now,
+                });
+            }
+            if !commit.events.is_empty()
+                && let Some(state) = commit.state
+            {
+                self.inner.states.put(state);
+            }
+        }
+        if !rows.is_empty() {
+            self.inner.handoff.push(rows);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The outbox relay against a real broker: a command goes out with the lifetime its decision
 //! gave it as the AMQP `expiration`, counted from its publication (even when it waited in the
 //! outbox past its `discard_after`), and an attempt that a later attempt of the same step in the
-//! outbox supersedes is marked sent without being published.
+//! outbox supersedes is marked sent without being published; the commands of sagas started
+//! while the relay runs go out once each, from memory, and are marked sent in the database.
 //!
 //! Needs `AMQP_URL` and `rabbitmqctl` on the PATH (the test gets a vhost of its own).
 
@@ -222,6 +223,102 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
     assert!(more.is_err(), "the superseded attempt was not published");
     assert_eq!(ready(&conn, &dead_letter_queue(&queue)).await, 0);
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+const PAY: &str = "
+sagas:
+  - name: pay
+    steps:
+      - name: charge
+        participant: payments
+        action: charge
+        kind: retriable
+        timeout: 30s
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent() {
+    let vhost = Vhost::new();
+    let path = std::env::temp_dir().join(format!("saga-relay-{}.db", Uuid::new_v4()));
+    let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .expect("a SQLite store");
+    let definitions = Definitions::parse("sagas.yaml", PAY).unwrap();
+    let runtime = Runtime::new(definitions, store.clone())
+        .unwrap()
+        .publishing(orchestrator::runtime::PublishEvents::None);
+
+    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
+    let setup = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], saga_amqp::QueueType::Quorum)
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&conn).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(orchestrator::relay::run(
+        runtime.clone(),
+        publisher,
+        shutdown.clone(),
+    ));
+
+    // Started in waves while the relay runs, so they come to it through the handoff.
+    let mut started = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let starts = (0..20).map(|_| runtime.start("pay", Default::default(), None));
+        for result in futures_util::future::join_all(starts).await {
+            started.insert(result.expect("a start").saga_id);
+        }
+    }
+
+    let queue = command_queue("payments");
+    let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, &queue, "", 50)
+        .await
+        .unwrap();
+    let mut commanded = std::collections::HashSet::new();
+    while commanded.len() < started.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {} commands within 20 s",
+                    commanded.len(),
+                    started.len()
+                )
+            })
+            .unwrap()
+            .unwrap();
+        let command: StepCommand = serde_json::from_slice(&delivery.data).unwrap();
+        saga_amqp::ack(&delivery).await.unwrap();
+        assert!(
+            commanded.insert(command.saga_id),
+            "saga {} commanded twice",
+            command.saga_id
+        );
+    }
+    assert_eq!(commanded, started);
+    let more = tokio::time::timeout(Duration::from_millis(1500), consumer.next()).await;
+    assert!(more.is_err(), "a command was published twice");
+
+    // The marks rode on the group commit (or went alone, once it was idle).
+    let mut waited = Duration::ZERO;
+    while store.outbox_backlog().await.unwrap() > 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "{} outbox rows still unsent after 10 s",
+            store.outbox_backlog().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
 
     shutdown.cancel();
     relay.await.unwrap().unwrap();

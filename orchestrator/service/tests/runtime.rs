@@ -246,6 +246,12 @@ async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
             .await
             .unwrap();
     }
+    // Read as after a restart: this runtime kept the states it committed.
+    let rt = Runtime::new(
+        Definitions::parse("sagas.yaml", SHIP).unwrap(),
+        rt.store().clone(),
+    )
+    .unwrap();
 
     // Its step timeout is set aside, once, with why; the other saga's fires.
     let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
@@ -529,4 +535,82 @@ async fn a_saga_runs_to_its_end_on_the_version_it_started_with() {
         "every participant a saga may still need"
     );
     assert!(rt.definition_of("ship", &v1).is_some());
+}
+
+/// Two orchestrators on one database: a state one of them kept from its own commit is stale once
+/// the other advanced the saga, and nothing is decided on it.
+#[tokio::test]
+async fn a_state_kept_before_another_orchestrator_advanced_the_saga_is_never_decided_on() {
+    let a = runtime().await;
+    let b = Runtime::new(
+        Definitions::parse("sagas.yaml", SHIP).unwrap(),
+        a.store().clone(),
+    )
+    .unwrap();
+    let refused = || Reply::RetryableError {
+        error: "the carrier refuses the parcel".into(),
+    };
+    let shipped = || Reply::Success {
+        output: object(json!({"tracking": "T-1"})),
+    };
+    // Both started here, so both states are kept here at attempt 1.
+    let retried = a.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let completed = a.start("ship", Data::new(), None).await.unwrap().saga_id;
+    let other = a.start("ship", Data::new(), None).await.unwrap().saga_id;
+
+    // The other orchestrator: attempt 1 of `retried` refused and sent again (attempt 2), and
+    // `completed` completed.
+    assert_eq!(
+        handle(&b, reply(retried, 1, refused())).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        b.operate(retried, OperatorCommand::RetryStep)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        handle(&b, reply(completed, 1, shipped())).await.unwrap(),
+        Outcome::Applied
+    );
+    let completed_version = a.store().load(completed).await.unwrap().unwrap().version;
+
+    // Here, in one batch: the answer to attempt 2, which the kept state never heard of, is
+    // taken on the stored state; a second copy of the answer that completed the saga is a
+    // duplicate, not a second completion; and a saga nobody else touched goes on as usual.
+    let results = a
+        .handle(&[
+            reply(retried, 2, shipped()),
+            reply(completed, 1, shipped()),
+            reply(other, 1, shipped()),
+        ])
+        .await;
+    let outcomes: Vec<Outcome> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(outcomes[0], Outcome::Applied);
+    assert!(matches!(outcomes[1], Outcome::Ignored(_)), "{outcomes:?}");
+    assert_eq!(outcomes[2], Outcome::Applied);
+    assert_eq!(status(&a, retried).await, SagaStatus::Completed);
+    assert_eq!(status(&a, other).await, SagaStatus::Completed);
+    let state = a.store().load(completed).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.version),
+        (SagaStatus::Completed, completed_version)
+    );
+
+    // And alone (the path of one reply at a time).
+    let alone = a.start("ship", Data::new(), None).await.unwrap().saga_id;
+    assert_eq!(
+        handle(&b, reply(alone, 1, refused())).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        b.operate(alone, OperatorCommand::RetryStep).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        handle(&a, reply(alone, 2, shipped())).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(status(&a, alone).await, SagaStatus::Completed);
 }

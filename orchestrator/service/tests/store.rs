@@ -159,6 +159,7 @@ on_both_backends!(
     timers_are_scheduled_cancelled_and_fired,
     outbox_rows_are_batched_and_marked_sent,
     outbox_batches_claim_rows,
+    a_commit_gives_its_outbox_ids_and_marks_rows_sent,
     list_pages_newest_first_with_filters,
     statuses_are_counted_and_keys_searched,
     the_read_model_is_rebuilt_from_the_events,
@@ -330,9 +331,9 @@ async fn start(store: &Store, def: &SagaDefinition, now: DateTime<Utc>) -> Uuid 
     saga_id
 }
 
-fn expect_err(result: Result<usize, CommitError>) -> (Option<usize>, StoreError) {
+fn expect_err(result: Result<Vec<i64>, CommitError>) -> (Option<usize>, StoreError) {
     match result {
-        Ok(n) => panic!("expected the commit to fail, it wrote {n} outbox rows"),
+        Ok(ids) => panic!("expected the commit to fail, it wrote outbox rows {ids:?}"),
         Err(CommitError { index, error }) => (index, error),
     }
 }
@@ -382,7 +383,7 @@ async fn commit_then_load_gives_the_state_back(db: TestDb) {
         }])
         .await
         .unwrap();
-    assert_eq!(written, 1, "one command to send");
+    assert_eq!(written.len(), 1, "one command to send");
     let started = decision.state.clone().unwrap();
     assert_eq!(store.load(saga_id).await.unwrap().as_ref(), Some(&started));
     assert_eq!(store.load(Uuid::new_v4()).await.unwrap(), None);
@@ -513,7 +514,7 @@ async fn a_stale_commit_conflicts_and_rolls_back_everything(db: TestDb) {
     assert!(store.history(other).await.unwrap().is_empty());
     assert_eq!(store.outbox_backlog().await.unwrap(), backlog);
     // Retried alone, the good one goes through.
-    assert_eq!(store.commit(&[good]).await.unwrap(), 1);
+    assert_eq!(store.commit(&[good]).await.unwrap().len(), 1);
 
     // A commit must agree with itself.
     let loaded = store.load(other).await.unwrap().unwrap();
@@ -535,7 +536,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
     let def = checkout();
     let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     let starts: Vec<Commit> = ids.iter().map(|id| start_commit(&def, *id, t0())).collect();
-    assert_eq!(store.commit(&starts).await.unwrap(), 5);
+    assert_eq!(store.commit(&starts).await.unwrap().len(), 5);
     let states = store.load_many(&ids).await.unwrap();
     assert_eq!(states.len(), 5);
     assert_eq!(store.timer_count().await.unwrap(), 5);
@@ -557,7 +558,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
         inbox_id: Some(ignored),
         ..Commit::empty(ids[0], now)
     });
-    assert_eq!(store.commit(&batch).await.unwrap(), 5);
+    assert_eq!(store.commit(&batch).await.unwrap().len(), 5);
     for (id, commit) in ids.iter().zip(&batch) {
         let state = store.load(*id).await.unwrap().unwrap();
         assert_eq!(Some(&state), commit.state.as_ref());
@@ -578,7 +579,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
         commit_of(&def, ids[0], Some(&s1), &d1, now + secs(1)),
         commit_of(&def, ids[0], Some(&s2), &d2, now + secs(2)),
     ];
-    assert_eq!(store.commit(&chained).await.unwrap(), 2);
+    assert_eq!(store.commit(&chained).await.unwrap().len(), 2);
     let row = store.saga(ids[0]).await.unwrap().unwrap();
     assert_eq!(Some(&row.state), d2.state.as_ref());
     assert_eq!(row.current_step.as_deref(), Some("ship"));
@@ -604,7 +605,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
     assert!(matches!(error, StoreError::Conflict), "{error:?}");
 
     assert_eq!(
-        store.commit(&[]).await.unwrap(),
+        store.commit(&[]).await.unwrap().len(),
         0,
         "an empty batch is fine"
     );
@@ -697,7 +698,7 @@ async fn an_inbox_id_is_recorded_once(db: TestDb) {
         inbox_id: Some(id),
         ..Commit::empty(saga_id, t0() + secs(9))
     };
-    assert_eq!(store.commit(&[ignored(m1)]).await.unwrap(), 0);
+    assert_eq!(store.commit(&[ignored(m1)]).await.unwrap().len(), 0);
     assert_eq!(store.saga(saga_id).await.unwrap(), row, "saga untouched");
     assert_eq!(store.seen(&[m1, m2]).await.unwrap(), HashSet::from([m1]));
     assert!(store.seen(&[]).await.unwrap().is_empty());
@@ -953,6 +954,83 @@ async fn outbox_batches_claim_rows(db: TestDb) {
         first.mark_sent(&first_ids).await.unwrap();
         second.mark_sent(&second_ids).await.unwrap();
     }
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+/// The ids a commit returns are its outbox rows', in the order of its messages, so the relay
+/// can publish them from memory; a commit can carry the relay's marks; and a read of the
+/// database can leave out the rows on their way and the young ones.
+async fn a_commit_gives_its_outbox_ids_and_marks_rows_sent(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let sagas: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let starts: Vec<Commit> = sagas
+        .iter()
+        .enumerate()
+        .map(|(i, id)| start_commit(&def, *id, t0() + secs(i as i64)))
+        .collect();
+    let messages: Vec<Uuid> = starts
+        .iter()
+        .flat_map(|c| c.outbox.iter().map(|m| m.message_id))
+        .collect();
+    assert!(messages.len() >= 4, "every start sends at least a command");
+    let ids = store.commit(&starts).await.unwrap();
+    assert_eq!(ids.len(), messages.len());
+    let batch = store.outbox_batch(100).await.unwrap();
+    let stored: Vec<(i64, Uuid)> = batch
+        .rows
+        .iter()
+        .map(|r| (r.id, r.message.message_id))
+        .collect();
+    batch.release().await.unwrap();
+    let returned: Vec<(i64, Uuid)> = ids.iter().copied().zip(messages).collect();
+    let mut by_id = stored.clone();
+    by_id.sort();
+    assert_eq!(returned, by_id, "each id is its message's row");
+
+    // Rows on their way are left out, and so are rows younger than asked.
+    let on_their_way = &ids[..2];
+    let batch = store
+        .outbox_batch_where(100, on_their_way, None)
+        .await
+        .unwrap();
+    let read: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    batch.release().await.unwrap();
+    assert_eq!(read, ids[2..].to_vec());
+    let batch = store
+        .outbox_batch_where(100, &[], Some(t0() + secs(1)))
+        .await
+        .unwrap();
+    let first_saga_rows = starts[0].outbox.len();
+    assert_eq!(
+        batch.rows.len(),
+        first_saga_rows,
+        "only the first start is older"
+    );
+    batch.release().await.unwrap();
+
+    // The marks ride on a commit, with or without decisions of its own.
+    let third = Uuid::new_v4();
+    let more = store
+        .commit_marking_sent(&[start_commit(&def, third, t0() + secs(9))], on_their_way)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.outbox_backlog().await.unwrap() as usize,
+        ids.len() - 2 + more.len()
+    );
+    assert!(
+        more.iter().all(|id| id > ids.iter().max().unwrap()),
+        "later rows, later ids"
+    );
+    let rest: Vec<i64> = ids[2..].iter().chain(&more).copied().collect();
+    assert!(
+        store
+            .commit_marking_sent(&[], &rest)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 

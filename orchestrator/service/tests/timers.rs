@@ -230,6 +230,8 @@ async fn a_saga_that_cannot_be_read_has_its_timers_set_aside() {
     )
     .await
     .unwrap();
+    // Read as after a restart: this runtime kept the states it committed.
+    let rt = runtime(&store, GOOD);
 
     let pass = fire_due(&rt, Utc::now() + Duration::hours(1)).await;
     assert!(

@@ -221,8 +221,9 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Runs the statements; the first commit found at fault aborts the batch.
-    pub(super) async fn write(self, txn: &impl ConnectionTrait) -> Result<usize, CommitError> {
+    /// Runs the statements; the first commit found at fault aborts the batch. Returns the ids
+    /// of the outbox rows, in the order of the commits' messages.
+    pub(super) async fn write(self, txn: &impl ConnectionTrait) -> Result<Vec<i64>, CommitError> {
         let db = CommitError::batch;
 
         // 1. Inbox: a message handled before makes its commit a duplicate.
@@ -326,13 +327,23 @@ impl Plan {
             }
         }
 
-        // 5. Outbox.
-        let written = self.outbox.len();
+        // 5. Outbox. A multi-row insert takes its ids in the order of its rows (one sequence,
+        // or SQLite's next rowid, per row as inserted), whatever order RETURNING lists them in.
+        let mut ids = Vec::with_capacity(self.outbox.len());
         for chunk in self.outbox.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
-            outbox::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(txn)
+            let mut keys: Vec<i64> = outbox::Entity::insert_many(chunk.to_vec())
+                .exec_with_returning_keys(txn)
                 .await
                 .map_err(db)?;
+            if keys.len() != chunk.len() {
+                return Err(CommitError::batch(StoreError::Corrupt(format!(
+                    "{} outbox rows inserted, {} ids returned",
+                    chunk.len(),
+                    keys.len()
+                ))));
+            }
+            keys.sort_unstable();
+            ids.extend(keys);
         }
 
         // 6. Timers: upsert the scheduled, delete the cancelled and the fired.
@@ -376,7 +387,7 @@ impl Plan {
                 .await
                 .map_err(db)?;
         }
-        Ok(written)
+        Ok(ids)
     }
 }
 

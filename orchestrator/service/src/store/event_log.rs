@@ -159,22 +159,40 @@ impl Store {
         Ok(parents)
     }
 
-    /// Writes every commit in ONE transaction (see [`Commit`]) and returns the number of
-    /// outbox rows written. Statements are batched across the commits (one multi-row insert
-    /// per table, a handful in all), so many sagas cost about as much as one.
+    /// Writes every commit in ONE transaction (see [`Commit`]) and returns the ids of the
+    /// outbox rows written, in the order of the commits' messages. Statements are batched
+    /// across the commits (one multi-row insert per table, a handful in all), so many sagas
+    /// cost about as much as one.
     ///
     /// All or nothing: on error nothing is written and [`CommitError::index`] names the
     /// commit at fault, so the caller can retry the others one by one.
-    pub async fn commit(&self, commits: &[Commit]) -> Result<usize, CommitError> {
-        if commits.is_empty() {
-            return Ok(0);
+    pub async fn commit(&self, commits: &[Commit]) -> Result<Vec<i64>, CommitError> {
+        self.commit_marking_sent(commits, &[]).await
+    }
+
+    /// [`Store::commit`], marking the outbox rows `sent` (published and confirmed) in the same
+    /// transaction: the relay's bookkeeping rides on a transaction that commits anyway.
+    pub async fn commit_marking_sent(
+        &self,
+        commits: &[Commit],
+        sent: &[i64],
+    ) -> Result<Vec<i64>, CommitError> {
+        if commits.is_empty() && sent.is_empty() {
+            return Ok(Vec::new());
         }
         let plan = commit::Plan::build(commits)?;
         let w = self.begin_write().await.map_err(CommitError::batch)?;
-        match plan.write(&w.txn).await {
-            Ok(written) => {
+        let written = match plan.write(&w.txn).await {
+            Ok(ids) => match super::outbox::mark_sent(&w.txn, sent, Utc::now()).await {
+                Ok(()) => Ok(ids),
+                Err(error) => Err(CommitError::batch(error)),
+            },
+            Err(error) => Err(error),
+        };
+        match written {
+            Ok(ids) => {
                 w.commit().await.map_err(CommitError::batch)?;
-                Ok(written)
+                Ok(ids)
             }
             Err(error) => {
                 w.rollback().await;

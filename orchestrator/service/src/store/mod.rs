@@ -17,7 +17,10 @@
 //! failing half-way when a deferred transaction tries to upgrade its read lock). Reads take
 //! neither and run concurrently on the pool (8 connections; 1 for `:memory:`).
 //!
-//! **Outbox claims.** On PostgreSQL [`Store::outbox_batch`] selects unsent rows `FOR UPDATE
+//! **Outbox claims.** The relay gets the rows its own process commits from the commit itself
+//! (their ids come back from [`Store::commit`]) and marks them sent with a later commit
+//! ([`Store::commit_marking_sent`]); it reads the table for the rest. On PostgreSQL
+//! [`Store::outbox_batch`] selects unsent rows `FOR UPDATE
 //! SKIP LOCKED` inside a transaction that the returned [`OutboxBatch`] holds: another relay
 //! skips those rows until the batch is dropped or [`OutboxBatch::mark_sent`] commits. Rows
 //! not passed to `mark_sent` (a failed publish) are released unsent and come back in a later

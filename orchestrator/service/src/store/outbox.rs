@@ -25,10 +25,28 @@ impl Store {
     /// Up to `limit` unsent outbox rows, oldest first, claimed on PostgreSQL (see the module
     /// docs). Publish them, then [`OutboxBatch::mark_sent`] the ones confirmed.
     pub async fn outbox_batch(&self, limit: u64) -> Result<OutboxBatch, StoreError> {
-        let query = outbox::Entity::find()
+        self.outbox_batch_where(limit, &[], None).await
+    }
+
+    /// [`Store::outbox_batch`] without the rows `excluding` (published, their marks not yet
+    /// committed) and, with `created_before`, without the rows written since.
+    pub async fn outbox_batch_where(
+        &self,
+        limit: u64,
+        excluding: &[i64],
+        created_before: Option<DateTime<Utc>>,
+    ) -> Result<OutboxBatch, StoreError> {
+        let mut query = outbox::Entity::find()
             .filter(outbox::Column::SentAt.is_null())
             .order_by_asc(outbox::Column::Id)
             .limit(limit);
+        if !excluding.is_empty() {
+            query = query
+                .filter(outbox::Column::Id.is_not_in(excluding.iter().take(MAX_PARAMS).copied()));
+        }
+        if let Some(before) = created_before {
+            query = query.filter(outbox::Column::CreatedAt.lt(before));
+        }
         match self.backend {
             Backend::Postgres => {
                 let txn = self.db.begin().await?;
@@ -136,7 +154,7 @@ impl OutboxBatch {
     }
 }
 
-async fn mark_sent(
+pub(super) async fn mark_sent(
     db: &impl ConnectionTrait,
     ids: &[i64],
     now: DateTime<Utc>,
