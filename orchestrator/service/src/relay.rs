@@ -32,10 +32,10 @@ const POLL: Duration = Duration::from_millis(500);
 /// Rows younger than this are left to the handoff by the periodic look at the database: one of
 /// this process's is on its way in memory, and another orchestrator's on its own relay's way.
 const POLL_MIN_AGE: Duration = Duration::from_secs(1);
-/// Rows the handoff holds at most: past it they are dropped from memory, and read back from
-/// the database (where they are anyway) once the relay catches up. Keeps memory flat while the
-/// broker is away.
-const HANDOFF_LIMIT: usize = 4096;
+/// Rows the handoff holds at most. Past it the relay is behind (or the broker away): the handoff
+/// drops what it holds and takes nothing more, and the relay reads the rows from the database
+/// (where they are anyway) until it has caught up. Keeps memory flat under any backlog.
+const HANDOFF_LIMIT: usize = 16_384;
 /// Sent rows are kept this long (to inspect what went out), then deleted.
 const KEEP_SENT: Duration = Duration::from_secs(600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -50,14 +50,18 @@ pub struct Handoff {
 #[derive(Default)]
 struct Handed {
     rows: Vec<OutboxRow>,
-    /// Rows were dropped at the limit: the relay reads the database.
+    /// Rows were dropped at the limit: nothing more is taken until the relay, having read the
+    /// database up to date, resumes.
     missed: bool,
 }
 
 impl Handoff {
     pub(crate) fn push(&self, rows: impl IntoIterator<Item = OutboxRow>) {
         {
-            let mut handed = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut handed = self.lock();
+            if handed.missed {
+                return;
+            }
             handed.rows.extend(rows);
             if handed.rows.len() > HANDOFF_LIMIT {
                 handed.rows = Vec::new();
@@ -67,11 +71,20 @@ impl Handoff {
         self.wake.notify_one();
     }
 
-    /// The rows handed so far, and whether some were dropped.
+    /// The rows handed so far, and whether rows are being dropped.
     fn take(&self) -> (Vec<OutboxRow>, bool) {
-        let mut handed = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let missed = std::mem::take(&mut handed.missed);
+        let mut handed = self.lock();
+        let missed = handed.missed;
         (std::mem::take(&mut handed.rows), missed)
+    }
+
+    /// Takes rows again, once the relay has read the database up to date.
+    fn resume(&self) {
+        self.lock().missed = false;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handed> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -113,6 +126,9 @@ pub async fn run(
             match relay.publish_stored(created_before, &shutdown).await? {
                 // More may wait: read on.
                 Some(true) => read_all = true,
+                // Caught up after the handoff dropped rows: take rows from it again, and read
+                // once more for those committed between that read and now.
+                Some(false) if missed => relay.runtime.handoff().resume(),
                 Some(false) => {
                     read_all = false;
                     next_poll = Instant::now() + POLL;
@@ -433,6 +449,31 @@ mod tests {
             row(6, 1, "reserve", Direction::Execute, 1),
         ];
         assert_eq!(superseded(&rows), HashSet::from([1, 3]));
+    }
+
+    #[test]
+    fn past_its_limit_the_handoff_drops_its_rows_and_takes_none_until_resumed() {
+        let handoff = Handoff::default();
+        handoff.push((0..3).map(|i| row(i, 1, "charge", Direction::Execute, 1)));
+        let (rows, missed) = handoff.take();
+        assert_eq!((rows.len(), missed), (3, false));
+
+        let many = HANDOFF_LIMIT as i64 + 1;
+        handoff.push((0..many).map(|i| row(i, 1, "charge", Direction::Execute, 1)));
+        handoff.push([row(many, 1, "charge", Direction::Execute, 1)]);
+        let (rows, missed) = handoff.take();
+        assert_eq!(
+            (rows.len(), missed),
+            (0, true),
+            "read from the database instead"
+        );
+        let (_, missed) = handoff.take();
+        assert!(missed, "until the relay has caught up");
+
+        handoff.resume();
+        handoff.push([row(many + 1, 1, "charge", Direction::Execute, 1)]);
+        let (rows, missed) = handoff.take();
+        assert_eq!((rows.len(), missed), (1, false));
     }
 
     #[test]

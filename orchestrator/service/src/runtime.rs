@@ -494,27 +494,19 @@ impl Runtime {
             return vec![self.handle_one(&batch[0]).await];
         }
         match self.try_batch(batch).await {
-            Ok(Some(outcomes)) => return outcomes.into_iter().map(Ok).collect(),
-            Ok(None) => {
-                debug!(
-                    size = batch.len(),
-                    "an input on a cached state changes nothing; handling one by one"
-                );
-            }
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             Err(error) => {
                 debug!(%error, size = batch.len(), "group commit failed; handling one by one");
+                let mut results = Vec::with_capacity(batch.len());
+                for work in batch {
+                    results.push(self.handle_one(work).await);
+                }
+                results
             }
         }
-        let mut results = Vec::with_capacity(batch.len());
-        for work in batch {
-            results.push(self.handle_one(work).await);
-        }
-        results
     }
 
-    /// Decides and commits the whole batch at once; `None` when an input would be left without
-    /// an event on a cached state, which might be stale (see `cache`): then nothing is written.
-    async fn try_batch(&self, batch: &[Work]) -> Result<Option<Vec<Outcome>>, RuntimeError> {
+    async fn try_batch(&self, batch: &[Work]) -> Result<Vec<Outcome>, RuntimeError> {
         let ids: Vec<Uuid> = batch.iter().map(|w| w.saga_id).collect();
         let mut states = self.inner.states.take(&ids);
         let cached: HashSet<Uuid> = states.keys().copied().collect();
@@ -533,14 +525,28 @@ impl Runtime {
         let mut outcomes = Vec::with_capacity(batch.len());
         // Several inputs for one saga in a batch: each decides on the state the previous one
         // left, and its commit expects that version, so the store accepts them in order.
+        // Sagas whose state is still the kept one: no decision of this batch has staked a
+        // commit on it yet (see `cache`).
+        let mut unchecked = cached;
         for work in batch {
             let span = work_span(work, &parents);
-            let state = states.get(&work.saga_id);
-            let (decision, def) = span.in_scope(|| self.decide_for(work, state, now))?;
-            if decision.events.is_empty() && cached.contains(&work.saga_id) {
-                return Ok(None);
+            let mut decided =
+                span.in_scope(|| self.decide_for(work, states.get(&work.saga_id), now))?;
+            if decided.0.events.is_empty() && unchecked.remove(&work.saga_id) {
+                // The kept state may be stale: decide on the stored one.
+                match self.inner.store.load(work.saga_id).await? {
+                    Some(stored) => states.insert(work.saga_id, stored),
+                    None => states.remove(&work.saga_id),
+                };
+                decided =
+                    span.in_scope(|| self.decide_for(work, states.get(&work.saga_id), now))?;
             }
-            let expected = state.map_or(0, |s| s.version);
+            let (decision, def) = decided;
+            if !decision.events.is_empty() {
+                // Its commit conflicts if the state it was decided on was stale.
+                unchecked.remove(&work.saga_id);
+            }
+            let expected = states.get(&work.saga_id).map_or(0, |s| s.version);
             commits.push(span.in_scope(|| self.commit_for(def, work, expected, &decision, now)));
             spans.push(span);
             outcomes.push(decision.outcome);
@@ -551,7 +557,7 @@ impl Runtime {
         let (commits, result) = self.commit(commits).await;
         let outbox = result.map_err(|e| RuntimeError::Store(e.error))?;
         self.after_commit(commits, &spans, outbox);
-        Ok(Some(outcomes))
+        Ok(outcomes)
     }
 
     async fn handle_one(&self, work: &Work) -> Result<Outcome, RuntimeError> {
