@@ -74,6 +74,50 @@ impl Drop for Vhost {
     }
 }
 
+/// A SQLite store in a file of its own, deleted on drop.
+struct TempStore {
+    store: Store,
+    path: std::path::PathBuf,
+}
+
+impl TempStore {
+    async fn new() -> TempStore {
+        let path = std::env::temp_dir().join(format!("saga-relay-{}.db", Uuid::new_v4()));
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .expect("a SQLite store");
+        TempStore { store, path }
+    }
+
+    /// Waits up to `limit` for every outbox row to be marked sent; `why` says what it means if
+    /// they are not.
+    async fn wait_until_all_sent(&self, limit: Duration, why: &str) {
+        let mut waited = Duration::ZERO;
+        loop {
+            let unsent = self.store.outbox_backlog().await.unwrap();
+            if unsent == 0 {
+                return;
+            }
+            assert!(
+                waited < limit,
+                "{unsent} outbox rows unsent after {limit:?}: {why}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
     StepCommand {
         message_id: Uuid::new_v4(),
@@ -106,10 +150,8 @@ async fn ready(conn: &saga_amqp::lapin::Connection, queue: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration() {
     let vhost = Vhost::new();
-    let path = std::env::temp_dir().join(format!("saga-relay-{}.db", Uuid::new_v4()));
-    let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-        .await
-        .expect("a SQLite store");
+    let db = TempStore::new().await;
+    let store = &db.store;
     let runtime = Runtime::new(Definitions { sagas: Vec::new() }, store.clone()).unwrap();
 
     let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
@@ -168,15 +210,11 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
         publisher,
         shutdown.clone(),
     ));
-    let mut waited = Duration::ZERO;
-    while store.outbox_backlog().await.unwrap() > 0 {
-        assert!(
-            waited < Duration::from_secs(15),
-            "the relay did not empty the outbox: it tried to publish a superseded command"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
-    }
+    db.wait_until_all_sent(
+        Duration::from_secs(15),
+        "the relay tried to publish a superseded command",
+    )
+    .await;
 
     let queue = command_queue("payments");
     let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, &queue, "", 4)
@@ -227,11 +265,6 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     shutdown.cancel();
     relay.await.unwrap().unwrap();
     let _ = conn.close(200, "done".into()).await;
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.clone().into_os_string();
-        p.push(suffix);
-        let _ = std::fs::remove_file(p);
-    }
 }
 
 const PAY: &str = "
@@ -248,10 +281,8 @@ sagas:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent() {
     let vhost = Vhost::new();
-    let path = std::env::temp_dir().join(format!("saga-relay-{}.db", Uuid::new_v4()));
-    let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-        .await
-        .expect("a SQLite store");
+    let db = TempStore::new().await;
+    let store = &db.store;
     let definitions = Definitions::parse("sagas.yaml", PAY).unwrap();
     let runtime = Runtime::new(definitions, store.clone())
         .unwrap()
@@ -309,23 +340,10 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
     assert!(more.is_err(), "a command was published twice");
 
     // The marks rode on the group commit (or went alone, once it was idle).
-    let mut waited = Duration::ZERO;
-    while store.outbox_backlog().await.unwrap() > 0 {
-        assert!(
-            waited < Duration::from_secs(10),
-            "{} outbox rows still unsent after 10 s",
-            store.outbox_backlog().await.unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
-    }
+    db.wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
+        .await;
 
     shutdown.cancel();
     relay.await.unwrap().unwrap();
     let _ = conn.close(200, "done".into()).await;
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.clone().into_os_string();
-        p.push(suffix);
-        let _ = std::fs::remove_file(p);
-    }
 }
