@@ -31,10 +31,10 @@ enum Request {
         commits: Vec<Commit>,
         done: oneshot::Sender<Committed>,
     },
-    /// Outbox rows published and confirmed: `done` gets `true` once the mark is committed.
+    /// Outbox rows published and confirmed: `done` is answered once the mark is committed.
     Sent {
         ids: Vec<i64>,
-        done: oneshot::Sender<bool>,
+        done: oneshot::Sender<()>,
     },
 }
 
@@ -42,11 +42,11 @@ enum Request {
 #[derive(Default)]
 struct Marks {
     ids: Vec<i64>,
-    done: Vec<oneshot::Sender<bool>>,
+    done: Vec<oneshot::Sender<()>>,
 }
 
 impl Marks {
-    fn add(&mut self, ids: Vec<i64>, done: oneshot::Sender<bool>) {
+    fn add(&mut self, ids: Vec<i64>, done: oneshot::Sender<()>) {
         self.ids.extend(ids);
         self.done.push(done);
     }
@@ -58,7 +58,7 @@ impl Marks {
     fn committed(&mut self) {
         self.ids.clear();
         for done in self.done.drain(..) {
-            let _ = done.send(true);
+            let _ = done.send(());
         }
     }
 }
@@ -95,9 +95,9 @@ impl GroupCommit {
     }
 
     /// Marks outbox rows `ids` sent in the next transaction (or alone, soon, if none comes).
-    /// The answer is `true` once that is committed; a mark that fails is tried again with the
-    /// next transaction, and `false` (or a dropped sender) means the worker stopped first.
-    pub fn mark_sent(&self, ids: Vec<i64>) -> oneshot::Receiver<bool> {
+    /// The answer comes once that is committed; a mark that fails is tried again with the next
+    /// transaction, and a dropped sender means the worker stopped first.
+    pub fn mark_sent(&self, ids: Vec<i64>) -> oneshot::Receiver<()> {
         let (done, answer) = oneshot::channel();
         let _ = self.requests.send(Request::Sent { ids, done });
         answer

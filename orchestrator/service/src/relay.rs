@@ -152,7 +152,7 @@ struct Relay {
     /// shows them unsent, and must not have them published again.
     unmarked: HashSet<i64>,
     /// Marks on their way through the group commit, oldest first.
-    marking: VecDeque<(oneshot::Receiver<bool>, Vec<i64>)>,
+    marking: VecDeque<(oneshot::Receiver<()>, Vec<i64>)>,
     /// Rows lately published from a read of the database: one committed here just before that
     /// read may still come through the handoff.
     read_back: Recent,

@@ -325,7 +325,7 @@ impl Runtime {
     }
 
     /// Marks outbox rows sent in the next group commit (see [`GroupCommit::mark_sent`]).
-    pub(crate) fn mark_sent(&self, ids: Vec<i64>) -> tokio::sync::oneshot::Receiver<bool> {
+    pub(crate) fn mark_sent(&self, ids: Vec<i64>) -> tokio::sync::oneshot::Receiver<()> {
         let store = &self.inner.store;
         self.inner
             .group_commit
