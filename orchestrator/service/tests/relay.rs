@@ -311,19 +311,59 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
         }
     }
 
-    let queue = command_queue("payments");
-    let (_ch, mut consumer) = saga_amqp::open_consumer(&conn, &queue, "", 50)
-        .await
-        .unwrap();
+    commanded_once_each(
+        &conn,
+        &command_queue("payments"),
+        &started,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // The marks rode on the group commit (or went alone, once it was idle).
+    db.wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
+        .await;
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    // Cleanup only: a broker slow to answer the close must not hang the test.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
+}
+
+const PAY_AND_SHIP: &str = "
+sagas:
+  - name: pay
+    steps:
+      - name: charge
+        participant: payments
+        action: charge
+        kind: retriable
+        timeout: 30s
+  - name: ship
+    steps:
+      - name: send
+        participant: shipping
+        action: send
+        kind: retriable
+        timeout: 30s
+";
+
+/// Receives one command per saga of `expected` from `queue` and fails on a second for any.
+async fn commanded_once_each(
+    conn: &saga_amqp::lapin::Connection,
+    queue: &str,
+    expected: &std::collections::HashSet<Uuid>,
+    within: Duration,
+) {
+    let (_ch, mut consumer) = saga_amqp::open_consumer(conn, queue, "", 50).await.unwrap();
     let mut commanded = std::collections::HashSet::new();
-    while commanded.len() < started.len() {
-        let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+    while commanded.len() < expected.len() {
+        let delivery = tokio::time::timeout(within, consumer.next())
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{} of {} commands within 20 s",
+                    "{} of {} commands on {queue} within {within:?}",
                     commanded.len(),
-                    started.len()
+                    expected.len()
                 )
             })
             .unwrap()
@@ -332,15 +372,89 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
         saga_amqp::ack(&delivery).await.unwrap();
         assert!(
             commanded.insert(command.saga_id),
-            "saga {} commanded twice",
+            "saga {} commanded twice on {queue}",
             command.saga_id
         );
     }
-    assert_eq!(commanded, started);
+    assert_eq!(&commanded, expected);
     let more = tokio::time::timeout(Duration::from_millis(1500), consumer.next()).await;
-    assert!(more.is_err(), "a command was published twice");
+    assert!(more.is_err(), "a command was published twice on {queue}");
+}
 
-    // The marks rode on the group commit (or went alone, once it was idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_once_it_takes_them() {
+    let vhost = Vhost::new();
+    let db = TempStore::new().await;
+    let store = &db.store;
+    let definitions = Definitions::parse("sagas.yaml", PAY_AND_SHIP).unwrap();
+    let runtime = Runtime::new(definitions, store.clone())
+        .unwrap()
+        .publishing(orchestrator::runtime::PublishEvents::None);
+
+    // No queue for shipping yet: its commands come back unroutable, never confirmed.
+    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
+    let setup = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], saga_amqp::QueueType::Quorum)
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&conn).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(orchestrator::relay::run(
+        runtime.clone(),
+        publisher,
+        shutdown.clone(),
+    ));
+
+    // Both kinds in the same waves, so refused and confirmed rows share batches, and batches
+    // follow each other while earlier ones await their confirms.
+    let (mut paid, mut shipped) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    for _ in 0..10 {
+        let start = |saga| {
+            futures_util::future::join_all(
+                (0..10).map(|_| runtime.start(saga, Default::default(), None)),
+            )
+        };
+        let (pays, ships) = futures_util::future::join(start("pay"), start("ship")).await;
+        paid.extend(pays.into_iter().map(|r| r.expect("a start").saga_id));
+        shipped.extend(ships.into_iter().map(|r| r.expect("a start").saga_id));
+    }
+
+    commanded_once_each(
+        &conn,
+        &command_queue("payments"),
+        &paid,
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut waited = Duration::ZERO;
+    loop {
+        let unsent = store.outbox_backlog().await.unwrap();
+        if unsent == shipped.len() as u64 {
+            break;
+        }
+        assert!(
+            unsent > shipped.len() as u64 && waited < Duration::from_secs(10),
+            "{unsent} outbox rows unsent, expected the {} refused ones (after {waited:?})",
+            shipped.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+
+    // Once the queue exists, the refused commands go out (the relay backs off up to 6.4 s).
+    saga_amqp::declare_orchestrator_topology(&setup, &["shipping"], saga_amqp::QueueType::Quorum)
+        .await
+        .unwrap();
+    commanded_once_each(
+        &conn,
+        &command_queue("shipping"),
+        &shipped,
+        Duration::from_secs(30),
+    )
+    .await;
     db.wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
         .await;
 
