@@ -11,13 +11,10 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
 
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
 use saga_schemas::amqp::{HeaderValue, header, message_type};
@@ -28,12 +25,8 @@ use tracing::{debug, warn};
 use crate::runtime::Runtime;
 use crate::store::OutboxRow;
 
-/// Rows per read of the database: enough to share one confirm wait among many messages.
+/// Rows per round trip: enough to share one confirm wait among many messages.
 const BATCH: u64 = 256;
-/// Batches from the handoff whose confirms may be awaited at once. The next batch goes out
-/// while the broker confirms the last (a quorum queue writes it to disk first), so a row
-/// committed meanwhile does not wait for another batch's confirm.
-const IN_FLIGHT: usize = 4;
 /// How often to look in the database for rows the handoff did not bring.
 const POLL: Duration = Duration::from_millis(500);
 /// Rows younger than this are left to the handoff by the periodic look at the database: one of
@@ -113,7 +106,6 @@ pub async fn run(
     // At the start, whatever is unsent, however young: rows left from before.
     let mut read_all = true;
     let mut next_poll = Instant::now();
-    let mut confirming: FuturesOrdered<Confirming> = FuturesOrdered::new();
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -123,20 +115,11 @@ pub async fn run(
             relay.prune().await;
         }
         relay.settle_marks();
-        while let Some(Some(batch)) = confirming.next().now_or_never() {
-            read_all |= !relay.confirmed(batch, &shutdown).await?;
-        }
-        let mut missed = false;
-        if confirming.len() < IN_FLIGHT {
-            let rows;
-            (rows, missed) = relay.runtime.handoff().take();
-            read_all |= missed;
-            if !rows.is_empty() {
-                if let Some(batch) = relay.send_handed(rows).await {
-                    confirming.push_back(Box::pin(batch.confirmed()));
-                }
-                continue;
-            }
+        let (rows, missed) = relay.runtime.handoff().take();
+        read_all |= missed;
+        if !rows.is_empty() {
+            read_all |= !relay.publish_handed(rows, &shutdown).await?;
+            continue;
         }
         if read_all || Instant::now() >= next_poll {
             let created_before = (!read_all).then(|| Utc::now() - POLL_MIN_AGE);
@@ -155,67 +138,10 @@ pub async fn run(
             continue;
         }
         tokio::select! {
-            _ = relay.runtime.handoff().wake.notified(), if confirming.len() < IN_FLIGHT => {}
-            Some(batch) = confirming.next(), if !confirming.is_empty() => {
-                read_all |= !relay.confirmed(batch, &shutdown).await?;
-            }
+            _ = relay.runtime.handoff().wake.notified() => {}
             _ = tokio::time::sleep_until(next_poll.into()) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
-    }
-}
-
-/// A batch's confirms being awaited: what [`Batch::confirmed`] returns.
-type Confirming = Pin<Box<dyn Future<Output = Confirmed> + Send>>;
-
-/// The rows of a batch to mark sent (the confirmed and the superseded), and those that did not
-/// go out.
-struct Confirmed {
-    sent: Vec<i64>,
-    failed: Vec<i64>,
-}
-
-/// Rows handed to the connection, their confirms to come.
-struct Batch {
-    /// Superseded rows: marked sent without being published.
-    superseded: Vec<i64>,
-    /// Per message: its row and saga.
-    rows: Vec<(i64, uuid::Uuid)>,
-    messages: Vec<OutgoingMessage>,
-    sent: saga_amqp::Sent,
-}
-
-impl Batch {
-    async fn confirmed(self) -> Confirmed {
-        let Batch {
-            superseded,
-            rows,
-            messages,
-            sent,
-        } = self;
-        let results = sent.confirmed(&messages).await;
-        let published = rows.len();
-        let mut done = Confirmed {
-            sent: superseded,
-            failed: Vec::new(),
-        };
-        for (((id, saga_id), message), result) in rows.into_iter().zip(&messages).zip(results) {
-            match result {
-                Ok(()) => done.sent.push(id),
-                Err(error) => {
-                    warn!(%saga_id, message_id = %message.message_id, routing_key = %message.routing_key, %error,
-                        "publish not confirmed; it stays in the outbox");
-                    done.failed.push(id);
-                }
-            }
-        }
-        debug!(
-            sent = published - done.failed.len(),
-            superseded = done.sent.len() + done.failed.len() - published,
-            failed = done.failed.len(),
-            "relayed outbox rows"
-        );
-        done
     }
 }
 
@@ -291,36 +217,24 @@ impl Relay {
         }
     }
 
-    /// Sends rows from the handoff (those not already published from a read of the database
-    /// that raced with it). They count as unmarked from now: the database still shows them
-    /// unsent, and its reads must leave them alone.
-    async fn send_handed(&mut self, rows: Vec<OutboxRow>) -> Option<Batch> {
+    /// Publishes rows from the handoff and has them marked in the next group commit. Returns
+    /// whether every one went out (those that did not stay unsent in the database).
+    async fn publish_handed(
+        &mut self,
+        rows: Vec<OutboxRow>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, AmqpError> {
+        // Already published from a read of the database that raced with the handoff.
         let rows: Vec<OutboxRow> = rows
             .into_iter()
             .filter(|row| !self.unmarked.contains(&row.id) && !self.read_back.contains(row.id))
             .collect();
-        if rows.is_empty() {
-            return None;
+        let (sent, all_sent) = self.publish(&rows).await;
+        if !sent.is_empty() {
+            self.unmarked.extend(&sent);
+            let answer = self.runtime.mark_sent(sent.clone());
+            self.marking.push_back((answer, sent));
         }
-        self.unmarked.extend(rows.iter().map(|row| row.id));
-        Some(self.send(&rows).await)
-    }
-
-    /// A handed batch's confirms are in: its sent rows are marked in the next group commit,
-    /// the others left to a read of the database. Returns whether every one went out.
-    async fn confirmed(
-        &mut self,
-        batch: Confirmed,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, AmqpError> {
-        for id in &batch.failed {
-            self.unmarked.remove(id);
-        }
-        if !batch.sent.is_empty() {
-            let answer = self.runtime.mark_sent(batch.sent.clone());
-            self.marking.push_back((answer, batch.sent));
-        }
-        let all_sent = batch.failed.is_empty();
         self.after_publish(all_sent, shutdown).await?;
         Ok(all_sent)
     }
@@ -351,8 +265,7 @@ impl Relay {
             drop(batch);
             return Ok(Some(false));
         }
-        let Confirmed { sent, failed } = self.send(&batch.rows).await.confirmed().await;
-        let all_sent = failed.is_empty();
+        let (sent, all_sent) = self.publish(&batch.rows).await;
         for id in &sent {
             self.read_back.insert(*id);
         }
@@ -363,32 +276,41 @@ impl Relay {
         Ok(Some(full))
     }
 
-    /// Sends `rows` but the superseded ones, without waiting for the confirms.
-    async fn send(&self, rows: &[OutboxRow]) -> Batch {
+    /// Publishes `rows` but the superseded ones; returns the ids to mark sent (the confirmed
+    /// and the superseded) and whether that is all of them.
+    async fn publish(&self, rows: &[OutboxRow]) -> (Vec<i64>, bool) {
         // An earlier attempt of a step that a later row of the batch asks again (after a broker
         // outage, say) would only add to the queue of a participant that is behind.
         let now = Utc::now();
         let superseded_ids = superseded(rows);
-        let mut superseded = Vec::with_capacity(superseded_ids.len());
-        let mut live = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in rows {
-            if superseded_ids.contains(&row.id) {
-                debug!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key,
-                    "superseded by a later attempt in the outbox: not published");
-                superseded.push(row.id);
-            } else {
-                live.push((row.id, row.saga_id));
-                messages.push(lifetime_from(row, now));
+        let (superseded, live): (Vec<_>, Vec<_>) = rows
+            .iter()
+            .partition(|row| superseded_ids.contains(&row.id));
+        let mut sent: Vec<i64> = Vec::with_capacity(rows.len());
+        for row in &superseded {
+            debug!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key,
+                "superseded by a later attempt in the outbox: not published");
+            sent.push(row.id);
+        }
+        let messages: Vec<_> = live.iter().map(|row| lifetime_from(row, now)).collect();
+        let results = self.publisher.publish_all(&messages).await;
+        for (row, result) in live.iter().zip(results) {
+            match result {
+                Ok(()) => sent.push(row.id),
+                Err(error) => {
+                    warn!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key, %error,
+                        "publish not confirmed; it stays in the outbox");
+                }
             }
         }
-        let sent = self.publisher.send_all(&messages).await;
-        Batch {
-            superseded,
-            rows: live,
-            messages,
-            sent,
-        }
+        debug!(
+            sent = sent.len() - superseded.len(),
+            superseded = superseded.len(),
+            of = rows.len(),
+            "relayed outbox rows"
+        );
+        let all_sent = sent.len() == rows.len();
+        (sent, all_sent)
     }
 
     /// Ends the relay when its channel closed; backs off after a failure.

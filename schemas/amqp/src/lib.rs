@@ -34,7 +34,7 @@ pub mod trace;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 pub use error::{AmqpError, redact_url};
-pub use publish::{Publisher, Sent, properties};
+pub use publish::{Publisher, properties};
 pub use receive::{
     DecodeError, Received, ack, ack_all, dead_letter, decode, decode_or_dead_letter, header_int,
     header_str, nack, open_consumer,

@@ -102,18 +102,22 @@ impl Publisher {
     /// awaits every confirm, so they are all in flight together: one broker round trip for the
     /// batch instead of one per message. One result per message, in the same order. A failure
     /// of one does not stop the others (though after a channel error the rest fail too).
+    ///
+    /// A message the broker returns (no queue bound for it) fails, the others of the batch do
+    /// not. That holds while the batch is the only one in flight on the channel: lapin hands a
+    /// return to whichever confirm of the acknowledgement frame it completes first, so batches
+    /// out together on one channel can swap their returns (8 to 20 of 2,400 messages, in four
+    /// batches of 30 sent before any was confirmed, a third of them unroutable).
     pub async fn publish_all(&self, msgs: &[OutgoingMessage]) -> Vec<Result<(), AmqpError>> {
-        self.send_all(msgs).await.confirmed(msgs).await
-    }
-
-    /// The first half of [`publish_all`](Self::publish_all): hands every message to the
-    /// connection, in the slice's order, and returns without waiting for the confirms. A caller
-    /// can send its next batch while the broker confirms this one, and the order on the channel
-    /// is still the order of the calls.
-    pub async fn send_all(&self, msgs: &[OutgoingMessage]) -> Sent {
-        Sent {
-            confirms: futures_util::future::join_all(msgs.iter().map(|msg| self.send(msg))).await,
+        let pending = futures_util::future::join_all(msgs.iter().map(|msg| self.send(msg))).await;
+        let mut results = Vec::with_capacity(msgs.len());
+        for (msg, sent) in msgs.iter().zip(pending) {
+            results.push(match sent {
+                Ok(confirm) => confirmed(confirm, &|| describe(msg)).await,
+                Err(e) => Err(e),
+            });
         }
+        results
     }
 
     /// Publishes a body with properties of the caller's choosing (e.g. a copy of a received
@@ -182,27 +186,6 @@ fn describe(msg: &OutgoingMessage) -> String {
 
 /// Says what was being published, for an error message (see [`Publisher::check_size`]).
 type What<'a> = &'a (dyn Fn() -> String + Sync);
-
-/// Messages handed to the connection by [`Publisher::send_all`], their confirms to come.
-#[must_use = "a message is published only once its confirm is in"]
-pub struct Sent {
-    confirms: Vec<Result<PublisherConfirm, AmqpError>>,
-}
-
-impl Sent {
-    /// Waits for every confirm: one result per message of `msgs`, the slice given to
-    /// [`Publisher::send_all`] (used only to describe a failure), in its order.
-    pub async fn confirmed(self, msgs: &[OutgoingMessage]) -> Vec<Result<(), AmqpError>> {
-        let mut results = Vec::with_capacity(self.confirms.len());
-        for (msg, sent) in msgs.iter().zip(self.confirms) {
-            results.push(match sent {
-                Ok(confirm) => confirmed(confirm, &|| describe(msg)).await,
-                Err(e) => Err(e),
-            });
-        }
-        results
-    }
-}
 
 async fn confirmed(confirm: PublisherConfirm, what: What<'_>) -> Result<(), AmqpError> {
     match confirm.await.map_err(|e| AmqpError::amqp(what(), e))? {

@@ -258,6 +258,57 @@ async fn an_unroutable_publish_is_an_error() {
     conn.close(200, "done".into()).await.unwrap();
 }
 
+#[tokio::test]
+async fn in_a_batch_only_the_messages_returned_are_errors() {
+    let vhost = TestVhost::new("returns");
+    let (conn, publisher) = setup(&vhost).await;
+    // A classic queue confirms at once, so the broker acknowledges runs of messages, returned
+    // ones among them, together. Every third message has no queue: its return must land on it.
+    let queue = "returns-test";
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut routed = 0;
+    for _ in 0..20 {
+        let messages: Vec<OutgoingMessage> = (0..30)
+            .map(|i| {
+                let cmd = command(Uuid::new_v4(), 1);
+                let mut message = OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE, None);
+                message.exchange = String::new();
+                message.routing_key = if i % 3 == 0 { "no-such-queue" } else { queue }.into();
+                message
+            })
+            .collect();
+        let results = publisher.publish_all(&messages).await;
+        for (i, (message, result)) in messages.iter().zip(&results).enumerate() {
+            if i % 3 == 0 {
+                assert!(
+                    matches!(result, Err(AmqpError::NotConfirmed { .. })),
+                    "{} was not routed: {result:?}",
+                    message.message_id
+                );
+            } else {
+                assert!(
+                    result.is_ok(),
+                    "{} was routed: {result:?}",
+                    message.message_id
+                );
+                routed += 1;
+            }
+        }
+    }
+    assert_eq!(ready(&conn, queue).await, routed);
+    conn.close(200, "done".into()).await.unwrap();
+}
+
 /// Publishes `body` to the replies queue with `x-schema-version` = `version` (any AMQP type).
 async fn publish_raw(publisher: &Publisher, version: Option<AMQPValue>, body: &str) -> String {
     let mut headers = FieldTable::default();
