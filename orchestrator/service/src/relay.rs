@@ -36,7 +36,8 @@ const POLL_MIN_AGE: Duration = Duration::from_secs(1);
 /// drops what it holds and takes nothing more, and the relay reads the rows from the database
 /// (where they are anyway) until it has caught up. Keeps memory flat under any backlog.
 const HANDOFF_LIMIT: usize = 16_384;
-/// Sent rows are kept this long (to inspect what went out), then deleted.
+/// Sent rows are kept this long (to inspect what went out), then deleted. A prune reads only
+/// the rows at or below the outbox's last id as read this long ago.
 const KEEP_SENT: Duration = Duration::from_secs(600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -100,9 +101,10 @@ pub async fn run(
         unmarked: HashSet::new(),
         marking: VecDeque::new(),
         read_back: Recent::default(),
+        last_ids: VecDeque::new(),
         failures: 0,
     };
-    let mut last_prune = Instant::now();
+    let mut last_prune: Option<Instant> = None;
     // At the start, whatever is unsent, however young: rows left from before.
     let mut read_all = true;
     let mut next_poll = Instant::now();
@@ -110,8 +112,8 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = Instant::now();
+        if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
             relay.prune().await;
         }
         relay.settle_marks();
@@ -156,6 +158,8 @@ struct Relay {
     /// Rows lately published from a read of the database: one committed here just before that
     /// read may still come through the handoff.
     read_back: Recent,
+    /// The outbox's last id as read at each prune, oldest first.
+    last_ids: VecDeque<(Instant, i64)>,
     failures: u32,
 }
 
@@ -194,9 +198,28 @@ impl Recent {
 }
 
 impl Relay {
-    async fn prune(&self) {
+    async fn prune(&mut self) {
+        let store = self.runtime.store();
+        match store.outbox_last_id().await {
+            Ok(id) => self.last_ids.push_back((Instant::now(), id)),
+            Err(error) => warn!(%error, "cannot read the outbox's last id"),
+        }
+        // The newest reading at least KEEP_SENT old bounds this prune.
+        while self
+            .last_ids
+            .get(1)
+            .is_some_and(|(at, _)| at.elapsed() >= KEEP_SENT)
+        {
+            self.last_ids.pop_front();
+        }
+        let Some(&(at, up_to)) = self.last_ids.front() else {
+            return;
+        };
+        if at.elapsed() < KEEP_SENT {
+            return;
+        }
         let before = Utc::now() - KEEP_SENT;
-        match self.runtime.store().prune_outbox(before).await {
+        match store.prune_outbox(before, up_to).await {
             Ok(0) => {}
             Ok(pruned) => debug!(pruned, "deleted old sent outbox rows"),
             Err(error) => warn!(%error, "cannot prune the outbox"),

@@ -158,6 +158,7 @@ on_both_backends!(
     an_inbox_id_is_recorded_once,
     timers_are_scheduled_cancelled_and_fired,
     outbox_rows_are_batched_and_marked_sent,
+    outbox_prunes_go_no_further_than_the_id_given,
     outbox_batches_claim_rows,
     a_commit_gives_its_outbox_ids_and_marks_rows_sent,
     list_pages_newest_first_with_filters,
@@ -904,7 +905,48 @@ async fn outbox_rows_are_batched_and_marked_sent(db: TestDb) {
     assert!(limited.is_empty());
     limited.release().await.unwrap();
 
-    assert_eq!(store.prune_outbox(Utc::now() + secs(60)).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .prune_outbox(Utc::now() + secs(60), i64::MAX)
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+async fn outbox_prunes_go_no_further_than_the_id_given(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    assert_eq!(store.outbox_last_id().await.unwrap(), 0, "an empty outbox");
+    for i in 0..4 {
+        let commit = start_commit(&def, Uuid::new_v4(), t0() + secs(i));
+        store.commit(&[commit]).await.unwrap();
+    }
+    let batch = store.outbox_batch(10).await.unwrap();
+    let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(store.outbox_last_id().await.unwrap(), ids[3]);
+    // The last one stays unsent.
+    batch.mark_sent(&ids[..3]).await.unwrap();
+
+    let (lately, later) = (Utc::now() - secs(60), Utc::now() + secs(60));
+    assert_eq!(
+        store.prune_outbox(lately, i64::MAX).await.unwrap(),
+        0,
+        "sent too lately"
+    );
+    assert_eq!(
+        store.prune_outbox(later, ids[1]).await.unwrap(),
+        2,
+        "sent long enough ago, at or below the bound"
+    );
+    assert_eq!(store.prune_outbox(later, i64::MAX).await.unwrap(), 1);
+    assert_eq!(
+        store.outbox_backlog().await.unwrap(),
+        1,
+        "an unsent row is never pruned"
+    );
+    assert_eq!(store.outbox_last_id().await.unwrap(), ids[3]);
 }
 
 async fn outbox_batches_claim_rows(db: TestDb) {

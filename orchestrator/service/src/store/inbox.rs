@@ -10,11 +10,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
 use super::entity::inbox;
-use super::{MAX_PARAMS, Store, StoreError};
-
-/// Rows deleted per statement: a long backlog is pruned in short writes, between which
-/// decisions commit as usual.
-const PRUNE_CHUNK: u64 = 5_000;
+use super::{MAX_PARAMS, PRUNE_CHUNK, Store, StoreError};
 
 impl Store {
     /// Which of `message_ids` are already in the inbox.
@@ -35,24 +31,15 @@ impl Store {
 
     /// Deletes the inbox rows recorded before `received_before`; returns how many.
     pub async fn prune_inbox(&self, received_before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut pruned = 0;
-        loop {
+        self.prune_in_chunks(|| {
             let oldest = Query::select()
                 .column(inbox::Column::MessageId)
                 .from(inbox::Entity)
                 .and_where(Expr::col(inbox::Column::ReceivedAt).lt(received_before))
                 .limit(PRUNE_CHUNK)
                 .to_owned();
-            let _lock = self.write_lock().await;
-            let deleted = inbox::Entity::delete_many()
-                .filter(inbox::Column::MessageId.in_subquery(oldest))
-                .exec(&self.db)
-                .await?
-                .rows_affected;
-            pruned += deleted;
-            if deleted < PRUNE_CHUNK {
-                return Ok(pruned);
-            }
-        }
+            inbox::Entity::delete_many().filter(inbox::Column::MessageId.in_subquery(oldest))
+        })
+        .await
     }
 }

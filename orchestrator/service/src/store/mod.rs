@@ -77,6 +77,8 @@ const MAX_PARAMS: usize = 30_000;
 /// Largest number of `(a = ? AND b = ?)` terms OR-ed in one condition (SQLite's parser limits
 /// expression depth to 1000).
 const MAX_OR_TERMS: usize = 200;
+/// Rows a prune deletes per statement (see [`Store::prune_in_chunks`]).
+const PRUNE_CHUNK: u64 = 5_000;
 const SQLITE_POOL_SIZE: u32 = 8;
 /// PostgreSQL connections per orchestrator process unless configured otherwise.
 pub const DEFAULT_POOL_SIZE: u32 = 10;
@@ -295,6 +297,24 @@ impl Store {
         match self.backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
+        }
+    }
+
+    /// Runs `chunk`, a delete of at most [`PRUNE_CHUNK`] rows, until it deletes fewer, each
+    /// time under the write lock afresh: a long backlog is pruned in short writes, between
+    /// which decisions commit as usual. Returns how many rows went.
+    async fn prune_in_chunks<E: sea_orm::EntityTrait>(
+        &self,
+        chunk: impl Fn() -> sea_orm::DeleteMany<E>,
+    ) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        loop {
+            let _lock = self.write_lock().await;
+            let deleted = chunk().exec(&self.db).await?.rows_affected;
+            pruned += deleted;
+            if deleted < PRUNE_CHUNK {
+                return Ok(pruned);
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use saga_schemas::amqp::OutgoingMessage;
-use sea_orm::sea_query::{LockBehavior, LockType};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Order, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
@@ -11,7 +11,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::entity::outbox;
-use super::{Backend, MAX_PARAMS, Store, StoreError};
+use super::{Backend, MAX_PARAMS, PRUNE_CHUNK, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
@@ -85,14 +85,39 @@ impl Store {
             .await?)
     }
 
-    /// Deletes outbox rows sent before `sent_before`; returns how many.
-    pub async fn prune_outbox(&self, sent_before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let _lock = self.write_lock().await;
-        let result = outbox::Entity::delete_many()
-            .filter(outbox::Column::SentAt.lt(sent_before))
-            .exec(&self.db)
+    /// The id of the newest outbox row (0 when there is none): every row at or below it exists
+    /// already, so it was created no later than now.
+    pub async fn outbox_last_id(&self) -> Result<i64, StoreError> {
+        let last: Option<Option<i64>> = outbox::Entity::find()
+            .select_only()
+            .column_as(outbox::Column::Id.max(), "last")
+            .into_tuple()
+            .one(&self.db)
             .await?;
-        Ok(result.rows_affected)
+        Ok(last.flatten().unwrap_or(0))
+    }
+
+    /// Deletes the rows sent before `sent_before` among those with ids up to `up_to`; returns
+    /// how many. `sent_at` has no index (every row is marked once; an index would cost as much
+    /// again), so the id bound is what keeps a prune to the old end of the table instead of
+    /// reading every row kept, the minutes of younger rows included.
+    pub async fn prune_outbox(
+        &self,
+        sent_before: DateTime<Utc>,
+        up_to: i64,
+    ) -> Result<u64, StoreError> {
+        self.prune_in_chunks(|| {
+            let oldest = Query::select()
+                .column(outbox::Column::Id)
+                .from(outbox::Entity)
+                .and_where(Expr::col(outbox::Column::Id).lte(up_to))
+                .and_where(Expr::col(outbox::Column::SentAt).lt(sent_before))
+                .order_by(outbox::Column::Id, Order::Asc)
+                .limit(PRUNE_CHUNK)
+                .to_owned();
+            outbox::Entity::delete_many().filter(outbox::Column::Id.in_subquery(oldest))
+        })
+        .await
     }
 }
 
