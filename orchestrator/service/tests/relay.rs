@@ -118,6 +118,68 @@ impl Drop for TempStore {
     }
 }
 
+/// A relay running on a store and a vhost of its own, with the sagas of a definitions file.
+struct Running {
+    runtime: Runtime,
+    conn: saga_amqp::lapin::Connection,
+    shutdown: CancellationToken,
+    relay: tokio::task::JoinHandle<Result<(), saga_amqp::AmqpError>>,
+    // Dropped after the connection: the vhost is deleted last.
+    db: TempStore,
+    _vhost: Vhost,
+}
+
+impl Running {
+    /// Starts the relay with `yaml`'s sagas (publishing no lifecycle events), the queues of
+    /// `participants` declared.
+    async fn start(yaml: &str, participants: &[&str]) -> Running {
+        let vhost = Vhost::new();
+        let db = TempStore::new().await;
+        let definitions = Definitions::parse("sagas.yaml", yaml).unwrap();
+        let runtime = Runtime::new(definitions, db.store.clone())
+            .unwrap()
+            .publishing(orchestrator::runtime::PublishEvents::None);
+        let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
+        declare(&conn, participants).await;
+        let publisher = Publisher::open(&conn).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn(orchestrator::relay::run(
+            runtime.clone(),
+            publisher,
+            shutdown.clone(),
+        ));
+        Running {
+            runtime,
+            conn,
+            shutdown,
+            relay,
+            db,
+            _vhost: vhost,
+        }
+    }
+
+    /// Waits for every outbox row to be marked sent, then stops.
+    async fn stop_once_all_sent(self) {
+        self.db
+            .wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
+            .await;
+        self.shutdown.cancel();
+        self.relay.await.unwrap().unwrap();
+        // Cleanup only: a broker slow to answer the close must not hang the test.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), self.conn.close(200, "done".into())).await;
+    }
+}
+
+/// Declares the queues of `participants` (and the orchestrator's own).
+async fn declare(conn: &saga_amqp::lapin::Connection, participants: &[&str]) {
+    let setup = conn.create_channel().await.unwrap();
+    saga_amqp::declare_orchestrator_topology(&setup, participants, saga_amqp::QueueType::Quorum)
+        .await
+        .unwrap();
+    let _ = setup.close(200, "declared".into()).await;
+}
+
 fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
     StepCommand {
         message_id: Uuid::new_v4(),
@@ -281,26 +343,8 @@ sagas:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent() {
-    let vhost = Vhost::new();
-    let db = TempStore::new().await;
-    let store = &db.store;
-    let definitions = Definitions::parse("sagas.yaml", PAY).unwrap();
-    let runtime = Runtime::new(definitions, store.clone())
-        .unwrap()
-        .publishing(orchestrator::runtime::PublishEvents::None);
-
-    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
-    let setup = conn.create_channel().await.unwrap();
-    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], saga_amqp::QueueType::Quorum)
-        .await
-        .unwrap();
-    let publisher = Publisher::open(&conn).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let relay = tokio::spawn(orchestrator::relay::run(
-        runtime.clone(),
-        publisher,
-        shutdown.clone(),
-    ));
+    let running = Running::start(PAY, &["payments"]).await;
+    let (runtime, conn) = (&running.runtime, &running.conn);
 
     // Started in waves while the relay runs, so they come to it through the handoff.
     let mut started = std::collections::HashSet::new();
@@ -312,7 +356,7 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
     }
 
     commanded_once_each(
-        &conn,
+        conn,
         &command_queue("payments"),
         &started,
         Duration::from_secs(20),
@@ -320,13 +364,7 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
     .await;
 
     // The marks rode on the group commit (or went alone, once it was idle).
-    db.wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
-        .await;
-
-    shutdown.cancel();
-    relay.await.unwrap().unwrap();
-    // Cleanup only: a broker slow to answer the close must not hang the test.
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
+    running.stop_once_all_sent().await;
 }
 
 const PAY_AND_SHIP: &str = "
@@ -383,30 +421,11 @@ async fn commanded_once_each(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_once_it_takes_them() {
-    let vhost = Vhost::new();
-    let db = TempStore::new().await;
-    let store = &db.store;
-    let definitions = Definitions::parse("sagas.yaml", PAY_AND_SHIP).unwrap();
-    let runtime = Runtime::new(definitions, store.clone())
-        .unwrap()
-        .publishing(orchestrator::runtime::PublishEvents::None);
-
     // No queue for shipping yet: its commands come back unroutable, never confirmed.
-    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
-    let setup = conn.create_channel().await.unwrap();
-    saga_amqp::declare_orchestrator_topology(&setup, &["payments"], saga_amqp::QueueType::Quorum)
-        .await
-        .unwrap();
-    let publisher = Publisher::open(&conn).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let relay = tokio::spawn(orchestrator::relay::run(
-        runtime.clone(),
-        publisher,
-        shutdown.clone(),
-    ));
+    let running = Running::start(PAY_AND_SHIP, &["payments"]).await;
+    let (runtime, conn, store) = (&running.runtime, &running.conn, &running.db.store);
 
-    // Both kinds in the same waves, so refused and confirmed rows share batches, and batches
-    // follow each other while earlier ones await their confirms.
+    // Both kinds in the same waves, so refused and confirmed rows share batches.
     let (mut paid, mut shipped) = (
         std::collections::HashSet::new(),
         std::collections::HashSet::new(),
@@ -423,7 +442,7 @@ async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_on
     }
 
     commanded_once_each(
-        &conn,
+        conn,
         &command_queue("payments"),
         &paid,
         Duration::from_secs(20),
@@ -445,21 +464,13 @@ async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_on
     }
 
     // Once the queue exists, the refused commands go out (the relay backs off up to 6.4 s).
-    saga_amqp::declare_orchestrator_topology(&setup, &["shipping"], saga_amqp::QueueType::Quorum)
-        .await
-        .unwrap();
+    declare(conn, &["shipping"]).await;
     commanded_once_each(
-        &conn,
+        conn,
         &command_queue("shipping"),
         &shipped,
         Duration::from_secs(30),
     )
     .await;
-    db.wait_until_all_sent(Duration::from_secs(10), "published but never marked sent")
-        .await;
-
-    shutdown.cancel();
-    relay.await.unwrap().unwrap();
-    // Cleanup only: a broker slow to answer the close must not hang the test.
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
+    running.stop_once_all_sent().await;
 }
