@@ -330,7 +330,7 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
 }
 
-const PAY: &str = "
+const SAGAS: &str = "
 sagas:
   - name: pay
     steps:
@@ -339,11 +339,18 @@ sagas:
         action: charge
         kind: retriable
         timeout: 30s
+  - name: ship
+    steps:
+      - name: send
+        participant: shipping
+        action: send
+        kind: retriable
+        timeout: 30s
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent() {
-    let running = Running::start(PAY, &["payments"]).await;
+    let running = Running::start(SAGAS, &["payments"]).await;
     let (runtime, conn) = (&running.runtime, &running.conn);
 
     // Started in waves while the relay runs, so they come to it through the handoff.
@@ -366,24 +373,6 @@ async fn commands_committed_while_the_relay_runs_go_out_once_and_are_marked_sent
     // The marks rode on the group commit (or went alone, once it was idle).
     running.stop_once_all_sent().await;
 }
-
-const PAY_AND_SHIP: &str = "
-sagas:
-  - name: pay
-    steps:
-      - name: charge
-        participant: payments
-        action: charge
-        kind: retriable
-        timeout: 30s
-  - name: ship
-    steps:
-      - name: send
-        participant: shipping
-        action: send
-        kind: retriable
-        timeout: 30s
-";
 
 /// Receives one command per saga of `expected` from `queue` and fails on a second for any.
 async fn commanded_once_each(
@@ -422,7 +411,7 @@ async fn commanded_once_each(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_once_it_takes_them() {
     // No queue for shipping yet: its commands come back unroutable, never confirmed.
-    let running = Running::start(PAY_AND_SHIP, &["payments"]).await;
+    let running = Running::start(SAGAS, &["payments"]).await;
     let (runtime, conn, store) = (&running.runtime, &running.conn, &running.db.store);
 
     // Both kinds in the same waves, so refused and confirmed rows share batches.
