@@ -2,7 +2,7 @@
 //! that trace, from the orchestrator through every participant and back, received here by a
 //! small OTLP/HTTP (JSON) receiver that every process exports to.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,12 +131,25 @@ async fn one_saga_is_one_tree_of_spans_across_the_services() {
             .collect();
         let services: BTreeSet<String> = spans.iter().map(|s| s.service.clone()).collect();
         let commands = spans.iter().filter(|s| s.name == "command").count();
-        if services == everyone && commands >= 5 {
+        let replies = spans
+            .iter()
+            .filter(|s| s.attributes.get("input").map(String::as_str) == Some("reply"))
+            .count();
+        // A span is exported when it closes, so a parent (the handling of a reply) can reach
+        // the collector a batch after its children (the steps it sent): wait for the tree to
+        // be whole: one span whose parent is not in the trace, the saga's start.
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        let dangling = spans
+            .iter()
+            .filter(|s| !ids.contains(s.parent_span_id.as_str()))
+            .count();
+        if services == everyone && commands >= 5 && replies >= 5 && dangling == 1 {
             break spans;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "spans from {services:?} only ({} spans in the trace, {} received in all)",
+            "spans from {services:?} only ({} spans in the trace, {commands} commands, {replies} \
+             replies, {dangling} without their parent, {} received in all)",
             spans.len(),
             received.lock().unwrap().len()
         );
