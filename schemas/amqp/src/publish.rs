@@ -1,9 +1,11 @@
 //! Publishing with publisher confirms and the `mandatory` flag.
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
+    message::BasicReturnMessage,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -92,10 +94,29 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes one message and waits for the broker's confirm.
+    /// Publishes one message and waits for the broker's confirm. With other publishes in
+    /// flight on the channel, a return can come with this message's confirm though it is
+    /// another's (see [`Publisher::publish_all`]): one that is not this message's is not held
+    /// against it.
     pub async fn publish(&self, msg: &OutgoingMessage) -> Result<(), AmqpError> {
-        let confirm = self.send(msg).await?;
-        confirmed(confirm, &|| describe(msg)).await
+        let what = || describe(msg);
+        let confirmation = self
+            .send(msg)
+            .await?
+            .await
+            .map_err(|e| AmqpError::amqp(what(), e))?;
+        match confirmation {
+            Confirmation::Ack(Some(returned))
+                if returned
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .is_some_and(|id| id.as_str() != msg.message_id.to_string()) =>
+            {
+                Ok(())
+            }
+            other => verdict(other, &what),
+        }
     }
 
     /// Pipelined: hands every message to the connection at once (in the slice's order), then
@@ -104,20 +125,51 @@ impl Publisher {
     /// of one does not stop the others (though after a channel error the rest fail too).
     ///
     /// A message the broker returns (no queue bound for it) fails, the others of the batch do
-    /// not. That holds while the batch is the only one in flight on the channel: lapin hands a
-    /// return to whichever confirm of the acknowledgement frame it completes first, so batches
-    /// out together on one channel can swap their returns (8 to 20 of 2,400 messages, in four
-    /// batches of 30 sent before any was confirmed, a third of them unroutable).
+    /// not. lapin hands a return to whichever confirm of the acknowledgement it completes
+    /// first (a multiple ack completes its tags in hash-map order), not to the returned
+    /// message's own, so the returns of the batch are matched to its messages by message id
+    /// (messages of a batch that share an id share their fate).
+    /// That holds while the batch is the only one in flight on the channel: a return is carried
+    /// by a confirm of the acknowledgement that covers its message, which may belong to another
+    /// batch out at the same time.
     pub async fn publish_all(&self, msgs: &[OutgoingMessage]) -> Vec<Result<(), AmqpError>> {
         let pending = futures_util::future::join_all(msgs.iter().map(|msg| self.send(msg))).await;
-        let mut results = Vec::with_capacity(msgs.len());
+        let mut confirmations = Vec::with_capacity(msgs.len());
         for (msg, sent) in msgs.iter().zip(pending) {
-            results.push(match sent {
-                Ok(confirm) => confirmed(confirm, &|| describe(msg)).await,
+            confirmations.push(match sent {
+                Ok(confirm) => confirm.await.map_err(|e| AmqpError::amqp(describe(msg), e)),
                 Err(e) => Err(e),
             });
         }
-        results
+        // The returns of the batch, by message id, with the broker's reason.
+        let returned: HashMap<String, String> = confirmations
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some((
+                    m.properties.message_id().as_ref()?.to_string(),
+                    return_reason(m),
+                )),
+                _ => None,
+            })
+            .collect();
+        msgs.iter()
+            .zip(confirmations)
+            .map(|(msg, confirmation)| {
+                let what = || describe(msg);
+                let confirmation = confirmation?;
+                if let Some(reason) = returned.get(&msg.message_id.to_string()) {
+                    return Err(AmqpError::NotConfirmed {
+                        reason: format!("{}: {reason}", what()),
+                    });
+                }
+                match confirmation {
+                    // Carrying another message's return says nothing of this one.
+                    Confirmation::Ack(_) => Ok(()),
+                    Confirmation::Nack(_) => verdict(Confirmation::Nack(None), &what),
+                    other => verdict(other, &what),
+                }
+            })
+            .collect()
     }
 
     /// Publishes a body with properties of the caller's choosing (e.g. a copy of a received
@@ -188,17 +240,15 @@ fn describe(msg: &OutgoingMessage) -> String {
 type What<'a> = &'a (dyn Fn() -> String + Sync);
 
 async fn confirmed(confirm: PublisherConfirm, what: What<'_>) -> Result<(), AmqpError> {
-    match confirm.await.map_err(|e| AmqpError::amqp(what(), e))? {
+    verdict(confirm.await.map_err(|e| AmqpError::amqp(what(), e))?, what)
+}
+
+/// What the broker's answer to one publish means for it.
+fn verdict(confirmation: Confirmation, what: What<'_>) -> Result<(), AmqpError> {
+    match confirmation {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Err(AmqpError::NotConfirmed {
-                reason: format!(
-                    "{}: returned by the broker ({} {}): no queue is bound for it",
-                    what(),
-                    returned.reply_code,
-                    returned.reply_text
-                ),
-            })
+            Err(returned_error(&returned, what))
         }
         Confirmation::Nack(None) => Err(AmqpError::NotConfirmed {
             reason: format!("{}: nacked by the broker", what()),
@@ -210,6 +260,19 @@ async fn confirmed(confirm: PublisherConfirm, what: What<'_>) -> Result<(), Amqp
             ),
         }),
     }
+}
+
+fn returned_error(returned: &BasicReturnMessage, what: What<'_>) -> AmqpError {
+    AmqpError::NotConfirmed {
+        reason: format!("{}: {}", what(), return_reason(returned)),
+    }
+}
+
+fn return_reason(returned: &BasicReturnMessage) -> String {
+    format!(
+        "returned by the broker ({} {}): no queue is bound for it",
+        returned.reply_code, returned.reply_text
+    )
 }
 
 /// The AMQP properties of `msg`: `message_id`, `correlation_id` (if any), `type`,

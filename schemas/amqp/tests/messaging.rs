@@ -222,24 +222,28 @@ async fn discard_after_is_published_as_the_expiration() {
 async fn an_unroutable_publish_is_an_error() {
     let vhost = TestVhost::new("unroutable");
     let (conn, publisher) = setup(&vhost).await;
-    let cmd = command(Uuid::new_v4(), 1);
-    let routable = OutgoingMessage::command(&cmd, "payments", REPLIES_QUEUE, None);
-    let unknown_participant = OutgoingMessage::command(&cmd, "nobody", REPLIES_QUEUE, None);
-    let mut no_queue = routable.clone();
+    // Each message its own id, as in real use: a batch's returns are matched to its messages
+    // by id.
+    let saga_id = Uuid::new_v4();
+    let routable = |attempt| {
+        OutgoingMessage::command(&command(saga_id, attempt), "payments", REPLIES_QUEUE, None)
+    };
+    let unknown_participant = |attempt| {
+        OutgoingMessage::command(&command(saga_id, attempt), "nobody", REPLIES_QUEUE, None)
+    };
+    let mut no_queue = routable(2);
     no_queue.exchange = String::new();
     no_queue.routing_key = "no-such-queue".into();
 
-    let err = publisher.publish(&unknown_participant).await.unwrap_err();
+    let err = publisher
+        .publish(&unknown_participant(1))
+        .await
+        .unwrap_err();
     assert!(matches!(err, AmqpError::NotConfirmed { .. }), "{err}");
     assert!(err.to_string().contains("NO_ROUTE"), "{err}");
 
     let results = publisher
-        .publish_all(&[
-            routable.clone(),
-            no_queue,
-            routable.clone(),
-            unknown_participant,
-        ])
+        .publish_all(&[routable(1), no_queue, routable(3), unknown_participant(4)])
         .await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(
