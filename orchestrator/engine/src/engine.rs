@@ -72,6 +72,9 @@ pub enum TimerKind {
 }
 
 impl TimerKind {
+    /// How the key of every [`TimerKind::StepTimeout`], and of no other timer, begins.
+    pub const STEP_TIMEOUT_KEY_PREFIX: &'static str = "timeout/";
+
     /// Unique per saga: the runtime's key for scheduling and cancelling.
     pub fn key(&self) -> String {
         match self {
@@ -79,7 +82,11 @@ impl TimerKind {
                 step,
                 direction,
                 attempt,
-            } => format!("timeout/{step}/{}/{attempt}", direction.as_str()),
+            } => format!(
+                "{}{step}/{}/{attempt}",
+                Self::STEP_TIMEOUT_KEY_PREFIX,
+                direction.as_str()
+            ),
             TimerKind::Retry {
                 step,
                 direction,

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use saga_amqp::lapin::message::Delivery;
+use saga_amqp::lapin::options::QueueDeclareOptions;
+use saga_amqp::lapin::types::FieldTable;
 use saga_amqp::lapin::{Channel, Consumer};
 use saga_amqp::{AmqpError, DecodeError, Publisher, Received};
 use saga_engine::{Ignored, Input, Outcome};
@@ -20,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::metrics::DEAD_LETTERS;
 use crate::runtime::{Runtime, RuntimeError, Started, Work};
+use crate::timers::RepliesWaiting;
 
 /// Deliveries decided in one transaction at most.
 const MAX_BATCH: usize = 128;
@@ -48,6 +51,40 @@ pub async fn replies(
         handle_replies(&runtime, publisher, deliveries, &shutdown).await?;
     }
     Ok(())
+}
+
+/// How often [`watch_replies_waiting`] asks the broker.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Records, every second until `shutdown`, how many replies wait in `saga.replies` that no
+/// orchestrator has taken yet (the timer worker holds step timeouts back while any do).
+pub async fn watch_replies_waiting(
+    conn: &saga_amqp::lapin::Connection,
+    waiting: RepliesWaiting,
+    shutdown: CancellationToken,
+) -> Result<(), AmqpError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::amqp("opening a channel to watch the replies queue", e))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    loop {
+        let queue = channel
+            .queue_declare(REPLIES_QUEUE.into(), passive, FieldTable::default())
+            .await
+            .map_err(|e| AmqpError::amqp("reading the replies queue's length", e))?;
+        waiting.record(queue.message_count());
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = shutdown.cancelled() => {
+                channel.close(200, "shutting down".into()).await.ok();
+                return Ok(());
+            }
+        }
+    }
 }
 
 async fn handle_replies(

@@ -27,6 +27,7 @@ use crate::http::{self, HttpConfig};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::{Store, StoreOptions};
+use crate::timers::RepliesWaiting;
 use crate::ui::UiConfig;
 use crate::{consumers, presence, relay, retention, timers};
 
@@ -294,10 +295,12 @@ pub async fn serve_runtime(
             Ok(())
         }
     });
+    let replies_waiting = RepliesWaiting::default();
     tasks.spawn(TIMERS_TASK, {
         let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+        let replies_waiting = replies_waiting.clone();
         async move {
-            timers::run(runtime, shutdown).await;
+            timers::run(runtime, replies_waiting, shutdown).await;
             Ok(())
         }
     });
@@ -328,7 +331,19 @@ pub async fn serve_runtime(
                     let topology = topology.clone();
                     let health = health.clone();
                     let me = me.clone();
-                    async move { session(runtime, conn, &topology, me, shutdown, &health).await }
+                    let replies_waiting = replies_waiting.clone();
+                    async move {
+                        session(
+                            runtime,
+                            conn,
+                            &topology,
+                            me,
+                            replies_waiting,
+                            shutdown,
+                            &health,
+                        )
+                        .await
+                    }
                 },
             )
             .await
@@ -354,6 +369,7 @@ async fn session(
     conn: saga_amqp::lapin::Connection,
     topology: &Topology,
     me: presence::Heartbeat,
+    replies_waiting: RepliesWaiting,
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), AmqpError> {
@@ -383,6 +399,7 @@ async fn session(
             shutdown.clone()
         ),
         presence::run(&conn, me, health, shutdown.clone()),
+        consumers::watch_replies_waiting(&conn, replies_waiting, shutdown.clone()),
     );
     if shutdown.is_cancelled() {
         for publisher in [&dead_letters, &relay_channel_owner] {

@@ -2,17 +2,24 @@
 //! survive restarts and need no broker plugin; any orchestrator process may fire any of them.
 //!
 //! [`fire_due`] is one pass of the worker: it fires the due timers of one batch and says what
-//! became of them. A timer whose saga can never be handled
+//! became of them.
+//!
+//! A step timeout judges a participant's silence, which only holds once the replies already
+//! sent are read: while replies wait in `saga.replies` (an orchestrator that fell behind, a
+//! participant draining a backlog), a step's reply may be among them, and asking again would
+//! add a command, an event and a reply for each, so a backlog would feed itself. Step timeouts
+//! then wait ([`RepliesWaiting`]); retries and deadlines fire as ever. A timer whose saga can never be handled
 //! ([`crate::runtime::RuntimeError::is_permanent`]: its definition is gone, its state
 //! unreadable) is set aside, so it cannot hold up the others; one that failed for a passing
 //! reason (the database) stays for a later pass.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use saga_engine::Input;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::runtime::{Runtime, Work};
 use crate::store::StoreError;
@@ -22,6 +29,36 @@ const BATCH: u64 = 256;
 const POLL: Duration = Duration::from_millis(100);
 /// The pause after a pass in which nothing could be done (the database is unavailable).
 const RETRY_LATER: Duration = Duration::from_secs(1);
+
+/// A reading older than this says nothing (the broker is unreachable): timeouts fire.
+const READING_KEPT: Duration = Duration::from_secs(5);
+
+/// The replies waiting in `saga.replies`, taken by no orchestrator yet, as last read from the
+/// broker.
+#[derive(Debug, Clone, Default)]
+pub struct RepliesWaiting(Arc<Mutex<Option<(u32, Instant)>>>);
+
+impl RepliesWaiting {
+    pub fn record(&self, waiting: u32) {
+        *self.0.lock().expect("replies waiting lock") = Some((waiting, Instant::now()));
+    }
+
+    /// The last reading, if it is recent.
+    pub fn recent(&self) -> Option<u32> {
+        let reading = *self.0.lock().expect("replies waiting lock");
+        reading
+            .filter(|(_, at)| at.elapsed() <= READING_KEPT)
+            .map(|(waiting, _)| waiting)
+    }
+}
+
+/// Whether a pass fires the step timeouts that are due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepTimeouts {
+    Fire,
+    /// Replies wait unread: the step timeouts stay due, for a later pass.
+    Wait,
+}
 
 /// What one pass of the worker did.
 #[derive(Debug)]
@@ -42,8 +79,17 @@ pub enum Pass {
 }
 
 /// Fires the timers due at `now`, one batch.
-pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>) -> Pass {
-    let due = match runtime.store().due_timers(now, BATCH).await {
+pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>, step_timeouts: StepTimeouts) -> Pass {
+    let due = match step_timeouts {
+        StepTimeouts::Fire => runtime.store().due_timers(now, BATCH).await,
+        StepTimeouts::Wait => {
+            runtime
+                .store()
+                .due_timers_but_step_timeouts(now, BATCH)
+                .await
+        }
+    };
+    let due = match due {
         Ok(due) if due.is_empty() => return Pass::Idle,
         Ok(due) => due,
         Err(error) => return Pass::Unavailable(error),
@@ -99,9 +145,29 @@ pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>) -> Pass {
 }
 
 /// Runs passes until `shutdown`: at once while there is work, every `POLL` when idle.
-pub async fn run(runtime: Runtime, shutdown: CancellationToken) {
+pub async fn run(runtime: Runtime, replies: RepliesWaiting, shutdown: CancellationToken) {
+    let mut waiting = false;
     while !shutdown.is_cancelled() {
-        let pause = match fire_due(&runtime, Utc::now()).await {
+        let step_timeouts = match replies.recent() {
+            Some(n) if n > 0 => {
+                if !waiting {
+                    info!(
+                        replies_waiting = n,
+                        "step timeouts wait until the replies waiting are read"
+                    );
+                    waiting = true;
+                }
+                StepTimeouts::Wait
+            }
+            _ => {
+                if waiting {
+                    info!("replies read; step timeouts fire again");
+                    waiting = false;
+                }
+                StepTimeouts::Fire
+            }
+        };
+        let pause = match fire_due(&runtime, Utc::now(), step_timeouts).await {
             Pass::Idle => POLL,
             // Only passing failures: give the database a moment instead of spinning on them.
             Pass::Handled {

@@ -3,6 +3,7 @@
 //! outbox past its `discard_after`), and an attempt that a later attempt of the same step in the
 //! outbox supersedes is marked sent without being published; the commands of sagas started
 //! while the relay runs go out once each, from memory, and are marked sent in the database.
+//! Beside it, the watch on the replies queue that holds step timeouts back while replies wait.
 //!
 //! Needs `AMQP_URL` and `rabbitmqctl` on the PATH (the test gets a vhost of its own).
 
@@ -11,8 +12,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
+use orchestrator::consumers;
 use orchestrator::runtime::Runtime;
 use orchestrator::store::{Commit, Store};
+use orchestrator::timers::RepliesWaiting;
 use saga_amqp::Publisher;
 use saga_amqp::lapin::options::QueueDeclareOptions;
 use saga_amqp::lapin::types::FieldTable;
@@ -462,4 +465,56 @@ async fn commands_the_broker_refuses_stay_unsent_while_the_rest_go_out_and_go_on
     )
     .await;
     running.stop_once_all_sent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replies_waiting_unread_are_read_from_the_broker() {
+    let vhost = Vhost::new();
+    let conn = saga_amqp::connect(&vhost.url, "watch test").await.unwrap();
+    declare(&conn, &["payments"]).await;
+    let waiting = RepliesWaiting::default();
+    assert_eq!(waiting.recent(), None, "nothing read yet");
+    let shutdown = CancellationToken::new();
+    let watch = consumers::watch_replies_waiting(&conn, waiting.clone(), shutdown.clone());
+
+    let check = async {
+        let until = |n: u32| {
+            let waiting = waiting.clone();
+            async move {
+                while waiting.recent() != Some(n) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), until(0))
+            .await
+            .expect("the empty queue read");
+        let channel = conn.create_channel().await.unwrap();
+        for _ in 0..3 {
+            channel
+                .basic_publish(
+                    "".into(),
+                    REPLIES_QUEUE.into(),
+                    Default::default(),
+                    b"{}",
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(20), until(3))
+            .await
+            .expect("the three replies read");
+        channel
+            .queue_purge(REPLIES_QUEUE.into(), Default::default())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), until(0))
+            .await
+            .expect("the purge read");
+        shutdown.cancel();
+    };
+    let (watched, ()) = tokio::join!(watch, check);
+    watched.expect("the watch stops cleanly at shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
 }

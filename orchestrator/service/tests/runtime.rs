@@ -4,7 +4,7 @@
 
 use orchestrator::runtime::{Runtime, RuntimeError, Work};
 use orchestrator::store::{ListFilter, Store};
-use orchestrator::timers::{Pass, fire_due};
+use orchestrator::timers::{Pass, StepTimeouts, fire_due};
 use saga_engine::engine::command_message_id;
 use saga_engine::{Definitions, Input, OperatorCommand, Outcome, Rejection};
 use saga_schemas::amqp::COMMANDS_EXCHANGE;
@@ -255,7 +255,7 @@ async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
 
     // Its step timeout is set aside, once, with why; the other saga's fires.
     let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
-    let pass = fire_due(&rt, later).await;
+    let pass = fire_due(&rt, later, StepTimeouts::Fire).await;
     assert!(
         matches!(
             pass,
@@ -276,7 +276,7 @@ async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
         items[0].reason
     );
     // Nothing of it is left to spin on: the next pass only has the other saga's new timeout.
-    let pass = fire_due(&rt, later).await;
+    let pass = fire_due(&rt, later, StepTimeouts::Fire).await;
     assert!(
         matches!(
             pass,

@@ -1,15 +1,19 @@
 //! The timer worker against poison: timers that can never fire are set aside (deleted,
-//! recorded with the reason) and do not hold up the others. In-process, on SQLite in memory;
+//! recorded with the reason) and do not hold up the others; and step timeouts held back while
+//! replies wait unread. In-process, on SQLite in memory;
 //! no broker needed (the outbox just fills up).
 
 use chrono::{Duration, Utc};
-use orchestrator::runtime::{Runtime, RuntimeError};
-use orchestrator::store::{SetAsideKind, Store, StoreError};
-use orchestrator::timers::{Pass, fire_due};
-use saga_engine::Definitions;
+use orchestrator::runtime::{Runtime, RuntimeError, Work};
+use orchestrator::store::{RecordedEvent, SetAsideKind, Store, StoreError};
+use orchestrator::timers::{Pass, StepTimeouts, fire_due};
+use saga_engine::engine::command_message_id;
+use saga_engine::{Definitions, Input};
+use saga_schemas::{Direction, Outcome as Reply};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
+use uuid::Uuid;
 
 const GOOD: &str = "
 sagas:
@@ -84,7 +88,7 @@ async fn timers_of_a_saga_whose_definition_is_gone_do_not_block_the_others() {
         if fired > 0 {
             break;
         }
-        match fire_due(&after, later).await {
+        match fire_due(&after, later, StepTimeouts::Fire).await {
             Pass::Idle => break,
             Pass::Handled {
                 fired: f,
@@ -132,7 +136,10 @@ async fn timers_of_a_saga_whose_definition_is_gone_do_not_block_the_others() {
         1,
         "only the good saga's next timeout is left"
     );
-    assert!(matches!(fire_due(&after, Utc::now()).await, Pass::Idle));
+    assert!(matches!(
+        fire_due(&after, Utc::now(), StepTimeouts::Fire).await,
+        Pass::Idle
+    ));
 }
 
 #[tokio::test]
@@ -149,7 +156,7 @@ async fn a_timer_that_does_not_parse_is_set_aside() {
         .execute_unprepared(r#"UPDATE "timers" SET "timer" = 'not json'"#)
         .await
         .unwrap();
-    let pass = fire_due(&rt, Utc::now() + Duration::hours(1)).await;
+    let pass = fire_due(&rt, Utc::now() + Duration::hours(1), StepTimeouts::Fire).await;
     assert!(matches!(pass, Pass::Idle), "{pass:?}");
     let items = store.list_set_aside(10).await.unwrap();
     assert_eq!(items.len(), 1);
@@ -233,7 +240,7 @@ async fn a_saga_that_cannot_be_read_has_its_timers_set_aside() {
     // Read as after a restart: this runtime kept the states it committed.
     let rt = runtime(&store, GOOD);
 
-    let pass = fire_due(&rt, Utc::now() + Duration::hours(1)).await;
+    let pass = fire_due(&rt, Utc::now() + Duration::hours(1), StepTimeouts::Fire).await;
     assert!(
         matches!(
             pass,
@@ -256,4 +263,80 @@ async fn a_saga_that_cannot_be_read_has_its_timers_set_aside() {
             .iter()
             .any(|e| e.event.kind() == "attempt_timed_out")
     );
+}
+
+/// The answer to attempt 1 of `good`'s step, as the replies consumer passes it on.
+fn retryable_error(saga_id: Uuid) -> Work {
+    Work {
+        saga_id,
+        input: Input::Reply {
+            step: "work".into(),
+            direction: Direction::Execute,
+            attempt: 1,
+            in_reply_to: command_message_id(saga_id, "work", Direction::Execute, 1),
+            outcome: Reply::RetryableError {
+                error: "the ledger is busy".into(),
+            },
+        },
+        inbox_id: Some(Uuid::new_v4()),
+        fired_timer: None,
+        trace: None,
+    }
+}
+
+fn timed_out(history: &[RecordedEvent]) -> usize {
+    history
+        .iter()
+        .filter(|e| e.event.kind() == "attempt_timed_out")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_replies_wait_unread_step_timeouts_wait_and_the_other_timers_fire() {
+    let store = memory_store().await;
+    let rt = runtime(&store, GOOD);
+    // One saga waits on its step's reply (a step timeout), the other on a retry's backoff.
+    let silent = rt.start("good", Default::default(), None).await.unwrap();
+    let retrying = rt.start("good", Default::default(), None).await.unwrap();
+    let replied = rt.handle(&[retryable_error(retrying.saga_id)]).await;
+    assert!(replied[0].is_ok(), "{replied:?}");
+    let later = Utc::now() + Duration::hours(1);
+
+    // Replies wait unread: the retry fires (attempt 2 is sent), no step timeout does.
+    let pass = fire_due(&rt, later, StepTimeouts::Wait).await;
+    assert!(
+        matches!(
+            pass,
+            Pass::Handled {
+                fired: 1,
+                set_aside: 0,
+                kept: 0
+            }
+        ),
+        "{pass:?}"
+    );
+    let state = store.load(retrying.saga_id).await.unwrap().unwrap();
+    assert_eq!(state.step("work").unwrap().action.in_flight, Some(2));
+    assert!(matches!(
+        fire_due(&rt, later, StepTimeouts::Wait).await,
+        Pass::Idle
+    ));
+    assert_eq!(timed_out(&store.history(silent.saga_id).await.unwrap()), 0);
+
+    // Read: both steps' timeouts fire, the silent saga's first attempt and the retry.
+    let pass = fire_due(&rt, later, StepTimeouts::Fire).await;
+    assert!(
+        matches!(
+            pass,
+            Pass::Handled {
+                fired: 2,
+                set_aside: 0,
+                kept: 0
+            }
+        ),
+        "{pass:?}"
+    );
+    for saga in [silent.saga_id, retrying.saga_id] {
+        assert_eq!(timed_out(&store.history(saga).await.unwrap()), 1);
+    }
 }

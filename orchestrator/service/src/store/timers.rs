@@ -27,8 +27,30 @@ impl Store {
         now: DateTime<Utc>,
         limit: u64,
     ) -> Result<Vec<DueTimer>, StoreError> {
-        let rows = timers::Entity::find()
-            .filter(timers::Column::DueAt.lte(now))
+        self.due_timers_of(now, limit, true).await
+    }
+
+    /// Like [`Store::due_timers`], but retries and deadlines only: no step timeout.
+    pub async fn due_timers_but_step_timeouts(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<DueTimer>, StoreError> {
+        self.due_timers_of(now, limit, false).await
+    }
+
+    async fn due_timers_of(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+        step_timeouts: bool,
+    ) -> Result<Vec<DueTimer>, StoreError> {
+        let mut query = timers::Entity::find().filter(timers::Column::DueAt.lte(now));
+        if !step_timeouts {
+            let prefix = format!("{}%", TimerKind::STEP_TIMEOUT_KEY_PREFIX);
+            query = query.filter(timers::Column::TimerKey.not_like(prefix));
+        }
+        let rows = query
             .order_by_asc(timers::Column::DueAt)
             .order_by_asc(timers::Column::SagaId)
             .order_by_asc(timers::Column::TimerKey)
