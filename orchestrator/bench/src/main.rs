@@ -264,8 +264,10 @@ async fn run(
             .collect(),
     );
     let before = meters.read();
+    let timed_out_before = tracker.timed_out();
     let measured = driver.drive(args.sagas).await?;
     let after = meters.read();
+    let timed_out = tracker.timed_out() - timed_out_before;
     let backlog = if args.backlog > 0 {
         running.stop().await;
         let rss = memory::RssSampler::start();
@@ -275,10 +277,12 @@ async fn run(
         running = Participants::start(args, &participants, databases, &shutdown, &abort)?;
         let draining = Instant::now();
         let unfinished = driver.wait(args.backlog).await?;
+        let drained = draining.elapsed();
         Some(Backlog {
             filled,
-            drained: draining.elapsed(),
+            drained,
             unfinished,
+            timed_out: tracker.timed_out() - timed_out_before - timed_out,
             rss: rss.stop().await,
         })
     } else {
@@ -358,7 +362,7 @@ async fn run(
         outcomes += &format!("  {} {n}", end.kind().trim_start_matches("saga_"));
     }
     println!(
-        "  outcomes         {outcomes}  unfinished {}   (expected: {})",
+        "  outcomes         {outcomes}  unfinished {}   (expected: {}); attempts timed out {timed_out}",
         measured.unfinished,
         expected.kind().trim_start_matches("saga_")
     );
@@ -368,11 +372,12 @@ async fn run(
         let held = backlog.rss.peak_mib <= args.backlog_rss_bound_mib as f64;
         println!(
             "  backlog          {} sagas started in {:.1} s with the participants stopped, \
-             drained in {:.1} s once they started ({} unfinished)",
+             drained in {:.1} s once they started ({} unfinished, {} attempts timed out)",
             args.backlog,
             backlog.filled.as_secs_f64(),
             backlog.drained.as_secs_f64(),
-            backlog.unfinished
+            backlog.unfinished,
+            backlog.timed_out
         );
         println!(
             "  backlog drain      {drain_per_s:>10.1} sagas/s = {:.2} x the measured run",
@@ -410,6 +415,8 @@ struct Backlog {
     filled: Duration,
     drained: Duration,
     unfinished: usize,
+    /// Attempts asked again after their step's timeout, from the start of the backlog on.
+    timed_out: u64,
     rss: memory::Rss,
 }
 
@@ -518,6 +525,8 @@ struct TrackerState {
     /// Finished before `start` returned to us.
     early: HashMap<Uuid, (Instant, End)>,
     finished: Vec<(Duration, End)>,
+    /// Attempts that got no reply within their step's timeout, so were asked again.
+    timed_out: u64,
 }
 
 impl Tracker {
@@ -533,7 +542,11 @@ impl Tracker {
                 FieldTable::default(),
             )
             .await?;
-        for kind in End::ALL.map(End::kind) {
+        for kind in End::ALL
+            .map(End::kind)
+            .into_iter()
+            .chain(["attempt_timed_out"])
+        {
             channel
                 .queue_bind(
                     queue.name().clone(),
@@ -566,10 +579,14 @@ impl Tracker {
                 let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&delivery.data) else {
                     continue;
                 };
+                let mut state = t.inner.lock().expect("tracker lock");
+                if matches!(envelope.event, SagaEvent::AttemptTimedOut { .. }) {
+                    state.timed_out += 1;
+                    continue;
+                }
                 let Some(end) = End::of(&envelope.event) else {
                     continue;
                 };
-                let mut state = t.inner.lock().expect("tracker lock");
                 match state.started.remove(&envelope.saga_id) {
                     Some(start) => state.finished.push((now - start, end)),
                     None => {
@@ -582,6 +599,11 @@ impl Tracker {
             }
         });
         Ok(tracker)
+    }
+
+    /// Attempts timed out so far.
+    fn timed_out(&self) -> u64 {
+        self.inner.lock().expect("tracker lock").timed_out
     }
 
     fn started(&self, id: Uuid, at: Instant) {
