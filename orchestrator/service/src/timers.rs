@@ -2,16 +2,16 @@
 //! survive restarts and need no broker plugin; any orchestrator process may fire any of them.
 //!
 //! [`fire_due`] is one pass of the worker: it fires the due timers of one batch and says what
-//! became of them.
+//! became of them. A timer whose saga can never be handled
+//! ([`crate::runtime::RuntimeError::is_permanent`]: its definition is gone, its state
+//! unreadable) is set aside, so it cannot hold up the others; one that failed for a passing
+//! reason (the database) stays for a later pass.
 //!
 //! A step timeout judges a participant's silence, which only holds once the replies already
 //! sent are read: while replies wait in `saga.replies` (an orchestrator that fell behind, a
 //! participant draining a backlog), a step's reply may be among them, and asking again would
-//! add a command, an event and a reply for each, so a backlog would feed itself. Step timeouts
-//! then wait ([`RepliesWaiting`]); retries and deadlines fire as ever. A timer whose saga can never be handled
-//! ([`crate::runtime::RuntimeError::is_permanent`]: its definition is gone, its state
-//! unreadable) is set aside, so it cannot hold up the others; one that failed for a passing
-//! reason (the database) stays for a later pass.
+//! add a command, two events and a reply for each, so a backlog would feed itself. Step
+//! timeouts then wait ([`RepliesWaiting`]); retries and deadlines fire as ever.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
