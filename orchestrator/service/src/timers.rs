@@ -11,7 +11,8 @@
 //! sent are read: while replies wait in `saga.replies` (an orchestrator that fell behind, a
 //! participant draining a backlog), a step's reply may be among them, and asking again would
 //! add a command, two events and a reply for each, so a backlog would feed itself. Step
-//! timeouts then wait ([`RepliesWaiting`]); retries and deadlines fire as ever.
+//! timeouts then wait ([`RepliesWaiting`]), and so they do while the queue cannot be read (no
+//! broker session: no reply is read, no command sent); retries and deadlines fire as ever.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// The pause after a pass in which nothing could be done (the database is unavailable).
 const RETRY_LATER: Duration = Duration::from_secs(1);
 
-/// A reading older than this says nothing (the broker is unreachable): timeouts fire.
+/// A reading older than this says nothing (the broker is unreachable).
 const READING_KEPT: Duration = Duration::from_secs(5);
 
 /// The replies waiting in `saga.replies`, taken by no orchestrator yet, as last read from the
@@ -49,6 +50,15 @@ impl RepliesWaiting {
         reading
             .filter(|(_, at)| at.elapsed() <= READING_KEPT)
             .map(|(waiting, _)| waiting)
+    }
+
+    /// Step timeouts fire only on a recent reading of no reply waiting: with none (no broker
+    /// session, or not yet) the replies cannot be read, nor a command sent again.
+    pub fn step_timeouts(reading: Option<u32>) -> StepTimeouts {
+        match reading {
+            Some(0) => StepTimeouts::Fire,
+            _ => StepTimeouts::Wait,
+        }
     }
 }
 
@@ -146,27 +156,25 @@ pub async fn fire_due(runtime: &Runtime, now: DateTime<Utc>, step_timeouts: Step
 
 /// Runs passes until `shutdown`: at once while there is work, every `POLL` when idle.
 pub async fn run(runtime: Runtime, replies: RepliesWaiting, shutdown: CancellationToken) {
-    let mut waiting = false;
+    // Until the first reading (the broker session starting) step timeouts wait, unlogged.
+    let mut last: Option<u32> = None;
     while !shutdown.is_cancelled() {
-        let step_timeouts = match replies.recent() {
-            Some(n) if n > 0 => {
-                if !waiting {
-                    info!(
-                        replies_waiting = n,
-                        "step timeouts wait until the replies waiting are read"
-                    );
-                    waiting = true;
-                }
-                StepTimeouts::Wait
+        let reading = replies.recent();
+        match (last, reading) {
+            (Some(0) | None, Some(n)) if n > 0 => {
+                info!(
+                    replies_waiting = n,
+                    "step timeouts wait until the replies waiting are read"
+                )
             }
-            _ => {
-                if waiting {
-                    info!("replies read; step timeouts fire again");
-                    waiting = false;
-                }
-                StepTimeouts::Fire
+            (Some(n), Some(0)) if n > 0 => info!("replies read; step timeouts fire again"),
+            (Some(0), None) => {
+                info!("step timeouts wait until the replies queue can be read (no broker session)")
             }
-        };
+            _ => {}
+        }
+        last = reading;
+        let step_timeouts = RepliesWaiting::step_timeouts(reading);
         let pause = match fire_due(&runtime, Utc::now(), step_timeouts).await {
             Pass::Idle => POLL,
             // Only passing failures: give the database a moment instead of spinning on them.
@@ -185,5 +193,26 @@ pub async fn run(runtime: Runtime, replies: RepliesWaiting, shutdown: Cancellati
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_timeouts_fire_only_on_a_recent_reading_of_no_reply_waiting() {
+        let replies = RepliesWaiting::default();
+        let decide = |replies: &RepliesWaiting| RepliesWaiting::step_timeouts(replies.recent());
+        assert_eq!(decide(&replies), StepTimeouts::Wait, "nothing read yet");
+        replies.record(0);
+        assert_eq!(decide(&replies), StepTimeouts::Fire);
+        replies.record(3);
+        assert_eq!(decide(&replies), StepTimeouts::Wait);
+        let long_ago = Instant::now()
+            .checked_sub(READING_KEPT + Duration::from_secs(1))
+            .expect("the machine is up for longer than that");
+        *replies.0.lock().unwrap() = Some((0, long_ago));
+        assert_eq!(decide(&replies), StepTimeouts::Wait, "a stale reading");
     }
 }
