@@ -27,7 +27,7 @@ impl Store {
                 .do_nothing()
                 .to_owned(),
         )
-        .exec_without_returning(&self.db)
+        .exec_without_returning(&self.writes)
         .await?;
         self.read_database_id()
             .await?

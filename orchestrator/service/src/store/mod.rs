@@ -15,7 +15,10 @@
 //! spinning in SQLite's busy handler) AND begins with `BEGIN IMMEDIATE` (so a writer in
 //! another process, e.g. an operator's CLI, waits on the busy timeout at `BEGIN` instead of
 //! failing half-way when a deferred transaction tries to upgrade its read lock). Reads take
-//! neither and run concurrently on the pool (8 connections; 1 for `:memory:`).
+//! neither and run concurrently on the pool (8 connections; 1 for `:memory:`). Writes go
+//! through a connection of their own: SQLite drops a connection's page cache whenever another
+//! connection has written since its last transaction, so writes rotating through the pool
+//! read back from the files, on every transaction, the pages the last one had cached.
 //!
 //! **Outbox claims.** The relay gets the rows its own process commits from the commit itself
 //! (their ids come back from [`Store::commit`]) and marks them sent with a later commit
@@ -118,8 +121,8 @@ impl StoreError {
 /// How [`Store::connect_with`] opens the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
-    /// PostgreSQL: the most connections the pool opens (SQLite keeps its own: 8 for a file, 1
-    /// in memory).
+    /// PostgreSQL: the most connections the pool opens (SQLite keeps its own: 8 for reads and
+    /// one for writes for a file, 1 in memory).
     pub pool_size: u32,
 }
 
@@ -140,6 +143,8 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Where writes go: on a SQLite file one connection of its own, else `db`.
+    writes: DatabaseConnection,
     backend: Backend,
     /// SQLite's single writer (see the module docs); unused on PostgreSQL.
     writer: Arc<Mutex<()>>,
@@ -189,6 +194,28 @@ fn plaintext_to_local_server(url: &str, host: &str) -> bool {
     !asked && local
 }
 
+/// A connection kept for the life of the pool: its page cache (or, in memory, the database)
+/// with it.
+fn keep_open(options: &mut ConnectOptions) {
+    options.idle_timeout(None).max_lifetime(None);
+}
+
+fn sqlite_options(options: &mut ConnectOptions, memory: bool) {
+    options.map_sqlx_sqlite_opts(move |o| {
+        let o = o
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .statement_cache_capacity(16)
+            .foreign_keys(true)
+            .synchronous(SqliteSynchronous::Full);
+        if memory {
+            o
+        } else {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .create_if_missing(true)
+        }
+    });
+}
+
 impl Store {
     /// Connects to `sqlite://path?mode=rwc` (`sqlite::memory:` for tests) or
     /// `postgres://...` with the default options, and runs the migrations.
@@ -209,32 +236,25 @@ impl Store {
             ))));
         };
         let mut options = ConnectOptions::new(url.to_owned());
+        let mut writes = None;
         match backend {
             Backend::Sqlite => {
                 let memory = url.contains(":memory:") || url.contains("mode=memory");
                 if memory {
                     // One connection holds the whole database: never close it.
-                    options
-                        .max_connections(1)
-                        .min_connections(1)
-                        .idle_timeout(None)
-                        .max_lifetime(None);
+                    options.max_connections(1).min_connections(1);
+                    keep_open(&mut options);
                 } else {
                     options.max_connections(SQLITE_POOL_SIZE);
                 }
-                options.map_sqlx_sqlite_opts(move |o| {
-                    let o = o
-                        .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                        .statement_cache_capacity(16)
-                        .foreign_keys(true)
-                        .synchronous(SqliteSynchronous::Full);
-                    if memory {
-                        o
-                    } else {
-                        o.journal_mode(SqliteJournalMode::Wal)
-                            .create_if_missing(true)
-                    }
-                });
+                sqlite_options(&mut options, memory);
+                if !memory {
+                    let mut writer = ConnectOptions::new(url.to_owned());
+                    writer.max_connections(1).min_connections(1);
+                    keep_open(&mut writer);
+                    sqlite_options(&mut writer, false);
+                    writes = Some(writer);
+                }
             }
             Backend::Postgres => {
                 if opts.pool_size == 0 {
@@ -254,8 +274,13 @@ impl Store {
             }
         }
         let db = Database::connect(options).await?;
+        let writes = match writes {
+            Some(writer) => Database::connect(writer).await?,
+            None => db.clone(),
+        };
         let store = Store {
             db,
+            writes,
             backend,
             writer: Arc::new(Mutex::new(())),
         };
@@ -310,7 +335,7 @@ impl Store {
         let mut pruned = 0;
         loop {
             let _lock = self.write_lock().await;
-            let deleted = chunk().exec(&self.db).await?.rows_affected;
+            let deleted = chunk().exec(&self.writes).await?.rows_affected;
             pruned += deleted;
             if deleted < PRUNE_CHUNK {
                 return Ok(pruned);
@@ -328,12 +353,62 @@ impl Store {
     async fn begin_write(&self) -> Result<Writer, DbErr> {
         let lock = self.write_lock().await;
         let txn = self
-            .db
+            .writes
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
             })
             .await?;
         Ok(Writer { txn, _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::Statement;
+
+    use super::*;
+
+    async fn pragma(db: &DatabaseConnection, name: &str) -> String {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("PRAGMA {name}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index::<i64>(0)
+            .map(|v| v.to_string())
+            .or_else(|_| row.try_get_by_index::<String>(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_file_is_written_through_a_connection_of_its_own_with_the_same_durability() {
+        let path = std::env::temp_dir().join(format!("saga-store-{}.db", uuid::Uuid::new_v4()));
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+
+        for (db, which) in [(&store.writes, "writer"), (&store.db, "readers")] {
+            // synchronous=FULL is 2; every commit is fsynced before it is acted on.
+            assert_eq!(pragma(db, "synchronous").await, "2", "{which}");
+            assert_eq!(pragma(db, "journal_mode").await, "wal", "{which}");
+            assert_eq!(pragma(db, "foreign_keys").await, "1", "{which}");
+            assert_eq!(pragma(db, "busy_timeout").await, "5000", "{which}");
+        }
+        let writer = store.writes.get_sqlite_connection_pool();
+        let readers = store.db.get_sqlite_connection_pool();
+        assert_eq!(writer.options().get_max_connections(), 1);
+        assert_eq!(readers.options().get_max_connections(), SQLITE_POOL_SIZE);
+
+        store.db.close_by_ref().await.ok();
+        store.writes.close_by_ref().await.ok();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

@@ -162,7 +162,7 @@ impl OutboxBatch {
             Claim::Unlocked(store) => {
                 if !ids.is_empty() {
                     let _lock = store.write_lock().await;
-                    mark_sent(&store.db, ids, now).await?;
+                    mark_sent(&store.writes, ids, now).await?;
                 }
             }
             Claim::Nothing => {}

@@ -114,7 +114,15 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _lock = self.write_lock().await;
-        insert(&self.db, saga_id, SetAsideKind::Reply, reply, reason, at).await
+        insert(
+            &self.writes,
+            saga_id,
+            SetAsideKind::Reply,
+            reply,
+            reason,
+            at,
+        )
+        .await
     }
 
     /// The set-aside inputs, newest first, at most `limit`.
