@@ -105,15 +105,13 @@ impl Publisher {
             .await?
             .await
             .map_err(|e| AmqpError::amqp(what(), e))?;
+        let others = |returned: &BasicReturnMessage| {
+            returned_id(returned).is_some_and(|id| id != msg.message_id.to_string())
+        };
         match confirmation {
-            Confirmation::Ack(Some(returned))
-                if returned
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .is_some_and(|id| id.as_str() != msg.message_id.to_string()) =>
-            {
-                Ok(())
+            Confirmation::Ack(Some(returned)) if others(&returned) => Ok(()),
+            Confirmation::Nack(Some(returned)) if others(&returned) => {
+                verdict(Confirmation::Nack(None), &what)
             }
             other => verdict(other, &what),
         }
@@ -145,10 +143,9 @@ impl Publisher {
         let returned: HashMap<String, String> = confirmations
             .iter()
             .filter_map(|c| match c {
-                Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some((
-                    m.properties.message_id().as_ref()?.to_string(),
-                    return_reason(m),
-                )),
+                Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => {
+                    Some((returned_id(m)?.to_owned(), return_reason(m)))
+                }
                 _ => None,
             })
             .collect();
@@ -266,6 +263,15 @@ fn returned_error(returned: &BasicReturnMessage, what: What<'_>) -> AmqpError {
     AmqpError::NotConfirmed {
         reason: format!("{}: {}", what(), return_reason(returned)),
     }
+}
+
+/// The message id of a returned message, which tells whose return it is.
+fn returned_id(returned: &BasicReturnMessage) -> Option<&str> {
+    returned
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
 }
 
 fn return_reason(returned: &BasicReturnMessage) -> String {
