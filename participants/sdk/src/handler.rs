@@ -36,8 +36,11 @@ pub type HandlerFuture<'a> =
 /// })
 /// ```
 ///
-/// A handler that must call something outside its database (a payment gateway) should pass it
-/// an idempotency key derived from (`saga_id`, `step`), since that call is not rolled back.
+/// A handler may run more than once for one command (a redelivery before the commit, or its
+/// batch run again because another handler in it failed), its database writes undone in
+/// between. A handler that must call something outside its database (a payment gateway) should
+/// pass it an idempotency key derived from (`saga_id`, `step`), since that call is not rolled
+/// back.
 pub trait Handler: Send + Sync + 'static {
     fn handle<'a>(&'a self, cmd: &'a StepCommand, tx: &'a DatabaseTransaction)
     -> HandlerFuture<'a>;

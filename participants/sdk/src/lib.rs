@@ -43,9 +43,14 @@
 //!   so the participant can start before the orchestrator, and consumes it with manual acks and
 //!   a bounded prefetch, handling up to `prefetch` commands at once.
 //! - **Group commit.** The commands waiting when a database transaction starts are handled in
-//!   it together (each handler in a savepoint of its own) and share its commit: one fsync for
-//!   many commands under load. No reply is published and no command acked before the commit;
-//!   if the transaction fails, its commands are handled again one per transaction.
+//!   it together and share its commit: one fsync for many commands under load. No reply is
+//!   published and no command acked before the commit; if the transaction fails, its commands
+//!   are handled again one per transaction. Handlers write straight into that transaction;
+//!   when one does not succeed, the batch is rolled back and runs again with each handler in a
+//!   savepoint of its own (and the next batches too, until one has no failure), so one
+//!   handler's failure undoes only its writes. A handler may therefore run more than once for
+//!   one command, its database writes undone in between: what it calls outside its database
+//!   needs an idempotency key (see [`Handler`]).
 //! - **Exactly one effect per (saga, step, direction).** Each handled command is recorded in the
 //!   table `saga_inbox` in the same transaction as the handler's writes. A redelivery or a retry
 //!   (any attempt) of a recorded command does not run the handler again and gets the recorded
@@ -63,8 +68,8 @@
 //!   every later attempt of the step gets the same answer; its compensation is then a null
 //!   compensation. This assumes the participant's clock agrees with the orchestrator's within a
 //!   small fraction of the step's expiry.
-//! - **Business failures change nothing**: the handler's writes are rolled back (a savepoint)
-//!   and only the failure is recorded.
+//! - **Business failures change nothing**: the handler's writes are rolled back and only the
+//!   failure is recorded.
 //! - It acks a command only after its reply was confirmed by the broker. A message it cannot use
 //!   (bad JSON, a body over the message limits of [`saga_schemas::limits`], missing or
 //!   unsupported `x-schema-version`, no `reply_to`, unknown action, names too long for the

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::FutureExt;
 use saga_schemas::limits::{self, LimitError, MAX_DATA_BYTES, MAX_DEPTH};
@@ -48,6 +49,25 @@ impl Handled {
     }
 }
 
+/// Whether each handler runs in a savepoint of its own. Without one, a handler writes straight
+/// into the batch's transaction, two statements fewer per command; but its writes cannot then be
+/// undone alone, so a handler that does not succeed rolls the whole batch back and the batch
+/// runs again, a savepoint each. Savepoints stay on while handlers keep failing (a participant
+/// that declines every other command does not pay for two runs each time) and go off after a
+/// batch in which every handler succeeded.
+#[derive(Debug, Default)]
+pub(crate) struct Savepoints(AtomicBool);
+
+impl Savepoints {
+    fn on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
+}
+
 /// One command waiting for its transaction.
 pub(crate) struct Job {
     pub(crate) cmd: Arc<StepCommand>,
@@ -70,9 +90,11 @@ impl Committer {
     pub(crate) fn start(db: DatabaseConnection, transactions: usize, max_batch: usize) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel::<Job>();
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let savepoints = Arc::new(Savepoints::default());
         for _ in 0..transactions.max(1) {
             let db = db.clone();
             let receiver = receiver.clone();
+            let savepoints = savepoints.clone();
             // Ends when every sender (the workers' handles) is dropped.
             tokio::spawn(async move {
                 loop {
@@ -92,7 +114,7 @@ impl Committer {
                     }
                     // Handlers' panics are caught in `run_handler`; anything else that panics
                     // fails this batch's commands (retryable), not every command after it.
-                    if AssertUnwindSafe(run_batch(&db, batch))
+                    if AssertUnwindSafe(run_batch(&db, &savepoints, batch))
                         .catch_unwind()
                         .await
                         .is_err()
@@ -124,7 +146,7 @@ impl Committer {
     }
 }
 
-async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
+async fn run_batch(db: &DatabaseConnection, savepoints: &Savepoints, jobs: Vec<Job>) {
     let answers = if jobs.len() == 1 {
         None
     } else {
@@ -132,7 +154,7 @@ async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
             .iter()
             .map(|job| (job.cmd.as_ref(), job.handler.as_ref()))
             .collect();
-        match attempt(db, &commands).await {
+        match attempt(db, savepoints, &commands).await {
             Ok(answers) => Some(answers),
             Err(err) => {
                 // Nothing of the batch committed: each command goes alone, so one command's
@@ -150,7 +172,7 @@ async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
         }
         None => {
             for job in jobs {
-                let handled = process(db, &job.cmd, job.handler.as_ref()).await;
+                let handled = process(db, savepoints, &job.cmd, job.handler.as_ref()).await;
                 let _ = job.done.send(handled);
             }
         }
@@ -161,13 +183,14 @@ async fn run_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
 /// own.
 pub(crate) async fn process(
     db: &DatabaseConnection,
+    savepoints: &Savepoints,
     cmd: &StepCommand,
     handler: &dyn Handler,
 ) -> Handled {
     // A unique violation on the inbox means a concurrent copy of the command committed first:
     // go round again, and the second round finds its record.
     for _ in 0..3 {
-        match attempt(db, &[(cmd, handler)]).await {
+        match attempt(db, savepoints, &[(cmd, handler)]).await {
             Ok(mut handled) => return handled.pop().expect("one answer per command"),
             Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 tracing::info!(
@@ -189,8 +212,29 @@ type Key = (Uuid, String, Direction);
 /// Handles `commands` in one transaction: one answer each, in order, committed together.
 async fn attempt(
     db: &DatabaseConnection,
+    savepoints: &Savepoints,
     commands: &[(&StepCommand, &dyn Handler)],
 ) -> Result<Vec<Handled>, DbErr> {
+    if !savepoints.on()
+        && let Some((answers, _)) = attempt_with(db, commands, false).await?
+    {
+        return Ok(answers);
+    }
+    let (answers, a_handler_failed) = attempt_with(db, commands, true)
+        .await?
+        .ok_or_else(|| DbErr::Custom("a batch with savepoints gave no answers".into()))?;
+    savepoints.set(a_handler_failed);
+    Ok(answers)
+}
+
+/// [`attempt`], each handler in a savepoint if `savepoints`; the answers and whether a handler
+/// did not succeed. Without savepoints, `None` when a handler did not succeed: then nothing
+/// was committed.
+async fn attempt_with(
+    db: &DatabaseConnection,
+    commands: &[(&StepCommand, &dyn Handler)],
+    savepoints: bool,
+) -> Result<Option<(Vec<Handled>, bool)>, DbErr> {
     let backend = db.get_database_backend();
     let tx = db
         .begin_with_options(TransactionOptions {
@@ -240,6 +284,7 @@ async fn attempt(
 
     let mut answers = Vec::with_capacity(commands.len());
     let mut new_records = Vec::new();
+    let mut a_handler_failed = false;
     for (cmd, handler) in commands {
         let key = |direction| (cmd.saga_id, cmd.step.clone(), direction);
         if let Some((outcome, first_attempt)) = records.get(&key(cmd.direction)) {
@@ -293,10 +338,21 @@ async fn attempt(
                     output: Data::new(),
                 }
             }
+            _ if !savepoints => match run_direct(&tx, cmd, *handler).await {
+                Some(outcome) => outcome,
+                None => {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            },
             _ => match run_handler(&tx, cmd, *handler).await? {
-                Ok(outcome) => outcome,
+                Ok(outcome) => {
+                    a_handler_failed |= !matches!(outcome, Outcome::Success { .. });
+                    outcome
+                }
                 // Nothing recorded: the next attempt runs afresh.
                 Err(error) => {
+                    a_handler_failed = true;
                     answers.push(Handled::Retryable(error));
                     continue;
                 }
@@ -330,7 +386,26 @@ async fn attempt(
             .await?;
         tx.commit().await?;
     }
-    Ok(answers)
+    Ok(Some((answers, a_handler_failed)))
+}
+
+/// Runs the handler straight in the batch's transaction: its outcome if it succeeded with an
+/// output a reply can carry, else `None` (its writes, if any, are then in the transaction and
+/// can only be undone with the whole batch).
+async fn run_direct(
+    tx: &DatabaseTransaction,
+    cmd: &StepCommand,
+    handler: &dyn Handler,
+) -> Option<Outcome> {
+    match AssertUnwindSafe(handler.handle(cmd, tx))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(Outcome::Success { output })) if check_output(&output).is_ok() => {
+            Some(Outcome::Success { output })
+        }
+        _ => None,
+    }
 }
 
 /// Runs the handler inside a savepoint: its writes are kept on success and undone on a
@@ -520,7 +595,8 @@ mod tests {
             .iter()
             .map(|cmd| (cmd, &handler as &dyn Handler))
             .collect();
-        let answers = attempt(&db, &commands).await.unwrap();
+        let savepoints = Savepoints::default();
+        let answers = attempt(&db, &savepoints, &commands).await.unwrap();
 
         // Then: each answered as alone, in order.
         let ok = Outcome::Success {
@@ -543,16 +619,18 @@ mod tests {
                 Handled::Retryable("try later".into()),
             ]
         );
-        // The handler ran for the first copy, the failure and the retryable error only; the
-        // writes of the last two were undone, the first one's kept.
-        assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+        // The handler ran for the first copy, the failure and the retryable error only: first
+        // without savepoints until the failure (twice), then again with one each (three times).
+        // The writes of the last two were undone, the first one's kept.
+        assert_eq!(handler.0.load(Ordering::SeqCst), 5);
+        assert!(savepoints.on());
         assert_eq!(effects(&db).await, vec!["ok"]);
         // Recorded: everything but the retryable error and the duplicate.
         assert_eq!(inbox_rows(&db).await, 4);
 
         // And a later copy, in a batch of its own, finds the records.
         let again = command(c, "fail", Direction::Execute);
-        let answers = attempt(&db, &[(&again, &handler as &dyn Handler)])
+        let answers = attempt(&db, &savepoints, &[(&again, &handler as &dyn Handler)])
             .await
             .unwrap();
         assert_eq!(
@@ -561,7 +639,61 @@ mod tests {
                 reason: "declined".into()
             })]
         );
-        assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+        assert_eq!(handler.0.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn savepoints_stay_on_while_handlers_fail_and_go_off_after_a_clean_batch() {
+        let db = database().await;
+        let handler = Recording(AtomicUsize::new(0));
+        let savepoints = Savepoints::default();
+        let run = |steps: &[&str]| {
+            steps
+                .iter()
+                .map(|step| command(Uuid::new_v4(), step, Direction::Execute))
+                .collect::<Vec<_>>()
+        };
+        let answer = async |batch: &[StepCommand]| {
+            let commands: Vec<(&StepCommand, &dyn Handler)> = batch
+                .iter()
+                .map(|cmd| (cmd, &handler as &dyn Handler))
+                .collect();
+            attempt(&db, &savepoints, &commands).await.unwrap()
+        };
+
+        // Given savepoints off, when every handler of a batch succeeds
+        answer(&run(&["a", "b"])).await;
+        // Then each ran once, and savepoints stay off
+        assert_eq!(handler.0.load(Ordering::SeqCst), 2);
+        assert!(!savepoints.on());
+
+        // When a handler fails, after one that succeeded
+        let answers = answer(&run(&["c", "fail"])).await;
+        // Then the batch ran again with savepoints (c twice, fail twice), the answers are as if
+        // each were alone, and savepoints are on
+        assert_eq!(handler.0.load(Ordering::SeqCst), 6);
+        assert!(matches!(
+            answers[0],
+            Handled::Fresh(Outcome::Success { .. })
+        ));
+        assert!(matches!(
+            answers[1],
+            Handled::Fresh(Outcome::Failure { .. })
+        ));
+        assert!(savepoints.on());
+
+        // When another batch has a failure, it runs once, with savepoints
+        answer(&run(&["d", "fail"])).await;
+        assert_eq!(handler.0.load(Ordering::SeqCst), 8);
+        assert!(savepoints.on());
+
+        // When a batch has none, savepoints go off; the next clean batch runs once without
+        answer(&run(&["e"])).await;
+        assert!(!savepoints.on());
+        answer(&run(&["f", "g"])).await;
+        assert_eq!(handler.0.load(Ordering::SeqCst), 11);
+        // Only the successes' writes are kept
+        assert_eq!(effects(&db).await, vec!["a", "b", "c", "d", "e", "f", "g"]);
     }
 
     #[tokio::test]
