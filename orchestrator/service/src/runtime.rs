@@ -16,8 +16,8 @@ use saga_schemas::{Data, EventEnvelope, SagaEvent, limits};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::group_commit::{Committed, GroupCommit};
-use crate::store::{Commit, OutboxRow, Store, StoreError};
+use crate::group_commit::GroupCommit;
+use crate::store::{Commit, CommitError, OutboxRow, Store, StoreError};
 
 /// Which recorded events are also published to `saga.events`: every event is always recorded
 /// in the event log; this only says which leave as messages, one per event.
@@ -333,16 +333,39 @@ impl Runtime {
             .mark_sent(ids)
     }
 
-    /// Commits through the shared group commit. One transaction at a time on either database:
-    /// decisions are quick, and one transaction taking everything waiting commits fewer, larger
-    /// batches (on PostgreSQL four at once gave smaller batches and more server CPU per saga).
-    async fn commit(&self, commits: Vec<Commit>) -> Committed {
-        let store = &self.inner.store;
-        self.inner
-            .group_commit
-            .get_or_init(|| GroupCommit::start(store.clone()))
-            .commit(commits)
-            .await
+    /// Commits through the shared group commit, then records what was committed
+    /// ([`Self::after_commit`]: metrics, log lines, the relay's rows, the cache). Both run in a
+    /// task of their own: a caller dropped while its commit is in flight (a consumer whose
+    /// broker connection was lost) must not leave a committed decision uncounted, and unknown
+    /// to the relay and the cache.
+    ///
+    /// One transaction at a time on either database: decisions are quick, and one transaction
+    /// taking everything waiting commits fewer, larger batches (on PostgreSQL four at once gave
+    /// smaller batches and more server CPU per saga).
+    async fn commit(
+        &self,
+        commits: Vec<Commit>,
+        spans: Vec<tracing::Span>,
+    ) -> Result<(), CommitError> {
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            let store = &runtime.inner.store;
+            let (commits, result) = runtime
+                .inner
+                .group_commit
+                .get_or_init(|| GroupCommit::start(store.clone()))
+                .commit(commits)
+                .await;
+            runtime.after_commit(commits, &spans, result?);
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(CommitError {
+                index: None,
+                error: StoreError::Db(sea_orm::DbErr::Custom("a commit's task panicked".into())),
+            })
+        })
     }
 
     fn definition(&self, name: &str) -> Option<&SagaDefinition> {
@@ -429,11 +452,9 @@ impl Runtime {
         commit.trace_parent = trace::context_headers(&span)
             .into_iter()
             .find_map(|(key, value)| (key == trace::TRACEPARENT).then_some(value));
-        let (commits, result) = self.commit(vec![commit]).await;
-        match result {
-            Ok(outbox) => {
+        match self.commit(vec![commit], vec![span.clone()]).await {
+            Ok(()) => {
                 span.in_scope(|| info!(%saga_id, saga = name, "saga started"));
-                self.after_commit(commits, std::slice::from_ref(&span), outbox);
                 Ok(Started {
                     saga_id,
                     created: true,
@@ -554,9 +575,9 @@ impl Runtime {
                 states.insert(work.saga_id, state);
             }
         }
-        let (commits, result) = self.commit(commits).await;
-        let outbox = result.map_err(|e| RuntimeError::Store(e.error))?;
-        self.after_commit(commits, &spans, outbox);
+        self.commit(commits, spans)
+            .await
+            .map_err(|e| RuntimeError::Store(e.error))?;
         Ok(outcomes)
     }
 
@@ -578,12 +599,8 @@ impl Runtime {
             }
             let expected = state.as_ref().map_or(0, |s| s.version);
             let commit = span.in_scope(|| self.commit_for(def, work, expected, &decision, now));
-            let (commits, result) = self.commit(vec![commit]).await;
-            match result {
-                Ok(outbox) => {
-                    self.after_commit(commits, std::slice::from_ref(&span), outbox);
-                    return Ok(decision.outcome);
-                }
+            match self.commit(vec![commit], vec![span.clone()]).await {
+                Ok(()) => return Ok(decision.outcome),
                 Err(e) => match e.error {
                     StoreError::Conflict => continue,
                     // Already handled by this or another orchestrator.
@@ -777,5 +794,62 @@ impl Runtime {
         if !rows.is_empty() {
             self.inner.handoff.push(rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use saga_engine::Definitions;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_dropped_while_its_commit_is_in_flight_is_still_recorded_after_it() {
+        // Given a runtime
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        let definitions = Definitions::parse(
+            "sagas.yaml",
+            "sagas:\n  - name: ship\n    steps:\n      - name: ship\n        participant: carrier\n        action: ship\n        kind: retriable\n        timeout: 5s\n",
+        )
+        .unwrap();
+        let runtime = Runtime::new(definitions, store).unwrap();
+
+        // When a start is dropped once its commit is handed over (a consumer whose connection
+        // was lost): its first poll reaches the commit, as nothing before it waits
+        let mut start = Box::pin(runtime.start("ship", Data::new(), None));
+        assert!(futures_util::poll!(start.as_mut()).is_pending());
+        drop(start);
+
+        // Then the saga is committed, and what follows a commit happened too: its state is
+        // in the cache (as its rows are with the relay and its counts in the metrics)
+        let saga_id = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let all = crate::store::ListFilter {
+                    limit: 10,
+                    ..Default::default()
+                };
+                let sagas = runtime.store().list(&all).await.unwrap();
+                if let Some(saga) = sagas.first() {
+                    return saga.id;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the start was committed");
+        let cached = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(state) = runtime.inner.states.take(&[saga_id]).remove(&saga_id) {
+                    return state;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the committed start's state reached the cache");
+        let stored = runtime.store().load(saga_id).await.unwrap().unwrap();
+        assert_eq!(cached.version, stored.version);
     }
 }
