@@ -1,4 +1,5 @@
-//! The group-commit write path: many commits, one transaction, a handful of statements.
+//! The group-commit write path: many commits, one transaction, a handful of statements (on
+//! SQLite sent to its thread in one call).
 //!
 //! Every insert that can collide uses `ON CONFLICT ... DO NOTHING ... RETURNING` and compares
 //! what came back with what was sent. A collision therefore never raises an error inside the
@@ -7,13 +8,15 @@
 //! statement so concurrent transactions lock them in the same order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
 use saga_engine::{SagaState, TimerChange};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
+    QueryResult, QuerySelect, QueryTrait, Statement, TryGetable,
 };
 use uuid::Uuid;
 
@@ -39,6 +42,9 @@ pub(super) struct Plan {
     outbox: Vec<outbox::ActiveModel>,
     /// The net effect of the batch on each timer: `Some` upserts, `None` deletes.
     timers: BTreeMap<TimerKey, Option<ScheduledTimer>>,
+    /// Outbox rows published, to mark sent at `sent_at`.
+    sent: Vec<i64>,
+    sent_at: DateTime<Utc>,
 }
 
 /// `(saga_id, timer_key)`.
@@ -79,6 +85,8 @@ impl Plan {
             updated_sagas: BTreeMap::new(),
             outbox: Vec::new(),
             timers: BTreeMap::new(),
+            sent: Vec::new(),
+            sent_at: DateTime::UNIX_EPOCH,
         };
         let mut inbox_ids = HashSet::new();
         let mut idempotency_keys = HashSet::new();
@@ -221,103 +229,246 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Adds the marking of outbox rows `ids` as sent to the batch.
+    pub(super) fn mark_sent(&mut self, ids: &[i64], now: DateTime<Utc>) {
+        self.sent.extend_from_slice(ids);
+        self.sent_at = now;
+    }
+
     /// Runs the statements; the first commit found at fault aborts the batch. Returns the ids
     /// of the outbox rows, in the order of the commits' messages.
+    ///
+    /// On SQLite every statement goes to SQLite's thread in one call (sqlx runs a string of
+    /// statements in order, binding each its share of the values): a hand-off per statement
+    /// was most of a lone commit's time. Elsewhere they go one at a time, each checked before
+    /// the next is sent.
     pub(super) async fn write(self, txn: &impl ConnectionTrait) -> Result<Vec<i64>, CommitError> {
-        let db = CommitError::batch;
+        let backend = txn.get_database_backend();
+        let statements = self.statements(backend);
+        let mut ids = Vec::with_capacity(self.outbox.len());
+        if backend == DbBackend::Sqlite {
+            let mut rows = run_together(txn, &statements)
+                .await
+                .map_err(CommitError::batch)?;
+            for (i, (_, check)) in statements.iter().enumerate() {
+                self.check(txn, check, std::mem::take(&mut rows[i]), &mut ids)
+                    .await?;
+            }
+        } else {
+            for (statement, check) in statements {
+                let rows = txn
+                    .query_all_raw(statement)
+                    .await
+                    .map_err(CommitError::batch)?;
+                self.check(txn, &check, rows, &mut ids).await?;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Every statement of the batch, in order, each with what its rows are checked against.
+    /// Those that return rows return their position first, to sort the rows of one call.
+    fn statements(&self, backend: DbBackend) -> Vec<(Statement, Check)> {
+        let mut statements = Vec::new();
+        let mut returning = |mut insert: InsertStatement, check: Check, keys: Vec<Expr>| {
+            let position = Expr::cust(format!("CAST({} AS BIGINT)", statements.len()));
+            insert.returning(Query::returning().exprs(std::iter::once(position).chain(keys)));
+            statements.push((backend.build(&insert), check));
+        };
 
         // 1. Inbox: a message handled before makes its commit a duplicate.
-        let rows_per = MAX_PARAMS / INBOX_COLUMNS;
-        for chunk in self.inbox.chunks(rows_per) {
-            let inserted: HashSet<Uuid> =
-                inbox::Entity::insert_many(chunk.iter().map(|(_, _, m)| m.clone()))
-                    .on_conflict(
-                        OnConflict::column(inbox::Column::MessageId)
-                            .do_nothing()
-                            .to_owned(),
-                    )
-                    .exec_with_returning_keys(txn)
-                    .await
-                    .map_err(db)?
-                    .into_iter()
-                    .collect();
-            if let Some((index, _, _)) = chunk
-                .iter()
-                .filter(|(_, id, _)| !inserted.contains(id))
-                .min_by_key(|(index, _, _)| *index)
-            {
-                return Err(CommitError::at(*index, StoreError::Duplicate));
-            }
+        for range in chunks(self.inbox.len(), MAX_PARAMS / INBOX_COLUMNS) {
+            let insert = inbox::Entity::insert_many(
+                self.inbox[range.clone()].iter().map(|(_, _, m)| m.clone()),
+            )
+            .on_conflict(
+                OnConflict::column(inbox::Column::MessageId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
+            returning(
+                insert,
+                Check::Inbox(range),
+                vec![Expr::col(inbox::Column::MessageId)],
+            );
         }
 
         // 2. Events: a taken (saga_id, seq) means another writer advanced the saga.
-        for chunk in self.events.chunks(MAX_PARAMS / EVENT_COLUMNS) {
-            let inserted: HashSet<(Uuid, i64)> =
-                saga_events::Entity::insert_many(chunk.iter().map(|(_, m)| m.clone()))
-                    .on_conflict(
-                        OnConflict::columns([
-                            saga_events::Column::SagaId,
-                            saga_events::Column::Seq,
-                        ])
-                        .do_nothing()
-                        .to_owned(),
-                    )
-                    .exec_with_returning_keys(txn)
-                    .await
-                    .map_err(db)?
-                    .into_iter()
-                    .collect();
-            if let Some(index) = chunk
-                .iter()
-                .filter(|(key, _)| !inserted.contains(key))
-                .map(|(key, _)| self.event_owner[key])
-                .min()
-            {
-                return Err(CommitError::at(index, StoreError::Conflict));
-            }
+        for range in chunks(self.events.len(), MAX_PARAMS / EVENT_COLUMNS) {
+            let insert = saga_events::Entity::insert_many(
+                self.events[range.clone()].iter().map(|(_, m)| m.clone()),
+            )
+            .on_conflict(
+                OnConflict::columns([saga_events::Column::SagaId, saga_events::Column::Seq])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
+            returning(
+                insert,
+                Check::Events(range),
+                vec![
+                    Expr::col(saga_events::Column::SagaId),
+                    Expr::col(saga_events::Column::Seq),
+                ],
+            );
         }
 
         // 3. New sagas. Their first event went in, so a collision is the idempotency key.
-        for chunk in self.new_sagas.chunks(MAX_PARAMS / SAGA_COLUMNS) {
-            let inserted: HashSet<Uuid> =
-                sagas::Entity::insert_many(chunk.iter().map(|w| w.model.clone()))
-                    .on_conflict(OnConflict::new().do_nothing().to_owned())
-                    .exec_with_returning_keys(txn)
-                    .await
-                    .map_err(db)?
-                    .into_iter()
-                    .collect();
-            if let Some(write) = chunk
-                .iter()
-                .filter(|w| !inserted.contains(&w.id))
-                .min_by_key(|w| w.index)
-            {
-                let error = duplicate_or_conflict(txn, write).await.map_err(db)?;
-                return Err(CommitError::at(write.index, error));
-            }
+        for range in chunks(self.new_sagas.len(), MAX_PARAMS / SAGA_COLUMNS) {
+            let insert = sagas::Entity::insert_many(
+                self.new_sagas[range.clone()]
+                    .iter()
+                    .map(|w| w.model.clone()),
+            )
+            .on_conflict(OnConflict::new().do_nothing().to_owned())
+            .into_query();
+            returning(
+                insert,
+                Check::NewSagas(range),
+                vec![Expr::col(sagas::Column::Id)],
+            );
         }
 
         // 4. Existing sagas: compare-and-set on the version, in one upsert per distinct
         // number of new events (`sagas.version + n = excluded.version`).
         for (added, writes) in &self.updated_sagas {
-            for chunk in writes.chunks(MAX_PARAMS / SAGA_COLUMNS) {
+            for range in chunks(writes.len(), MAX_PARAMS / SAGA_COLUMNS) {
                 let on_version = Expr::col((sagas::Entity, sagas::Column::Version))
                     .add(*added as i64)
                     .eq(Expr::col((Alias::new("excluded"), sagas::Column::Version)));
-                let updated: HashSet<Uuid> =
-                    sagas::Entity::insert_many(chunk.iter().map(|w| w.model.clone()))
-                        .on_conflict(
-                            OnConflict::column(sagas::Column::Id)
-                                .update_columns(super::read_model::STATE_COLUMNS)
-                                .action_and_where(on_version)
-                                .to_owned(),
-                        )
-                        .exec_with_returning_keys(txn)
-                        .await
-                        .map_err(db)?
-                        .into_iter()
-                        .collect();
-                if let Some(write) = chunk
+                let insert = sagas::Entity::insert_many(
+                    writes[range.clone()].iter().map(|w| w.model.clone()),
+                )
+                .on_conflict(
+                    OnConflict::column(sagas::Column::Id)
+                        .update_columns(super::read_model::STATE_COLUMNS)
+                        .action_and_where(on_version)
+                        .to_owned(),
+                )
+                .into_query();
+                returning(
+                    insert,
+                    Check::UpdatedSagas(*added, range),
+                    vec![Expr::col(sagas::Column::Id)],
+                );
+            }
+        }
+
+        // 5. Outbox. A multi-row insert takes its ids in the order of its rows (one sequence,
+        // or SQLite's next rowid, per row as inserted), whatever order RETURNING lists them in.
+        for range in chunks(self.outbox.len(), MAX_PARAMS / OUTBOX_COLUMNS) {
+            let insert =
+                outbox::Entity::insert_many(self.outbox[range.clone()].to_vec()).into_query();
+            returning(
+                insert,
+                Check::Outbox(range),
+                vec![Expr::col(outbox::Column::Id)],
+            );
+        }
+
+        // 6. Timers: upsert the scheduled, delete the cancelled and the fired.
+        let scheduled: Vec<timers::ActiveModel> = self
+            .timers
+            .iter()
+            .filter_map(|((saga_id, key), value)| {
+                let (due_at, timer) = value.clone()?;
+                Some(timers::ActiveModel {
+                    saga_id: Set(*saga_id),
+                    timer_key: Set(key.clone()),
+                    due_at: Set(due_at),
+                    timer: Set(timer),
+                })
+            })
+            .collect();
+        for chunk in scheduled.chunks(MAX_PARAMS / TIMER_COLUMNS) {
+            let upsert = timers::Entity::insert_many(chunk.to_vec()).on_conflict(
+                OnConflict::columns([timers::Column::SagaId, timers::Column::TimerKey])
+                    .update_columns([timers::Column::DueAt, timers::Column::Timer])
+                    .to_owned(),
+            );
+            statements.push((upsert.build(backend), Check::Nothing));
+        }
+        let deleted: Vec<&TimerKey> = self
+            .timers
+            .iter()
+            .filter(|(_, value)| value.is_none())
+            .map(|(key, _)| key)
+            .collect();
+        for chunk in deleted.chunks(MAX_OR_TERMS) {
+            let mut any = Condition::any();
+            for (saga_id, key) in chunk {
+                any = any.add(
+                    Condition::all()
+                        .add(timers::Column::SagaId.eq(*saga_id))
+                        .add(timers::Column::TimerKey.eq(key.as_str())),
+                );
+            }
+            let delete = timers::Entity::delete_many().filter(any);
+            statements.push((delete.build(backend), Check::Nothing));
+        }
+
+        // 7. Outbox rows the relay published, marked sent.
+        for chunk in self.sent.chunks(MAX_PARAMS) {
+            let update = outbox::Entity::update_many()
+                .col_expr(outbox::Column::SentAt, Expr::val(self.sent_at))
+                .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+                .filter(outbox::Column::SentAt.is_null());
+            statements.push((update.build(backend), Check::Nothing));
+        }
+        statements
+    }
+
+    /// Checks what one statement returned; fills `ids` with the outbox's.
+    async fn check(
+        &self,
+        txn: &impl ConnectionTrait,
+        check: &Check,
+        rows: Vec<QueryResult>,
+        ids: &mut Vec<i64>,
+    ) -> Result<(), CommitError> {
+        let db = CommitError::batch;
+        match check {
+            Check::Inbox(range) => {
+                let inserted: HashSet<Uuid> = keys(&rows, 1).map_err(db)?;
+                if let Some((index, _, _)) = self.inbox[range.clone()]
+                    .iter()
+                    .filter(|(_, id, _)| !inserted.contains(id))
+                    .min_by_key(|(index, _, _)| *index)
+                {
+                    return Err(CommitError::at(*index, StoreError::Duplicate));
+                }
+            }
+            Check::Events(range) => {
+                let inserted: HashSet<(Uuid, i64)> = rows
+                    .iter()
+                    .map(|row| Ok((row.try_get_by_index(1)?, row.try_get_by_index(2)?)))
+                    .collect::<Result<_, DbErr>>()
+                    .map_err(db)?;
+                if let Some(index) = self.events[range.clone()]
+                    .iter()
+                    .filter(|(key, _)| !inserted.contains(key))
+                    .map(|(key, _)| self.event_owner[key])
+                    .min()
+                {
+                    return Err(CommitError::at(index, StoreError::Conflict));
+                }
+            }
+            Check::NewSagas(range) => {
+                let inserted: HashSet<Uuid> = keys(&rows, 1).map_err(db)?;
+                if let Some(write) = self.new_sagas[range.clone()]
+                    .iter()
+                    .filter(|w| !inserted.contains(&w.id))
+                    .min_by_key(|w| w.index)
+                {
+                    let error = duplicate_or_conflict(txn, write).await.map_err(db)?;
+                    return Err(CommitError::at(write.index, error));
+                }
+            }
+            Check::UpdatedSagas(added, range) => {
+                let updated: HashSet<Uuid> = keys(&rows, 1).map_err(db)?;
+                if let Some(write) = self.updated_sagas[added][range.clone()]
                     .iter()
                     .filter(|w| !updated.contains(&w.id))
                     .min_by_key(|w| w.index)
@@ -325,70 +476,81 @@ impl Plan {
                     return Err(CommitError::at(write.index, StoreError::Conflict));
                 }
             }
-        }
-
-        // 5. Outbox. A multi-row insert takes its ids in the order of its rows (one sequence,
-        // or SQLite's next rowid, per row as inserted), whatever order RETURNING lists them in.
-        let mut ids = Vec::with_capacity(self.outbox.len());
-        for chunk in self.outbox.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
-            let mut keys: Vec<i64> = outbox::Entity::insert_many(chunk.to_vec())
-                .exec_with_returning_keys(txn)
-                .await
-                .map_err(db)?;
-            if keys.len() != chunk.len() {
-                return Err(CommitError::batch(StoreError::Corrupt(format!(
-                    "{} outbox rows inserted, {} ids returned",
-                    chunk.len(),
-                    keys.len()
-                ))));
+            Check::Outbox(range) => {
+                let mut keys: Vec<i64> = keys(&rows, 1).map_err(db)?;
+                if keys.len() != range.len() {
+                    return Err(CommitError::batch(StoreError::Corrupt(format!(
+                        "{} outbox rows inserted, {} ids returned",
+                        range.len(),
+                        keys.len()
+                    ))));
+                }
+                keys.sort_unstable();
+                ids.extend(keys);
             }
-            keys.sort_unstable();
-            ids.extend(keys);
+            Check::Nothing => {}
         }
-
-        // 6. Timers: upsert the scheduled, delete the cancelled and the fired.
-        let (scheduled, deleted): (Vec<_>, Vec<_>) =
-            self.timers.into_iter().partition(|(_, v)| v.is_some());
-        let scheduled: Vec<timers::ActiveModel> = scheduled
-            .into_iter()
-            .filter_map(|((saga_id, key), value)| {
-                let (due_at, timer) = value?;
-                Some(timers::ActiveModel {
-                    saga_id: Set(saga_id),
-                    timer_key: Set(key),
-                    due_at: Set(due_at),
-                    timer: Set(timer),
-                })
-            })
-            .collect();
-        for chunk in scheduled.chunks(MAX_PARAMS / TIMER_COLUMNS) {
-            timers::Entity::insert_many(chunk.to_vec())
-                .on_conflict(
-                    OnConflict::columns([timers::Column::SagaId, timers::Column::TimerKey])
-                        .update_columns([timers::Column::DueAt, timers::Column::Timer])
-                        .to_owned(),
-                )
-                .exec_without_returning(txn)
-                .await
-                .map_err(db)?;
-        }
-        for chunk in deleted.chunks(MAX_OR_TERMS) {
-            let mut any = Condition::any();
-            for ((saga_id, key), _) in chunk {
-                any = any.add(
-                    Condition::all()
-                        .add(timers::Column::SagaId.eq(*saga_id))
-                        .add(timers::Column::TimerKey.eq(key.as_str())),
-                );
-            }
-            timers::Entity::delete_many()
-                .filter(any)
-                .exec(txn)
-                .await
-                .map_err(db)?;
-        }
-        Ok(ids)
+        Ok(())
     }
+}
+
+/// What the rows a statement returns are checked against: ranges index the plan's rows.
+enum Check {
+    Inbox(Range<usize>),
+    Events(Range<usize>),
+    NewSagas(Range<usize>),
+    /// The number of events added, and the range of those sagas.
+    UpdatedSagas(u64, Range<usize>),
+    Outbox(Range<usize>),
+    Nothing,
+}
+
+/// `0..len` in ranges of at most `size`.
+fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..len)
+        .step_by(size)
+        .map(move |start| start..(start + size).min(len))
+}
+
+/// Column `index` of every row.
+fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -> Result<C, DbErr> {
+    rows.iter().map(|row| row.try_get_by_index(index)).collect()
+}
+
+/// Runs `statements` in one call (SQLite only: a string of statements with their values in
+/// order) and sorts the rows returned by the position each row starts with.
+async fn run_together(
+    txn: &impl ConnectionTrait,
+    statements: &[(Statement, Check)],
+) -> Result<Vec<Vec<QueryResult>>, DbErr> {
+    let mut sql = String::new();
+    let mut values = Vec::new();
+    for (statement, _) in statements {
+        sql.push_str(&statement.sql);
+        sql.push_str(";\n");
+        if let Some(v) = &statement.values {
+            values.extend(v.0.iter().cloned());
+        }
+    }
+    let all = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            values,
+        ))
+        .await?;
+    let mut rows: Vec<Vec<QueryResult>> = statements.iter().map(|_| Vec::new()).collect();
+    for row in all {
+        let position: i64 = row.try_get_by_index(0)?;
+        let Some(bucket) = usize::try_from(position).ok().and_then(|p| rows.get_mut(p)) else {
+            return Err(DbErr::Custom(format!(
+                "a row returned for statement {position} of {}",
+                statements.len()
+            )));
+        };
+        bucket.push(row);
+    }
+    Ok(rows)
 }
 
 /// Why a new saga's row was not inserted: its idempotency key is taken by another saga
@@ -411,4 +573,17 @@ async fn duplicate_or_conflict(
         }
     }
     Ok(StoreError::Conflict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunks_cover_every_row_once_in_order_and_none_when_empty() {
+        let ranges: Vec<_> = chunks(5, 2).collect();
+        assert_eq!(ranges, vec![0..2, 2..4, 4..5]);
+        assert_eq!(chunks(4, 2).collect::<Vec<_>>(), vec![0..2, 2..4]);
+        assert_eq!(chunks(0, 2).count(), 0);
+    }
 }

@@ -180,16 +180,10 @@ impl Store {
         if commits.is_empty() && sent.is_empty() {
             return Ok(Vec::new());
         }
-        let plan = commit::Plan::build(commits)?;
+        let mut plan = commit::Plan::build(commits)?;
+        plan.mark_sent(sent, Utc::now());
         let w = self.begin_write().await.map_err(CommitError::batch)?;
-        let written = match plan.write(&w.txn).await {
-            Ok(ids) => match super::outbox::mark_sent(&w.txn, sent, Utc::now()).await {
-                Ok(()) => Ok(ids),
-                Err(error) => Err(CommitError::batch(error)),
-            },
-            Err(error) => Err(error),
-        };
-        match written {
+        match plan.write(&w.txn).await {
             Ok(ids) => {
                 w.commit().await.map_err(CommitError::batch)?;
                 Ok(ids)
