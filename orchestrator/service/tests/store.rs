@@ -154,6 +154,7 @@ on_both_backends!(
     commit_then_load_gives_the_state_back,
     a_stale_commit_conflicts_and_rolls_back_everything,
     group_commit_writes_many_sagas_at_once,
+    a_batch_past_the_bound_values_of_one_statement_is_written_whole,
     an_idempotency_key_starts_one_saga,
     an_inbox_id_is_recorded_once,
     timers_are_scheduled_cancelled_and_fired,
@@ -609,6 +610,79 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
         store.commit(&[]).await.unwrap().len(),
         0,
         "an empty batch is fine"
+    );
+}
+
+/// More rows than one statement binds, so the commit spans several statements per table and,
+/// on PostgreSQL, several calls: each is checked, and a fault in the last rolls back the lot.
+async fn a_batch_past_the_bound_values_of_one_statement_is_written_whole(db: TestDb) {
+    const SAGAS: usize = 3_000;
+    let store = db.store().await;
+    let def = checkout();
+    let ids: Vec<Uuid> = (0..SAGAS).map(|_| Uuid::new_v4()).collect();
+
+    // Given 3,000 sagas started in one commit,
+    let starts: Vec<Commit> = ids.iter().map(|id| start_commit(&def, *id, t0())).collect();
+    let outbox = store.commit(&starts).await.unwrap();
+    let rows: usize = starts.iter().map(|c| c.outbox.len()).sum();
+    assert_eq!(outbox.len(), rows);
+    assert!(
+        outbox.windows(2).all(|w| w[0] < w[1]),
+        "ids in message order"
+    );
+    let states = store.load_many(&ids).await.unwrap();
+    assert_eq!(states.len(), SAGAS);
+    assert_eq!(store.timer_count().await.unwrap(), SAGAS as u64);
+
+    // when every one advances in one batch whose last commit is stale,
+    let now = t0() + secs(1);
+    let mut batch: Vec<Commit> = ids
+        .iter()
+        .map(|id| {
+            let decision = decide(&def, Some(&states[id]), &ok(*id, "order"), now);
+            Commit {
+                inbox_id: Some(Uuid::new_v4()),
+                ..commit_of(&def, *id, Some(&states[id]), &decision, now)
+            }
+        })
+        .collect();
+    let stale = batch.pop().unwrap();
+    let last = ids[SAGAS - 1];
+    let advanced = decide(&def, Some(&states[&last]), &ok(last, "order"), now);
+    let ahead = commit_of(&def, last, Some(&states[&last]), &advanced, now);
+    let ahead_rows = ahead.outbox.len();
+    store.commit(&[ahead]).await.unwrap();
+    batch.push(stale);
+
+    // then the stale one is blamed and nothing of the batch is kept,
+    let (index, error) = expect_err(store.commit_marking_sent(&batch, &outbox).await);
+    assert_eq!(index, Some(SAGAS - 1));
+    assert!(matches!(error, StoreError::Conflict), "{error:?}");
+    let first = store.load(ids[0]).await.unwrap().unwrap();
+    assert_eq!(first.version, states[&ids[0]].version);
+    assert_eq!(
+        store.outbox_backlog().await.unwrap(),
+        (rows + ahead_rows) as u64
+    );
+
+    // and without it, all the rest is written, the earlier rows marked sent with it.
+    batch.pop();
+    let written = store.commit_marking_sent(&batch, &outbox).await.unwrap();
+    let added: usize = batch.iter().map(|c| c.outbox.len()).sum();
+    assert_eq!(written.len(), added);
+    assert!(
+        written.windows(2).all(|w| w[0] < w[1]),
+        "ids in message order"
+    );
+    let now_states = store.load_many(&ids).await.unwrap();
+    for commit in &batch {
+        assert_eq!(Some(&now_states[&commit.saga_id]), commit.state.as_ref());
+    }
+    let inbox: Vec<Uuid> = batch.iter().filter_map(|c| c.inbox_id).collect();
+    assert_eq!(store.seen(&inbox).await.unwrap().len(), SAGAS - 1);
+    assert_eq!(
+        store.outbox_backlog().await.unwrap(),
+        (added + ahead_rows) as u64
     );
 }
 

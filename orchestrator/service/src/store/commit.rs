@@ -12,7 +12,10 @@ use std::ops::Range;
 
 use chrono::{DateTime, Utc};
 use saga_engine::{SagaState, TimerChange};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query};
+use sea_orm::sea_query::{
+    Alias, Asterisk, CommonTableExpression, DeleteStatement, Expr, ExprTrait, InsertStatement,
+    OnConflict, Query, SelectStatement, SubQueryStatement, UnionType, UpdateStatement, WithClause,
+};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
@@ -238,42 +241,54 @@ impl Plan {
     /// Runs the statements; the first commit found at fault aborts the batch. Returns the ids
     /// of the outbox rows, in the order of the commits' messages.
     ///
-    /// On SQLite every statement goes to SQLite's thread in one call (sqlx runs a string of
-    /// statements in order, binding each its share of the values): a hand-off per statement
-    /// was most of a lone commit's time. Elsewhere they go one at a time, each checked before
-    /// the next is sent.
+    /// The statements go to the database in one call, not one at a time: a hand-off (SQLite's
+    /// thread) or a round trip (PostgreSQL) per statement was most of a lone commit's time.
+    /// On SQLite the call is a string of statements, which sqlx runs in order, binding each its
+    /// share of the values; on PostgreSQL, whose prepared statements are one statement each,
+    /// it is one statement with the others as data-modifying `WITH` queries, as many calls as
+    /// its limit of bound values needs. Their rows start with the statement's position, to
+    /// sort them back to the statement they check.
     pub(super) async fn write(self, txn: &impl ConnectionTrait) -> Result<Vec<i64>, CommitError> {
         let backend = txn.get_database_backend();
-        let statements = self.statements(backend);
+        let mut statements = self.statements();
         let mut ids = Vec::with_capacity(self.outbox.len());
-        if backend == DbBackend::Sqlite {
-            let mut rows = run_together(txn, &statements)
+        let mut first = 0;
+        while first < statements.len() {
+            let group = match backend {
+                DbBackend::Sqlite => statements.len() - first,
+                _ => group_len(&statements[first..], POSTGRES_MAX_PARAMS),
+            };
+            let group_statements = &mut statements[first..first + group];
+            let mut rows = run_together(txn, backend, first, group_statements)
                 .await
                 .map_err(CommitError::batch)?;
-            for (i, (_, check)) in statements.iter().enumerate() {
-                self.check(txn, check, std::mem::take(&mut rows[i]), &mut ids)
+            for (planned, rows) in group_statements.iter().zip(&mut rows) {
+                self.check(txn, &planned.check, std::mem::take(rows), &mut ids)
                     .await?;
             }
-        } else {
-            for (statement, check) in statements {
-                let rows = txn
-                    .query_all_raw(statement)
-                    .await
-                    .map_err(CommitError::batch)?;
-                self.check(txn, &check, rows, &mut ids).await?;
-            }
+            first += group;
         }
         Ok(ids)
     }
 
     /// Every statement of the batch, in order, each with what its rows are checked against.
-    /// Those that return rows return their position first, to sort the rows of one call.
-    fn statements(&self, backend: DbBackend) -> Vec<(Statement, Check)> {
+    /// Those that return rows return `(position, a uuid, an integer)`, NULL where unused.
+    fn statements(&self) -> Vec<Planned> {
         let mut statements = Vec::new();
-        let mut returning = |mut insert: InsertStatement, check: Check, keys: Vec<Expr>| {
+        let mut returning = |mut insert: InsertStatement,
+                             check: Check,
+                             params: usize,
+                             uuid: Option<Expr>,
+                             integer: Option<Expr>| {
             let position = Expr::cust(format!("CAST({} AS BIGINT)", statements.len()));
-            insert.returning(Query::returning().exprs(std::iter::once(position).chain(keys)));
-            statements.push((backend.build(&insert), check));
+            let uuid = uuid.unwrap_or_else(|| Expr::cust("CAST(NULL AS uuid)"));
+            let integer = integer.unwrap_or_else(|| Expr::cust("CAST(NULL AS BIGINT)"));
+            insert.returning(Query::returning().exprs([position, uuid, integer]));
+            statements.push(Planned {
+                sql: Sql::Insert(insert),
+                check,
+                params,
+            });
         };
 
         // 1. Inbox: a message handled before makes its commit a duplicate.
@@ -287,11 +302,9 @@ impl Plan {
                     .to_owned(),
             )
             .into_query();
-            returning(
-                insert,
-                Check::Inbox(range),
-                vec![Expr::col(inbox::Column::MessageId)],
-            );
+            let params = range.len() * INBOX_COLUMNS;
+            let key = Expr::col(inbox::Column::MessageId);
+            returning(insert, Check::Inbox(range), params, Some(key), None);
         }
 
         // 2. Events: a taken (saga_id, seq) means another writer advanced the saga.
@@ -305,13 +318,17 @@ impl Plan {
                     .to_owned(),
             )
             .into_query();
+            let params = range.len() * EVENT_COLUMNS;
+            let (saga_id, seq) = (
+                Expr::col(saga_events::Column::SagaId),
+                Expr::col(saga_events::Column::Seq),
+            );
             returning(
                 insert,
                 Check::Events(range),
-                vec![
-                    Expr::col(saga_events::Column::SagaId),
-                    Expr::col(saga_events::Column::Seq),
-                ],
+                params,
+                Some(saga_id),
+                Some(seq),
             );
         }
 
@@ -324,11 +341,9 @@ impl Plan {
             )
             .on_conflict(OnConflict::new().do_nothing().to_owned())
             .into_query();
-            returning(
-                insert,
-                Check::NewSagas(range),
-                vec![Expr::col(sagas::Column::Id)],
-            );
+            let params = range.len() * SAGA_COLUMNS;
+            let id = Expr::col(sagas::Column::Id);
+            returning(insert, Check::NewSagas(range), params, Some(id), None);
         }
 
         // 4. Existing sagas: compare-and-set on the version, in one upsert per distinct
@@ -348,11 +363,10 @@ impl Plan {
                         .to_owned(),
                 )
                 .into_query();
-                returning(
-                    insert,
-                    Check::UpdatedSagas(*added, range),
-                    vec![Expr::col(sagas::Column::Id)],
-                );
+                let params = range.len() * SAGA_COLUMNS + 1;
+                let id = Expr::col(sagas::Column::Id);
+                let check = Check::UpdatedSagas(*added, range);
+                returning(insert, check, params, Some(id), None);
             }
         }
 
@@ -361,11 +375,9 @@ impl Plan {
         for range in chunks(self.outbox.len(), MAX_PARAMS / OUTBOX_COLUMNS) {
             let insert =
                 outbox::Entity::insert_many(self.outbox[range.clone()].to_vec()).into_query();
-            returning(
-                insert,
-                Check::Outbox(range),
-                vec![Expr::col(outbox::Column::Id)],
-            );
+            let params = range.len() * OUTBOX_COLUMNS;
+            let id = Expr::col(outbox::Column::Id);
+            returning(insert, Check::Outbox(range), params, None, Some(id));
         }
 
         // 6. Timers: upsert the scheduled, delete the cancelled and the fired.
@@ -383,12 +395,18 @@ impl Plan {
             })
             .collect();
         for chunk in scheduled.chunks(MAX_PARAMS / TIMER_COLUMNS) {
-            let upsert = timers::Entity::insert_many(chunk.to_vec()).on_conflict(
-                OnConflict::columns([timers::Column::SagaId, timers::Column::TimerKey])
-                    .update_columns([timers::Column::DueAt, timers::Column::Timer])
-                    .to_owned(),
-            );
-            statements.push((upsert.build(backend), Check::Nothing));
+            let upsert = timers::Entity::insert_many(chunk.to_vec())
+                .on_conflict(
+                    OnConflict::columns([timers::Column::SagaId, timers::Column::TimerKey])
+                        .update_columns([timers::Column::DueAt, timers::Column::Timer])
+                        .to_owned(),
+                )
+                .into_query();
+            statements.push(Planned {
+                sql: Sql::Insert(upsert),
+                check: Check::Nothing,
+                params: chunk.len() * TIMER_COLUMNS,
+            });
         }
         let deleted: Vec<&TimerKey> = self
             .timers
@@ -405,8 +423,11 @@ impl Plan {
                         .add(timers::Column::TimerKey.eq(key.as_str())),
                 );
             }
-            let delete = timers::Entity::delete_many().filter(any);
-            statements.push((delete.build(backend), Check::Nothing));
+            statements.push(Planned {
+                sql: Sql::Delete(timers::Entity::delete_many().filter(any).into_query()),
+                check: Check::Nothing,
+                params: chunk.len() * 2,
+            });
         }
 
         // 7. Outbox rows the relay published, marked sent.
@@ -414,8 +435,13 @@ impl Plan {
             let update = outbox::Entity::update_many()
                 .col_expr(outbox::Column::SentAt, Expr::val(self.sent_at))
                 .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
-                .filter(outbox::Column::SentAt.is_null());
-            statements.push((update.build(backend), Check::Nothing));
+                .filter(outbox::Column::SentAt.is_null())
+                .into_query();
+            statements.push(Planned {
+                sql: Sql::Update(update),
+                check: Check::Nothing,
+                params: chunk.len() + 1,
+            });
         }
         statements
     }
@@ -477,7 +503,7 @@ impl Plan {
                 }
             }
             Check::Outbox(range) => {
-                let mut keys: Vec<i64> = keys(&rows, 1).map_err(db)?;
+                let mut keys: Vec<i64> = keys(&rows, 2).map_err(db)?;
                 if keys.len() != range.len() {
                     return Err(CommitError::batch(StoreError::Corrupt(format!(
                         "{} outbox rows inserted, {} ids returned",
@@ -491,6 +517,29 @@ impl Plan {
             Check::Nothing => {}
         }
         Ok(())
+    }
+}
+
+/// Bound values in one PostgreSQL statement at most (its protocol counts them in 16 bits).
+const POSTGRES_MAX_PARAMS: usize = u16::MAX as usize;
+
+/// A statement of a batch, not yet rendered for a backend.
+struct Planned {
+    sql: Sql,
+    check: Check,
+    /// How many values it binds.
+    params: usize,
+}
+
+enum Sql {
+    Insert(InsertStatement),
+    Update(UpdateStatement),
+    Delete(DeleteStatement),
+}
+
+impl Planned {
+    fn returns_rows(&self) -> bool {
+        !matches!(self.check, Check::Nothing)
     }
 }
 
@@ -512,40 +561,98 @@ fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
         .map(move |start| start..(start + size).min(len))
 }
 
+/// How many of `statements`, from the first, bind at most `max` values together (at least
+/// one: each binds fewer alone).
+fn group_len(statements: &[Planned], max: usize) -> usize {
+    let mut params = 0;
+    statements
+        .iter()
+        .take_while(|planned| {
+            params += planned.params;
+            params <= max
+        })
+        .count()
+        .max(1)
+}
+
 /// Column `index` of every row.
 fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -> Result<C, DbErr> {
     rows.iter().map(|row| row.try_get_by_index(index)).collect()
 }
 
-/// Runs `statements` in one call (SQLite only: a string of statements with their values in
-/// order) and sorts the rows returned by the position each row starts with.
+/// Runs `statements`, the ones from position `first` on, in one call, and returns the rows
+/// of each.
 async fn run_together(
     txn: &impl ConnectionTrait,
-    statements: &[(Statement, Check)],
+    backend: DbBackend,
+    first: usize,
+    statements: &mut [Planned],
 ) -> Result<Vec<Vec<QueryResult>>, DbErr> {
-    let mut sql = String::new();
-    let mut values = Vec::new();
-    for (statement, _) in statements {
-        sql.push_str(&statement.sql);
-        sql.push_str(";\n");
-        if let Some(v) = &statement.values {
-            values.extend(v.0.iter().cloned());
+    let statement = match backend {
+        DbBackend::Sqlite => {
+            let mut sql = String::new();
+            let mut values = Vec::new();
+            for planned in statements.iter() {
+                let built = match &planned.sql {
+                    Sql::Insert(s) => backend.build(s),
+                    Sql::Update(s) => backend.build(s),
+                    Sql::Delete(s) => backend.build(s),
+                };
+                sql.push_str(&built.sql);
+                sql.push_str(";\n");
+                values.extend(built.values.into_iter().flat_map(|v| v.0));
+            }
+            Statement::from_sql_and_values(backend, sql, values)
         }
-    }
-    let all = txn
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            sql,
-            values,
-        ))
-        .await?;
+        _ => {
+            let mut with = WithClause::new();
+            let mut select: Option<SelectStatement> = None;
+            for (i, planned) in statements.iter_mut().enumerate() {
+                let name = Alias::new(format!("s{}", first + i));
+                let sql = std::mem::replace(&mut planned.sql, Sql::Delete(Query::delete()));
+                let query: SubQueryStatement = match sql {
+                    Sql::Insert(s) => s.into(),
+                    Sql::Update(s) => s.into(),
+                    Sql::Delete(s) => s.into(),
+                };
+                with.cte(
+                    CommonTableExpression::new()
+                        .table_name(name.clone())
+                        .query(query)
+                        .to_owned(),
+                );
+                if planned.returns_rows() {
+                    let rows = Query::select().column(Asterisk).from(name).to_owned();
+                    match &mut select {
+                        Some(select) => {
+                            select.union(UnionType::All, rows);
+                        }
+                        None => select = Some(rows),
+                    }
+                }
+            }
+            // A data-modifying WITH query runs whether or not the statement reads its rows.
+            let select = select.unwrap_or_else(|| {
+                Query::select()
+                    .expr(Expr::cust("CAST(NULL AS BIGINT)"))
+                    .and_where(Expr::cust("FALSE"))
+                    .to_owned()
+            });
+            backend.build(&select.with(with))
+        }
+    };
+    let all = txn.query_all_raw(statement).await?;
     let mut rows: Vec<Vec<QueryResult>> = statements.iter().map(|_| Vec::new()).collect();
     for row in all {
         let position: i64 = row.try_get_by_index(0)?;
-        let Some(bucket) = usize::try_from(position).ok().and_then(|p| rows.get_mut(p)) else {
+        let Some(bucket) = usize::try_from(position)
+            .ok()
+            .and_then(|p| p.checked_sub(first))
+            .and_then(|p| rows.get_mut(p))
+        else {
             return Err(DbErr::Custom(format!(
-                "a row returned for statement {position} of {}",
-                statements.len()
+                "a row returned for statement {position}, not one of {first}..{}",
+                first + statements.len()
             )));
         };
         bucket.push(row);
