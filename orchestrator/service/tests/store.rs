@@ -1,7 +1,7 @@
 //! The store against both backends: SQLite (a temp file per test) and PostgreSQL (a database
 //! of its own per test, created through `DATABASE_URL`). Every scenario runs on both.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -319,6 +319,24 @@ async fn apply(
 }
 
 /// The commit that starts a saga (not yet written).
+/// For each saga of `ids`, the commit of its `order` step's success, each reply with an inbox id.
+fn orders_done(
+    def: &SagaDefinition,
+    ids: &[Uuid],
+    states: &HashMap<Uuid, SagaState>,
+    now: DateTime<Utc>,
+) -> Vec<Commit> {
+    ids.iter()
+        .map(|id| {
+            let decision = decide(def, Some(&states[id]), &ok(*id, "order"), now);
+            Commit {
+                inbox_id: Some(Uuid::new_v4()),
+                ..commit_of(def, *id, Some(&states[id]), &decision, now)
+            }
+        })
+        .collect()
+}
+
 fn start_commit(def: &SagaDefinition, saga_id: Uuid, now: DateTime<Utc>) -> Commit {
     let decision = decide(def, None, &start_input(saga_id), now);
     commit_of(def, saga_id, None, &decision, now)
@@ -545,16 +563,7 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
 
     // One batch: every saga advances, and an ignored reply is only recorded in the inbox.
     let now = t0() + secs(1);
-    let mut batch: Vec<Commit> = ids
-        .iter()
-        .map(|id| {
-            let decision = decide(&def, Some(&states[id]), &ok(*id, "order"), now);
-            Commit {
-                inbox_id: Some(Uuid::new_v4()),
-                ..commit_of(&def, *id, Some(&states[id]), &decision, now)
-            }
-        })
-        .collect();
+    let mut batch = orders_done(&def, &ids, &states, now);
     let ignored = Uuid::new_v4();
     batch.push(Commit {
         inbox_id: Some(ignored),
@@ -636,16 +645,7 @@ async fn a_batch_past_the_bound_values_of_one_statement_is_written_whole(db: Tes
 
     // when every one advances in one batch whose last commit is stale,
     let now = t0() + secs(1);
-    let mut batch: Vec<Commit> = ids
-        .iter()
-        .map(|id| {
-            let decision = decide(&def, Some(&states[id]), &ok(*id, "order"), now);
-            Commit {
-                inbox_id: Some(Uuid::new_v4()),
-                ..commit_of(&def, *id, Some(&states[id]), &decision, now)
-            }
-        })
-        .collect();
+    let mut batch = orders_done(&def, &ids, &states, now);
     let stale = batch.pop().unwrap();
     let last = ids[SAGAS - 1];
     let advanced = decide(&def, Some(&states[&last]), &ok(last, "order"), now);
