@@ -133,6 +133,7 @@ async fn counters_move_by_the_batch(backend: Backend) {
             && moved.create_order_steps >= expected.create_order_steps
             && s.get("saga_in_flight", &[SAGA]) == Some(0.0)
             && s.get("saga_outbox_backlog", &[]) == Some(0.0)
+            && s.get("saga_replies_waiting", &[]) == Some(0.0)
     };
     let started = Instant::now();
     let mut after = scrape(system.http_url()).await;
@@ -159,6 +160,12 @@ async fn counters_move_by_the_batch(backend: Backend) {
         after.get("saga_outbox_backlog", &[]),
         Some(0.0),
         "the outbox is drained:\n{}",
+        after.text
+    );
+    assert_eq!(
+        after.get("saga_replies_waiting", &[]),
+        Some(0.0),
+        "no reply waits in saga.replies:\n{}",
         after.text
     );
     assert_eq!(

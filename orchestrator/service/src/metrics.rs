@@ -27,6 +27,8 @@ const OPERATOR_STATUSES: [SagaStatus; 2] =
 /// Messages the orchestrator dead-letters itself (to `<queue>.dlq`, with the reason in a
 /// header), whatever the reason, by the queue they came from.
 pub const DEAD_LETTERS: &str = "saga_dead_letters_total";
+/// Replies in `saga.replies` that no orchestrator has taken yet, as last read from the broker.
+pub const REPLIES_WAITING: &str = "saga_replies_waiting";
 
 /// The process-wide recorder; installed once, shared by every API instance in the process.
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -165,6 +167,10 @@ fn describe() {
     describe_gauge!(
         "saga_outbox_backlog",
         "Outbox rows not yet confirmed by the broker."
+    );
+    describe_gauge!(
+        REPLIES_WAITING,
+        "Replies in saga.replies that no orchestrator has taken yet, read from the broker every second."
     );
     describe_gauge!(
         "saga_timers_scheduled",

@@ -41,6 +41,7 @@ pub struct RepliesWaiting(Arc<Mutex<Option<(u32, Instant)>>>);
 
 impl RepliesWaiting {
     pub fn record(&self, waiting: u32) {
+        metrics::gauge!(crate::metrics::REPLIES_WAITING).set(f64::from(waiting));
         *self.0.lock().expect("replies waiting lock") = Some((waiting, Instant::now()));
     }
 
