@@ -89,6 +89,9 @@ pub async fn connect_with_pool(
         options
             .max_connections(1)
             .min_connections(1)
+            // A file in this process cannot hang up; a ping per checkout is a hand-off to
+            // SQLite's thread and back before every batch.
+            .test_before_acquire(false)
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
@@ -116,7 +119,12 @@ pub async fn connect_with_pool(
             "the database pool size must be at least 1".into(),
         ));
     }
-    options.max_connections(pool_size);
+    // Ping a connection on checkout only once it has sat idle (a firewall may have dropped
+    // it), not before every batch: a round trip each. One the server dropped fails its first
+    // statement, is closed on release, and the batch's deliveries are retried.
+    options
+        .max_connections(pool_size)
+        .test_before_acquire_if_idle_for(Duration::from_secs(5));
     Database::connect(options).await
 }
 

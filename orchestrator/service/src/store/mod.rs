@@ -200,7 +200,17 @@ fn keep_open(options: &mut ConnectOptions) {
     options.idle_timeout(None).max_lifetime(None);
 }
 
+/// How long a PostgreSQL connection may sit idle in the pool before sqlx pings it on checkout.
+///
+/// sqlx pings on every checkout by default: a round trip before every transaction, and on
+/// SQLite a hand-off to its thread and back. A connection used within the last few seconds has
+/// not been dropped by a firewall or a proxy; one the server dropped (a restart) fails its
+/// first statement, is closed on release, and the caller retries as after any database error.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
+
 fn sqlite_options(options: &mut ConnectOptions, memory: bool) {
+    // A connection to a file or to memory in this process cannot hang up.
+    options.test_before_acquire(false);
     options.map_sqlx_sqlite_opts(move |o| {
         let o = o
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
@@ -262,7 +272,9 @@ impl Store {
                         "the database pool size must be at least 1".into(),
                     )));
                 }
-                options.max_connections(opts.pool_size);
+                options
+                    .max_connections(opts.pool_size)
+                    .test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
                 let owned_url = url.to_owned();
                 options.map_sqlx_postgres_opts(move |o| {
                     if plaintext_to_local_server(&owned_url, o.get_host()) {
