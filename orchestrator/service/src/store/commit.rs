@@ -19,7 +19,7 @@ use sea_orm::sea_query::{
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryResult, QuerySelect, QueryTrait, Statement, TryGetable,
+    QueryResult, QuerySelect, QueryTrait, RuntimeErr, Statement, TryGetable,
 };
 use uuid::Uuid;
 
@@ -259,7 +259,7 @@ impl Plan {
                 _ => group_len(&statements[first..], POSTGRES_MAX_PARAMS),
             };
             let group_statements = &mut statements[first..first + group];
-            let mut rows = run_together(txn, backend, first, group_statements)
+            let mut rows = run_together(txn, backend, first, group_statements, false)
                 .await
                 .map_err(CommitError::batch)?;
             for (planned, rows) in group_statements.iter().zip(&mut rows) {
@@ -269,6 +269,42 @@ impl Plan {
             first += group;
         }
         Ok(ids)
+    }
+
+    /// PostgreSQL: the batch as ONE statement outside any transaction (PostgreSQL runs a
+    /// statement atomically, and commits it with its fsync before answering), so one round
+    /// trip instead of three with `BEGIN` and `COMMIT`. Its checks run inside it: each
+    /// statement must return as many rows as it was given, else the whole statement fails
+    /// and nothing is written. `None` when that happened or the batch needs more than one
+    /// statement: then [`Plan::write`], in a transaction, finds the commit at fault.
+    pub(super) async fn write_alone(
+        &self,
+        db: &impl ConnectionTrait,
+    ) -> Result<Option<Vec<i64>>, CommitError> {
+        let backend = db.get_database_backend();
+        if backend != DbBackend::Postgres {
+            return Ok(None);
+        }
+        let mut statements = self.statements();
+        if group_len(&statements, POSTGRES_MAX_PARAMS) < statements.len() {
+            return Ok(None);
+        }
+        let rows = match run_together(db, backend, 0, &mut statements, true).await {
+            Ok(rows) => rows,
+            Err(error) if is_a_failed_check(&error) => {
+                tracing::debug!(
+                    "a check failed in the one-statement commit: finding the commit at fault"
+                );
+                return Ok(None);
+            }
+            Err(error) => return Err(CommitError::batch(error)),
+        };
+        let mut ids = Vec::with_capacity(self.outbox.len());
+        for (planned, rows) in statements.iter().zip(rows) {
+            // Every count matched, so every check passes: this only collects the outbox ids.
+            self.check(db, &planned.check, rows, &mut ids).await?;
+        }
+        Ok(Some(ids))
     }
 
     /// Every statement of the batch, in order, each with what its rows are checked against.
@@ -554,6 +590,31 @@ enum Check {
     Nothing,
 }
 
+impl Check {
+    /// How many rows the statement returns when this check passes.
+    fn rows(&self) -> Option<usize> {
+        match self {
+            Check::Inbox(range)
+            | Check::Events(range)
+            | Check::NewSagas(range)
+            | Check::UpdatedSagas(_, range)
+            | Check::Outbox(range) => Some(range.len()),
+            Check::Nothing => None,
+        }
+    }
+}
+
+/// The guard of [`run_together`] with `checked` fired: PostgreSQL's `division_by_zero`.
+fn is_a_failed_check(error: &DbErr) -> bool {
+    let database_error = match error {
+        DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => {
+            e.as_database_error()
+        }
+        _ => None,
+    };
+    database_error.and_then(|e| e.code()).as_deref() == Some("22012")
+}
+
 /// `0..len` in ranges of at most `size`.
 fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
     (0..len)
@@ -582,11 +643,15 @@ fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -
 
 /// Runs `statements`, the ones from position `first` on, in one call, and returns the rows
 /// of each.
+///
+/// With `checked` (PostgreSQL), the statement fails with a division by zero, writing nothing,
+/// unless every statement that returns rows returns as many as it was given.
 async fn run_together(
     txn: &impl ConnectionTrait,
     backend: DbBackend,
     first: usize,
     statements: &mut [Planned],
+    checked: bool,
 ) -> Result<Vec<Vec<QueryResult>>, DbErr> {
     let statement = match backend {
         DbBackend::Sqlite => {
@@ -607,8 +672,15 @@ async fn run_together(
         _ => {
             let mut with = WithClause::new();
             let mut select: Option<SelectStatement> = None;
+            let mut counts = Vec::new();
             for (i, planned) in statements.iter_mut().enumerate() {
                 let name = Alias::new(format!("s{}", first + i));
+                if let Some(expected) = planned.check.rows() {
+                    counts.push(format!(
+                        "(SELECT count(*) FROM s{}) = {expected}",
+                        first + i
+                    ));
+                }
                 let sql = std::mem::replace(&mut planned.sql, Sql::Delete(Query::delete()));
                 let query: SubQueryStatement = match sql {
                     Sql::Insert(s) => s.into(),
@@ -629,6 +701,27 @@ async fn run_together(
                         }
                         None => select = Some(rows),
                     }
+                }
+            }
+            if checked && !counts.is_empty() {
+                // Not foldable into a constant: the planner cannot raise it before the inserts
+                // run. Returns no row when every count matches.
+                let guard = Query::select()
+                    .exprs([
+                        Expr::cust("CAST(-1 AS BIGINT)"),
+                        Expr::cust("CAST(NULL AS uuid)"),
+                        Expr::cust("CAST(NULL AS BIGINT)"),
+                    ])
+                    .and_where(Expr::cust(format!(
+                        "1 / CAST(({}) AS int) = 0",
+                        counts.join(" AND ")
+                    )))
+                    .to_owned();
+                match &mut select {
+                    Some(select) => {
+                        select.union(UnionType::All, guard);
+                    }
+                    None => select = Some(guard),
                 }
             }
             // A data-modifying WITH query runs whether or not the statement reads its rows.

@@ -182,6 +182,9 @@ impl Store {
         }
         let mut plan = commit::Plan::build(commits)?;
         plan.mark_sent(sent, Utc::now());
+        if let Some(ids) = plan.write_alone(&self.writes).await? {
+            return Ok(ids);
+        }
         let w = self.begin_write().await.map_err(CommitError::batch)?;
         match plan.write(&w.txn).await {
             Ok(ids) => {
