@@ -1,11 +1,13 @@
-//! The group-commit write path: many commits, one transaction, a handful of statements (on
-//! SQLite sent to its thread in one call).
+//! The group-commit write path: many commits, one transaction, a handful of statements, all
+//! sent to the database in one call with the transaction's begin and end.
 //!
 //! Every insert that can collide uses `ON CONFLICT ... DO NOTHING ... RETURNING` and compares
 //! what came back with what was sent. A collision therefore never raises an error inside the
 //! transaction (which on PostgreSQL would abort it and hide which row collided): the rows
-//! missing from `RETURNING` name the commit at fault. Rows are sorted by key inside each
-//! statement so concurrent transactions lock them in the same order.
+//! missing from `RETURNING` name the commit at fault. In the one call only the counts are
+//! checked, inside it, and a wrong count stops it before anything commits; the batch then
+//! runs again in a transaction of its own, whose checks name the commit at fault. Rows are
+//! sorted by key inside each statement so concurrent transactions lock them in the same order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -271,22 +273,23 @@ impl Plan {
         Ok(ids)
     }
 
-    /// PostgreSQL: the batch as ONE statement outside any transaction (PostgreSQL runs a
-    /// statement atomically, and commits it with its fsync before answering), so one round
-    /// trip instead of three with `BEGIN` and `COMMIT`. Its checks run inside it: each
-    /// statement must return as many rows as it was given, else the whole statement fails
-    /// and nothing is written. `None` when that happened or the batch needs more than one
+    /// The batch and its transaction in ONE call, so without the hand-offs or round trips
+    /// of `BEGIN` and `COMMIT`: on PostgreSQL one statement outside any transaction (it runs
+    /// a statement atomically, and commits it with its fsync before answering); on SQLite
+    /// `BEGIN IMMEDIATE`, the statements and `COMMIT` as one string. The checks run inside:
+    /// each statement must return as many rows as it was given, else the statement fails
+    /// (PostgreSQL: the whole of it, nothing written; SQLite: before `COMMIT`, the caller
+    /// rolls back). `None` when a check failed or the batch needs more than one PostgreSQL
     /// statement: then [`Plan::write`], in a transaction, finds the commit at fault.
     pub(super) async fn write_alone(
         &self,
         db: &impl ConnectionTrait,
     ) -> Result<Option<Vec<i64>>, CommitError> {
         let backend = db.get_database_backend();
-        if backend != DbBackend::Postgres {
-            return Ok(None);
-        }
         let mut statements = self.statements();
-        if group_len(&statements, POSTGRES_MAX_PARAMS) < statements.len() {
+        if backend == DbBackend::Postgres
+            && group_len(&statements, POSTGRES_MAX_PARAMS) < statements.len()
+        {
             return Ok(None);
         }
         let rows = match run_together(db, backend, 0, &mut statements, true).await {
@@ -604,7 +607,14 @@ impl Check {
     }
 }
 
-/// The guard of [`run_together`] with `checked` fired: PostgreSQL's `division_by_zero`.
+/// A temporary table (the writer connection's own) whose rows can only fail to insert: the
+/// checks of a SQLite commit in one call insert into it when a count is wrong.
+const SQLITE_CHECKS: &str = "saga_commit_checks";
+const SQLITE_CHECKS_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS saga_commit_checks \
+    (ok INTEGER NOT NULL CONSTRAINT saga_commit_check_failed CHECK (ok));\n";
+
+/// A check of [`run_together`] with `checked` failed: PostgreSQL's `division_by_zero`, or
+/// SQLite's constraint on its table of checks.
 fn is_a_failed_check(error: &DbErr) -> bool {
     let database_error = match error {
         DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => {
@@ -612,7 +622,9 @@ fn is_a_failed_check(error: &DbErr) -> bool {
         }
         _ => None,
     };
-    database_error.and_then(|e| e.code()).as_deref() == Some("22012")
+    database_error.is_some_and(|e| {
+        e.code().as_deref() == Some("22012") || e.message().contains("saga_commit_check_failed")
+    })
 }
 
 /// `0..len` in ranges of at most `size`.
@@ -644,8 +656,9 @@ fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -
 /// Runs `statements`, the ones from position `first` on, in one call, and returns the rows
 /// of each.
 ///
-/// With `checked` (PostgreSQL), the statement fails with a division by zero, writing nothing,
-/// unless every statement that returns rows returns as many as it was given.
+/// With `checked`, the call fails (see [`is_a_failed_check`]) unless every statement that
+/// returns rows returns as many as it was given: on PostgreSQL the statement, writing
+/// nothing; on SQLite the string, which then begins a transaction and commits it at its end.
 async fn run_together(
     txn: &impl ConnectionTrait,
     backend: DbBackend,
@@ -657,6 +670,10 @@ async fn run_together(
         DbBackend::Sqlite => {
             let mut sql = String::new();
             let mut values = Vec::new();
+            if checked {
+                sql.push_str(SQLITE_CHECKS_TABLE);
+                sql.push_str("BEGIN IMMEDIATE;\n");
+            }
             for planned in statements.iter() {
                 let built = match &planned.sql {
                     Sql::Insert(s) => backend.build(s),
@@ -666,6 +683,15 @@ async fn run_together(
                 sql.push_str(&built.sql);
                 sql.push_str(";\n");
                 values.extend(built.values.into_iter().flat_map(|v| v.0));
+                if let Some(expected) = planned.check.rows().filter(|_| checked) {
+                    // changes(): the rows the statement just before inserted or updated.
+                    sql.push_str(&format!(
+                        "INSERT INTO temp.{SQLITE_CHECKS} (ok) SELECT 0 WHERE changes() <> {expected};\n"
+                    ));
+                }
+            }
+            if checked {
+                sql.push_str("COMMIT;\n");
             }
             Statement::from_sql_and_values(backend, sql, values)
         }

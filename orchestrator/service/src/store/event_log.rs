@@ -182,7 +182,7 @@ impl Store {
         }
         let mut plan = commit::Plan::build(commits)?;
         plan.mark_sent(sent, Utc::now());
-        if let Some(ids) = plan.write_alone(&self.writes).await? {
+        if let Some(ids) = self.write_alone(&plan).await? {
             return Ok(ids);
         }
         let w = self.begin_write().await.map_err(CommitError::batch)?;
@@ -196,6 +196,21 @@ impl Store {
                 Err(error)
             }
         }
+    }
+
+    /// [`commit::Plan::write_alone`] under the single writer on SQLite, rolled back there
+    /// when it stopped half-way (its transaction is not sea-orm's: nothing else would).
+    async fn write_alone(&self, plan: &commit::Plan) -> Result<Option<Vec<i64>>, CommitError> {
+        let Some(mut lock) = self.write_lock().await else {
+            return plan.write_alone(&self.writes).await;
+        };
+        lock.in_doubt = true;
+        let written = plan.write_alone(&self.writes).await;
+        if !matches!(written, Ok(Some(_))) {
+            self.roll_back_raw().await;
+        }
+        lock.in_doubt = false;
+        written
     }
 
     /// `snapshot` parsed, or else the state folded from the saga's whole event log.

@@ -147,7 +147,15 @@ pub struct Store {
     writes: DatabaseConnection,
     backend: Backend,
     /// SQLite's single writer (see the module docs); unused on PostgreSQL.
-    writer: Arc<Mutex<()>>,
+    writer: Arc<Mutex<WriterState>>,
+}
+
+/// What the single writer leaves for the next one.
+#[derive(Default)]
+struct WriterState {
+    /// A transaction begun outside sea-orm's (a commit in one call) may still be open: its
+    /// caller was dropped before it rolled back.
+    in_doubt: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -162,7 +170,7 @@ impl std::fmt::Debug for Store {
 /// the transaction (rolled back if still open) before the lock.
 struct Writer {
     txn: DatabaseTransaction,
-    _lock: Option<OwnedMutexGuard<()>>,
+    _lock: Option<OwnedMutexGuard<WriterState>>,
 }
 
 impl Writer {
@@ -294,7 +302,7 @@ impl Store {
             db,
             writes,
             backend,
-            writer: Arc::new(Mutex::new(())),
+            writer: Arc::new(Mutex::new(WriterState::default())),
         };
         store.migrate().await?;
         Ok(store)
@@ -355,10 +363,23 @@ impl Store {
         }
     }
 
-    async fn write_lock(&self) -> Option<OwnedMutexGuard<()>> {
-        match self.backend {
-            Backend::Sqlite => Some(self.writer.clone().lock_owned().await),
-            Backend::Postgres => None,
+    async fn write_lock(&self) -> Option<OwnedMutexGuard<WriterState>> {
+        if self.backend == Backend::Postgres {
+            return None;
+        }
+        let mut state = self.writer.clone().lock_owned().await;
+        if state.in_doubt {
+            self.roll_back_raw().await;
+            state.in_doubt = false;
+        }
+        Some(state)
+    }
+
+    /// Rolls back a transaction begun with a raw `BEGIN`, if one is open ("no transaction is
+    /// active" otherwise, which is fine).
+    async fn roll_back_raw(&self) {
+        if let Err(error) = self.writes.execute_unprepared("ROLLBACK").await {
+            tracing::debug!(%error, "rollback of a commit in one call");
         }
     }
 
@@ -422,5 +443,42 @@ mod tests {
             p.push(suffix);
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    #[tokio::test]
+    async fn a_transaction_a_dropped_commit_left_open_is_rolled_back_by_the_next_writer() {
+        use sea_orm::{ActiveValue::Set, EntityTrait};
+
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        let (saga_id, now) = (uuid::Uuid::new_v4(), chrono::Utc::now());
+        let (stray, next) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        // Given what a commit in one call dropped after its BEGIN leaves: an open transaction.
+        {
+            let mut state = store.writer.lock().await;
+            state.in_doubt = true;
+            store
+                .writes
+                .execute_unprepared("BEGIN IMMEDIATE")
+                .await
+                .unwrap();
+            entity::inbox::Entity::insert(entity::inbox::ActiveModel {
+                message_id: Set(stray),
+                saga_id: Set(saga_id),
+                received_at: Set(now),
+            })
+            .exec_without_returning(&store.writes)
+            .await
+            .unwrap();
+        }
+        // When the next commit comes, it goes through, and the stray write is gone.
+        let recorded = Commit {
+            inbox_id: Some(next),
+            ..Commit::empty(saga_id, now)
+        };
+        store.commit(&[recorded]).await.unwrap();
+        assert_eq!(
+            store.seen(&[stray, next]).await.unwrap(),
+            std::collections::HashSet::from([next])
+        );
     }
 }
