@@ -157,6 +157,7 @@ on_both_backends!(
     a_batch_past_the_bound_values_of_one_statement_is_written_whole,
     an_idempotency_key_starts_one_saga,
     an_inbox_id_is_recorded_once,
+    a_commit_that_writes_nothing_succeeds,
     timers_are_scheduled_cancelled_and_fired,
     outbox_rows_are_batched_and_marked_sent,
     outbox_prunes_go_no_further_than_the_id_given,
@@ -804,6 +805,18 @@ async fn an_inbox_id_is_recorded_once(db: TestDb) {
     assert!(matches!(error, StoreError::Duplicate), "{error:?}");
     store.commit(&[ignored(m2)]).await.unwrap();
     assert_eq!(store.seen(&[m1, m2]).await.unwrap().len(), 2);
+}
+
+async fn a_commit_that_writes_nothing_succeeds(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let saga_id = start(&store, &def, t0()).await;
+    let row = store.saga(saga_id).await.unwrap();
+
+    let nothing = Commit::empty(saga_id, t0() + secs(1));
+    let ids = store.commit(&[nothing.clone(), nothing]).await.unwrap();
+    assert!(ids.is_empty(), "{ids:?}");
+    assert_eq!(store.saga(saga_id).await.unwrap(), row);
 }
 
 async fn timers_are_scheduled_cancelled_and_fired(db: TestDb) {

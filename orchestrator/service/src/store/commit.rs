@@ -287,6 +287,10 @@ impl Plan {
     ) -> Result<Option<Vec<i64>>, CommitError> {
         let backend = db.get_database_backend();
         let mut statements = self.statements();
+        if statements.is_empty() {
+            // Commits that write nothing (an input ignored before it had an id).
+            return Ok(Some(Vec::new()));
+        }
         if backend == DbBackend::Postgres
             && group_len(&statements, POSTGRES_MAX_PARAMS) < statements.len()
         {
