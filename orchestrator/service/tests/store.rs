@@ -319,7 +319,6 @@ async fn apply(
     decision.state.expect("the saga exists")
 }
 
-/// The commit that starts a saga (not yet written).
 /// For each saga of `ids`, the commit of its `order` step's success, each reply with an inbox id.
 fn orders_done(
     def: &SagaDefinition,
@@ -338,6 +337,7 @@ fn orders_done(
         .collect()
 }
 
+/// The commit that starts a saga (not yet written).
 fn start_commit(def: &SagaDefinition, saga_id: Uuid, now: DateTime<Utc>) -> Commit {
     let decision = decide(def, None, &start_input(saga_id), now);
     commit_of(def, saga_id, None, &decision, now)
