@@ -307,6 +307,30 @@ impl Meters {
     }
 }
 
+impl Meters {
+    /// `  raw cpu s/trip  ...`: this process (both ends of the raw round trips) and the broker,
+    /// per round trip (per element when packed).
+    pub fn print_raw(&self, before: &Reading, after: &Reading, trips: usize) {
+        let per_trip = |b: Option<Duration>, a: Option<Duration>| match (b, a) {
+            (Some(b), Some(a)) => {
+                format!(
+                    "{:.5}",
+                    a.saturating_sub(b).as_secs_f64() / trips.max(1) as f64
+                )
+            }
+            _ => "n/a".to_owned(),
+        };
+        let broker = match &self.broker {
+            Ok(_) => per_trip(before.broker, after.broker),
+            Err(why) => format!("n/a ({why})"),
+        };
+        println!(
+            "  raw cpu s/trip     both ends {}  broker {broker}",
+            per_trip(before.own, after.own)
+        );
+    }
+}
+
 /// The host and port of `scheme://[user[:password]@]host[:port][/...]`.
 fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
     let rest = url.split_once("://")?.1;

@@ -77,6 +77,12 @@ struct Args {
         hide_env_values = true
     )]
     database_url: String,
+    /// Elements per message in the raw round trip: K requests ride in one message and their K
+    /// replies in one, with `--concurrency` elements in flight (so 1/K as many messages). What
+    /// packing several commands (or replies) into one message would save the broker; 1 is the
+    /// wire contract as it is, one command per message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    raw_pack: u16,
     /// Unacknowledged commands each participant handles at once.
     #[arg(long, default_value_t = 64)]
     participant_prefetch: u16,
@@ -293,15 +299,19 @@ async fn run(
     // Not running during the raw round trips.
     running.stop().await;
 
+    let raw_meters = cpu::Meters::find(&args.amqp_url, "", Vec::new());
+    let raw_before = raw_meters.read();
     let raw = raw_round_trips(
         &args.amqp_url,
         &tls,
         args.queue_type,
         args.sagas * args.steps,
         args.concurrency,
+        usize::from(args.raw_pack),
         args.participant_prefetch,
     )
     .await?;
+    let raw_after = raw_meters.read();
 
     let sagas_per_s = args.sagas as f64 / measured.elapsed.as_secs_f64();
     let steps_per_s = sagas_per_s * args.steps as f64;
@@ -332,8 +342,8 @@ async fn run(
         ms(percentile(&measured.latencies, 99.0))
     );
     println!(
-        "  raw round trips/s  {raw_per_s:>10.1}   (persistent, confirmed both ways, {} in flight)",
-        args.concurrency
+        "  raw round trips/s  {raw_per_s:>10.1}   (persistent, confirmed both ways, {} in flight, {} per message)",
+        args.concurrency, args.raw_pack
     );
     println!(
         "  raw round trip     p50 {:>7.1} ms   p99 {:>7.1} ms",
@@ -344,6 +354,7 @@ async fn run(
         "  ratio steps/s : raw round trips/s = {:.2}",
         steps_per_s / raw_per_s
     );
+    raw_meters.print_raw(&raw_before, &raw_after, raw.count);
     // On the compensation path a saga costs more commands than steps: the last step's action
     // fails (nothing to undo there), and the steps before it are compensated one by one.
     let compensations = if args.fail_last_step {
@@ -756,12 +767,15 @@ struct RawResult {
 
 /// Request and reply through two durable queues, persistent and confirmed both ways, the
 /// responder acking each request after its reply is confirmed: the broker cost of one step.
+/// With `pack` above 1 a message carries that many requests (its reply as many replies), and
+/// `concurrency / pack` messages are in flight; the count and the latencies are per element.
 async fn raw_round_trips(
     url: &str,
     tls: &saga_amqp::Tls,
     queue_type: saga_amqp::QueueType,
     count: usize,
     concurrency: usize,
+    pack: usize,
     prefetch: u16,
 ) -> anyhow::Result<RawResult> {
     // Named by type: a queue cannot change type once declared.
@@ -813,7 +827,12 @@ async fn raw_round_trips(
                     .as_ref()
                     .and_then(|m| Uuid::parse_str(m.as_str()).ok())
                     .unwrap_or_default();
-                if publisher.publish(&message(replies_queue, id)).await.is_ok() {
+                let elements = elements(&delivery.data);
+                if publisher
+                    .publish(&message(replies_queue, id, elements))
+                    .await
+                    .is_ok()
+                {
                     saga_amqp::ack(&delivery).await.ok();
                 }
             });
@@ -838,6 +857,7 @@ async fn raw_round_trips(
                 .as_ref()
                 .and_then(|m| Uuid::parse_str(m.as_str()).ok())
                 .unwrap_or_default();
+            elements(&delivery.data);
             saga_amqp::ack(&delivery).await.ok();
             if let Some(tx) = w.lock().expect("waiting lock").remove(&id) {
                 tx.send(()).ok();
@@ -845,27 +865,30 @@ async fn raw_round_trips(
         }
     });
     let publisher = Publisher::open(&driver).await?;
-    let per_worker = count.div_ceil(concurrency);
+    let messages_in_flight = concurrency.div_ceil(pack);
+    let per_worker = count.div_ceil(messages_in_flight * pack);
     let begin = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..concurrency {
+    for _ in 0..messages_in_flight {
         let publisher = publisher.clone();
         let waiting = waiting.clone();
         workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(per_worker);
+            let mut latencies = Vec::with_capacity(per_worker * pack);
             for _ in 0..per_worker {
                 let id = Uuid::new_v4();
                 let (tx, rx) = oneshot::channel();
                 waiting.lock().expect("waiting lock").insert(id, tx);
                 let at = Instant::now();
-                publisher.publish(&message(requests_queue, id)).await?;
+                publisher
+                    .publish(&message(requests_queue, id, pack))
+                    .await?;
                 tokio::time::timeout(Duration::from_secs(30), rx).await??;
-                latencies.push(at.elapsed());
+                latencies.extend(std::iter::repeat_n(at.elapsed(), pack));
             }
             anyhow::Ok(latencies)
         }));
     }
-    let mut latencies = Vec::with_capacity(per_worker * concurrency);
+    let mut latencies = Vec::with_capacity(per_worker * messages_in_flight * pack);
     for worker in workers {
         latencies.extend(worker.await??);
     }
@@ -892,7 +915,19 @@ async fn raw_round_trips(
     })
 }
 
-fn message(queue: &str, id: Uuid) -> OutgoingMessage {
+/// How many elements a raw message carries. A pack is read as a receiver would, each element
+/// decoded; a single element is not, as before packs.
+fn elements(body: &[u8]) -> usize {
+    if body.first() == Some(&b'[') {
+        serde_json::from_slice::<Vec<serde_json::Value>>(body).map_or(1, |v| v.len())
+    } else {
+        1
+    }
+}
+
+/// A message of `elements` elements, each about the size of a step command.
+fn message(queue: &str, id: Uuid, elements: usize) -> OutgoingMessage {
+    let element = json!({"payload": "x".repeat(300)});
     OutgoingMessage {
         exchange: String::new(),
         routing_key: queue.into(),
@@ -901,8 +936,11 @@ fn message(queue: &str, id: Uuid) -> OutgoingMessage {
         message_type: "saga-bench.raw".into(),
         reply_to: None,
         headers: Vec::new(),
-        // About the size of a step command.
-        body: json!({"payload": "x".repeat(300)}).to_string(),
+        body: if elements == 1 {
+            element.to_string()
+        } else {
+            serde_json::Value::Array(vec![element; elements]).to_string()
+        },
         mandatory: true,
         discard_after: None,
     }
@@ -998,4 +1036,18 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_message_carries_as_many_elements_as_asked_and_a_single_one_is_not_a_list() {
+        let id = Uuid::new_v4();
+        for n in [1, 2, 8] {
+            assert_eq!(elements(message("q", id, n).body.as_bytes()), n);
+        }
+        assert!(message("q", id, 1).body.starts_with('{'));
+    }
 }
