@@ -267,12 +267,7 @@ impl Meters {
 
     /// `  cpu s/saga  ...`, and a line per participant process after it.
     pub fn print(&self, before: &Reading, after: &Reading, sagas: usize) {
-        let per_saga = |b: Option<Duration>, a: Option<Duration>| match (b, a) {
-            (Some(b), Some(a)) => {
-                format!("{:.4}", a.saturating_sub(b).as_secs_f64() / sagas as f64)
-            }
-            _ => "n/a".to_owned(),
-        };
+        let per_saga = |b, a| per_unit(b, a, sagas, 4);
         let mut line = format!(
             "  cpu s/saga         {} {}",
             self.own_label,
@@ -307,27 +302,32 @@ impl Meters {
     }
 }
 
-impl Meters {
-    /// `  raw cpu s/trip  ...`: this process (both ends of the raw round trips) and the broker,
-    /// per round trip (per element when packed).
-    pub fn print_raw(&self, before: &Reading, after: &Reading, trips: usize) {
-        let per_trip = |b: Option<Duration>, a: Option<Duration>| match (b, a) {
-            (Some(b), Some(a)) => {
-                format!(
-                    "{:.5}",
-                    a.saturating_sub(b).as_secs_f64() / trips.max(1) as f64
-                )
-            }
-            _ => "n/a".to_owned(),
-        };
-        let broker = match &self.broker {
-            Ok(_) => per_trip(before.broker, after.broker),
-            Err(why) => format!("n/a ({why})"),
-        };
-        println!(
-            "  raw cpu s/trip     both ends {}  broker {broker}",
-            per_trip(before.own, after.own)
-        );
+/// `  raw cpu s/trip  ...`: this process (both ends of the raw round trips) and the broker,
+/// per round trip (per element when packed), from readings of `meters` around them.
+pub fn print_raw(meters: &Meters, before: &Reading, after: &Reading, trips: usize) {
+    let broker = match &meters.broker {
+        Ok(_) => per_unit(before.broker, after.broker, trips, 5),
+        Err(why) => format!("n/a ({why})"),
+    };
+    println!(
+        "  raw cpu s/trip     both ends {}  broker {broker}",
+        per_unit(before.own, after.own, trips, 5)
+    );
+}
+
+/// The time between two readings divided by `units`, or n/a when either is missing.
+fn per_unit(
+    before: Option<Duration>,
+    after: Option<Duration>,
+    units: usize,
+    decimals: usize,
+) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => format!(
+            "{:.decimals$}",
+            a.saturating_sub(b).as_secs_f64() / units.max(1) as f64
+        ),
+        _ => "n/a".to_owned(),
     }
 }
 

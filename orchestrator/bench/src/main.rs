@@ -78,7 +78,8 @@ struct Args {
     )]
     database_url: String,
     /// Elements per message in the raw round trip: K requests ride in one message and their K
-    /// replies in one, with `--concurrency` elements in flight (so 1/K as many messages). What
+    /// replies in one, with `--concurrency` elements in flight (so 1/K as many messages,
+    /// rounded up). What
     /// packing several commands (or replies) into one message would save the broker; 1 is the
     /// wire contract as it is, one command per message.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -299,8 +300,7 @@ async fn run(
     // Not running during the raw round trips.
     running.stop().await;
 
-    let raw_meters = cpu::Meters::find(&args.amqp_url, "", Vec::new());
-    let raw_before = raw_meters.read();
+    let raw_before = meters.read();
     let raw = raw_round_trips(
         &args.amqp_url,
         &tls,
@@ -311,7 +311,7 @@ async fn run(
         args.participant_prefetch,
     )
     .await?;
-    let raw_after = raw_meters.read();
+    let raw_after = meters.read();
 
     let sagas_per_s = args.sagas as f64 / measured.elapsed.as_secs_f64();
     let steps_per_s = sagas_per_s * args.steps as f64;
@@ -354,7 +354,7 @@ async fn run(
         "  ratio steps/s : raw round trips/s = {:.2}",
         steps_per_s / raw_per_s
     );
-    raw_meters.print_raw(&raw_before, &raw_after, raw.count);
+    cpu::print_raw(&meters, &raw_before, &raw_after, raw.count);
     // On the compensation path a saga costs more commands than steps: the last step's action
     // fails (nothing to undo there), and the steps before it are compensated one by one.
     let compensations = if args.fail_last_step {
@@ -857,6 +857,7 @@ async fn raw_round_trips(
                 .as_ref()
                 .and_then(|m| Uuid::parse_str(m.as_str()).ok())
                 .unwrap_or_default();
+            // Decoded as the orchestrator decodes its replies, so a pack costs what it would.
             elements(&delivery.data);
             saga_amqp::ack(&delivery).await.ok();
             if let Some(tx) = w.lock().expect("waiting lock").remove(&id) {
