@@ -23,12 +23,15 @@ use crate::{
     DEFAULT_POSTGRES_TRANSACTIONS, Error, Participant, SdkConfig, default_connection_name,
 };
 
-/// How long to wait before handing back a command whose reply could not be published while the
-/// channel stayed open (e.g. its `reply_to` queue does not exist), so it does not loop hot.
+/// How long to wait before handing back a command whose reply was returned as unroutable (its
+/// `reply_to` queue does not exist), so it does not loop hot.
 const REPUBLISH_DELAY: Duration = Duration::from_secs(1);
-/// How many times a command's reply may be refused by the broker (no such `reply_to` queue)
+/// How many times a command's reply may be returned as unroutable (no such `reply_to` queue)
 /// before the command is dead-lettered instead of handed back again.
 pub(crate) const MAX_REPLY_TRIES: u32 = 5;
+/// The first and the longest pause before publishing again a reply the broker nacked.
+const NACKED_REPLY_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
 /// The most commands whose refused replies are counted at once; past it the counts start over
 /// (a command redelivered to another consumer is never seen again here).
 const MAX_COUNTED_REPLIES: usize = 10_000;
@@ -38,8 +41,9 @@ struct Context {
     committer: Committer,
     queue: String,
     queue_type: saga_amqp::QueueType,
-    /// Per command message id: how many times its reply was refused.
+    /// Per command message id: how many times its reply was returned as unroutable.
     refused_replies: Mutex<HashMap<uuid::Uuid, u32>>,
+    shutdown: CancellationToken,
 }
 
 impl Context {
@@ -94,6 +98,7 @@ pub(crate) async fn run(
         participant,
         committer: Committer::start(db, transactions as usize, usize::from(config.prefetch)),
         refused_replies: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
     });
     // Tasks handling deliveries outlive a lost connection (their database work finishes; the
     // reply or ack then fails and the broker redelivers), and shutdown waits for all of them.
@@ -330,6 +335,33 @@ fn reply_to_command(cmd: &StepCommand, outcome: Outcome) -> StepReply {
     }
 }
 
+/// Publishes a reply, again and again with a growing pause while the broker nacks it and the
+/// channel stays open, until shutdown. A nack says the queue exists but cannot take the message
+/// now (a quorum queue electing a leader, say): handing the command back instead would count
+/// towards its delivery limit and, after a few tries, set aside a command whose work is done.
+async fn publish_reply(
+    ctx: &Context,
+    publisher: &Publisher,
+    message: &OutgoingMessage,
+) -> Result<(), AmqpError> {
+    let (mut pause, longest) = NACKED_REPLY_BACKOFF;
+    loop {
+        match publisher.publish(message).await {
+            Err(error @ AmqpError::NotConfirmed { .. })
+                if publisher.is_open() && !ctx.shutdown.is_cancelled() =>
+            {
+                tracing::warn!(error = %error, retry_in = ?pause, "the broker nacked the reply; publishing it again");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = ctx.shutdown.cancelled() => {}
+                }
+                pause = (pause * 2).min(longest);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Handles a valid command, publishes the reply with a confirm, then acks.
 async fn answer(
     ctx: &Context,
@@ -359,18 +391,18 @@ async fn answer(
             .headers
             .push((key.to_owned(), saga_amqp::HeaderValue::Str(value)));
     }
-    match publisher.publish(&message).await {
+    match publish_reply(ctx, publisher, &message).await {
         Ok(()) => {
             ctx.forget_refusals(cmd.message_id);
             saga_amqp::ack(delivery).await?;
             tracing::info!(status, recorded, reply_to = %reply_to, "replied");
             Ok(())
         }
-        Err(error) if publisher.is_open() => {
-            // The broker refused the reply (no such reply queue, or a nack) but the channel is
-            // fine. The outcome is recorded, so a redelivery sends the same answer: hand the
-            // command back after a pause, a few times; then set it aside, so that it does not
-            // hold a prefetch slot forever (the orchestrator asks again if it still waits).
+        Err(error @ AmqpError::Unroutable { .. }) if publisher.is_open() => {
+            // No such reply queue, but the channel is fine. The outcome is recorded, so a
+            // redelivery sends the same answer: hand the command back after a pause, a few
+            // times; then set it aside, so that it does not hold a prefetch slot forever (the
+            // orchestrator asks again if it still waits).
             let tries = ctx.reply_refused(cmd.message_id);
             if tries >= MAX_REPLY_TRIES {
                 ctx.forget_refusals(cmd.message_id);
@@ -383,6 +415,11 @@ async fn answer(
             }
             tracing::error!(error = %error, reply_to = %reply_to, tries, "the reply was not accepted; the command will be redelivered");
             tokio::time::sleep(REPUBLISH_DELAY).await;
+            saga_amqp::nack(delivery, true).await
+        }
+        Err(error) if publisher.is_open() => {
+            // Nacked while shutting down: the recorded outcome is sent on the next delivery.
+            tracing::warn!(error = %error, "the reply was not accepted; the command goes back to the queue");
             saga_amqp::nack(delivery, true).await
         }
         Err(error) => {

@@ -9,9 +9,11 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use saga_amqp::OutgoingMessage;
-use saga_amqp::lapin::types::AMQPValue;
+use saga_amqp::lapin::BasicProperties;
+use saga_amqp::lapin::options::QueueDeclareOptions;
+use saga_amqp::lapin::types::{AMQPValue, FieldTable};
 use saga_participant::sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use saga_participant::{Direction, Outcome, Participant, failure, success};
+use saga_participant::{Direction, Outcome, Participant, StepReply, failure, success};
 use saga_schemas::amqp::{command_queue, header};
 use saga_schemas::limits::{MAX_DATA_BYTES, MAX_DEPTH, MAX_REASON_CHARS};
 use serde_json::{Value, json};
@@ -199,6 +201,71 @@ async fn a_command_whose_reply_queue_is_missing_is_dead_lettered_after_a_few_tri
         1,
         "answered from the record"
     );
+    running.stop().await;
+}
+
+/// A reply the broker nacks (here its queue is full and rejects publishes; in a cluster, a
+/// quorum queue between leaders) is published again until the broker takes it. The command is
+/// not set aside after a few tries, as when the reply queue does not exist: its work is done and
+/// its reply queue is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_the_broker_nacks_is_published_again_until_it_is_taken() {
+    let vhost = Vhost::new();
+    let db = TestDb::sqlite();
+    let running = Running::start(participant(), &vhost, &db, 8);
+    let mut client = Client::connect(&vhost).await;
+    let full = "full.replies";
+    let channel = client.conn.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(full.into(), QueueDeclareOptions::durable(), arguments)
+        .await
+        .unwrap();
+    client
+        .publisher
+        .publish_raw("", full, b"filler", BasicProperties::default())
+        .await
+        .unwrap();
+
+    let cmd = command(
+        Uuid::new_v4(),
+        "charge-payment",
+        Direction::Execute,
+        "charge",
+        1,
+        json!({}),
+    );
+    client
+        .publisher
+        .publish(&OutgoingMessage::command(&cmd, PARTICIPANT, full, None))
+        .await
+        .unwrap();
+    // Longer than the tries a missing reply queue gets before its command is set aside.
+    client.no_dead_letter_within(Duration::from_secs(8)).await;
+    let conn = db.connect().await;
+    assert_eq!(effects(&conn, cmd.saga_id).await.len(), 1, "handled once");
+
+    let (_consumer_channel, mut replies) = saga_amqp::open_consumer(&client.conn, full, "", 10)
+        .await
+        .unwrap();
+    let filler = within("the filler", replies.next()).await.unwrap().unwrap();
+    assert_eq!(filler.data, b"filler");
+    saga_amqp::ack(&filler).await.unwrap();
+    let delivery = within("the reply, once there is room", replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let reply: StepReply = saga_amqp::decode(&delivery).unwrap();
+    assert_eq!(reply.in_reply_to, cmd.message_id);
+    output(&reply);
+    saga_amqp::ack(&delivery).await.unwrap();
+    assert_eq!(effects(&conn, cmd.saga_id).await.len(), 1, "handled once");
+    client.no_dead_letter_within(Duration::from_secs(1)).await;
     running.stop().await;
 }
 

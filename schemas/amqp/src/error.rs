@@ -46,9 +46,14 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
-    /// A publish was not confirmed: the broker nacked it, returned it as unroutable (no queue
-    /// bound for its routing key, since every publish is mandatory), or confirms were not
-    /// enabled on the channel (`NotRequested`, a bug). Treat the message as not delivered.
+    /// A publish was returned as unroutable: no queue is bound for its routing key (every
+    /// publish is mandatory). Trying again helps only once someone declares the queue.
+    #[error("the broker did not take the message: {reason}")]
+    Unroutable { reason: String },
+    /// A publish was not confirmed: the broker nacked it (a quorum queue between leaders, a
+    /// queue over its length limit...), or confirms were not enabled on the channel
+    /// (`NotRequested`, a bug). Treat the message as not delivered; trying again later may
+    /// succeed.
     #[error("the broker did not take the message: {reason}")]
     NotConfirmed { reason: String },
     /// An acknowledgement (ack, nack) was not sent: the delivery's channel is closed or the

@@ -20,7 +20,8 @@ use crate::{AmqpError, frame, short};
 /// [`AmqpError::Invalid`] before it is sent: the broker would close the whole connection.
 ///
 /// Cheap to clone (clones share the channel) and usable from several tasks at once. After any
-/// error other than [`AmqpError::NotConfirmed`] and [`AmqpError::Invalid`] the channel is
+/// error other than [`AmqpError::Unroutable`], [`AmqpError::NotConfirmed`] and
+/// [`AmqpError::Invalid`] the channel is
 /// probably closed ([`Publisher::is_open`]): end the session and let [`crate::supervise`] open a
 /// new one.
 #[derive(Clone, Debug)]
@@ -155,7 +156,7 @@ impl Publisher {
                 let what = || describe(msg);
                 let confirmation = confirmation?;
                 if let Some(reason) = returned.get(&msg.message_id.to_string()) {
-                    return Err(AmqpError::NotConfirmed {
+                    return Err(AmqpError::Unroutable {
                         reason: format!("{}: {reason}", what()),
                     });
                 }
@@ -260,7 +261,7 @@ fn verdict(confirmation: Confirmation, what: What<'_>) -> Result<(), AmqpError> 
 }
 
 fn returned_error(returned: &BasicReturnMessage, what: What<'_>) -> AmqpError {
-    AmqpError::NotConfirmed {
+    AmqpError::Unroutable {
         reason: format!("{}: {}", what(), return_reason(returned)),
     }
 }

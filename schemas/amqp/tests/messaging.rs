@@ -239,7 +239,7 @@ async fn an_unroutable_publish_is_an_error() {
         .publish(&unknown_participant(1))
         .await
         .unwrap_err();
-    assert!(matches!(err, AmqpError::NotConfirmed { .. }), "{err}");
+    assert!(matches!(err, AmqpError::Unroutable { .. }), "{err}");
     assert!(err.to_string().contains("NO_ROUTE"), "{err}");
 
     let results = publisher
@@ -247,13 +247,13 @@ async fn an_unroutable_publish_is_an_error() {
         .await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(
-        matches!(results[1], Err(AmqpError::NotConfirmed { .. })),
+        matches!(results[1], Err(AmqpError::Unroutable { .. })),
         "{:?}",
         results[1]
     );
     assert!(results[2].is_ok(), "{:?}", results[2]);
     assert!(
-        matches!(results[3], Err(AmqpError::NotConfirmed { .. })),
+        matches!(results[3], Err(AmqpError::Unroutable { .. })),
         "{:?}",
         results[3]
     );
@@ -295,7 +295,7 @@ async fn in_a_batch_only_the_messages_returned_are_errors() {
         for (i, (message, result)) in messages.iter().zip(&results).enumerate() {
             if i % 3 == 0 {
                 assert!(
-                    matches!(result, Err(AmqpError::NotConfirmed { .. })),
+                    matches!(result, Err(AmqpError::Unroutable { .. })),
                     "{} was not routed: {result:?}",
                     message.message_id
                 );
@@ -511,7 +511,7 @@ async fn a_failed_dead_letter_keeps_the_message() {
     let err = saga_amqp::dead_letter(&publisher, &d, "orphan", "broken")
         .await
         .unwrap_err();
-    assert!(matches!(err, AmqpError::NotConfirmed { .. }), "{err}");
+    assert!(matches!(err, AmqpError::Unroutable { .. }), "{err}");
     // Requeued, not lost.
     let again = next(&mut consumer).await;
     assert!(again.redelivered);

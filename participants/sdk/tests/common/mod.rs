@@ -558,6 +558,16 @@ impl Client {
         delivery
     }
 
+    /// Asserts that no dead letter arrives within `wait`.
+    pub async fn no_dead_letter_within(&mut self, wait: Duration) {
+        if let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, self.dead_letters.next()).await {
+            panic!(
+                "unexpected dead letter: {:?}",
+                header(&delivery, "x-dead-letter-reason")
+            );
+        }
+    }
+
     pub async fn purge_replies(&self) {
         self.channel
             .queue_purge(REPLY_QUEUE.into(), QueuePurgeOptions::default())
