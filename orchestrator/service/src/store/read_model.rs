@@ -519,8 +519,52 @@ pub(super) fn fold_log(saga_id: Uuid, log: &[saga_events::Model]) -> Result<Saga
 mod tests {
     use saga_engine::{Definitions, Input, decide};
     use saga_schemas::{Direction, Outcome};
+    use sea_orm::{ConnectionTrait, DbBackend, QueryTrait, Statement};
 
     use super::*;
+
+    /// What SQLite's planner says it would do for a page of the listing.
+    async fn sqlite_plan(store: &Store, filter: &ListFilter) -> Vec<String> {
+        let query = page(filter).build(DbBackend::Sqlite);
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", query.sql),
+            query.values.map(|v| v.0).unwrap_or_default(),
+        );
+        store
+            .db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String>("", "detail").unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_search_by_idempotency_key_under_any_name_uses_an_index() {
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        let by_key = ListFilter {
+            idempotency_key: Some("order-42".into()),
+            limit: 50,
+            ..ListFilter::default()
+        };
+        let plan = sqlite_plan(&store, &by_key).await;
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX sagas_idempotency_key")),
+            "{plan:?}"
+        );
+        let by_name_and_key = ListFilter {
+            name: Some("order".into()),
+            ..by_key
+        };
+        let plan = sqlite_plan(&store, &by_name_and_key).await;
+        assert!(
+            plan.iter().any(|step| step.contains("USING INDEX sagas_")),
+            "{plan:?}"
+        );
+    }
 
     #[test]
     fn while_a_group_runs_the_current_step_is_its_first_running_step() {
