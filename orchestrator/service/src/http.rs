@@ -14,6 +14,9 @@
 //!   not in full within [`BODY_READ_TIMEOUT`] it is 408. These refusals, and 414 and 431, are
 //!   sent with `Connection: close`; the rest of a body over the limit is read and thrown away
 //!   first, up to [`DRAIN_BYTES`], so that a client still writing it gets the answer;
+//! - a response the client does not read for [`WRITE_TIMEOUT`] (not one byte of it goes out)
+//!   closes the connection, so a client that stops reading cannot hold a connection slot, nor
+//!   a graceful shutdown, forever;
 //! - at most [`MAX_CONNECTIONS`] connections are served at once; more wait in the listen
 //!   backlog, accepted as others close. Bodies held at once are bounded by the same number,
 //!   at most [`MAX_MESSAGE_BYTES`] each.
@@ -34,6 +37,7 @@ use hyper_util::service::TowerToHyperService;
 use saga_schemas::limits::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -49,6 +53,8 @@ pub const MAX_HEADERS: usize = 100;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request body may take to arrive in full.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a response may wait for the client to take any of it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most connections served at once; 2,000 concurrent clients are served without waiting.
 pub const MAX_CONNECTIONS: usize = 4096;
 
@@ -62,6 +68,7 @@ pub const HYPER_MAX_BUF_BYTES: usize = 256 * 1024;
 pub struct HttpConfig {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub write_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -70,6 +77,7 @@ impl Default for HttpConfig {
         HttpConfig {
             header_read_timeout: HEADER_READ_TIMEOUT,
             body_read_timeout: BODY_READ_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
         }
     }
@@ -102,8 +110,13 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             accepted = Listener::accept(&mut listener) => accepted,
         };
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        // hyper has no write timeout of its own.
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(config.write_timeout));
+        let connection = http.serve_connection(
+            TokioIo::new(Box::pin(stream)),
+            TowerToHyperService::new(app.clone()),
+        );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

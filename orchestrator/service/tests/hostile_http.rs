@@ -469,6 +469,42 @@ async fn connections_past_the_cap_wait_for_a_free_one() {
     assert_eq!(response.status(), 200);
 }
 
+/// A client that sends requests and never reads the answers fills the socket's buffers; the
+/// server gives up on it after the write timeout, and its connection slot serves another.
+#[tokio::test]
+async fn a_client_that_does_not_read_its_answers_is_disconnected() {
+    let config = HttpConfig {
+        write_timeout: Duration::from_secs(1),
+        max_connections: 1,
+        // Only the write timeout may end the greedy connection.
+        header_read_timeout: Duration::from_secs(3600),
+        ..HttpConfig::default()
+    };
+    let app = spawn_app_with(Backend::Sqlite, config).await;
+    let mut greedy = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // Pipelined, never read: far more answer bytes than loopback's buffers hold.
+    let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100_000);
+    let writer = tokio::spawn(async move {
+        let _ = greedy.write_all(&requests).await;
+        greedy
+    });
+    let response = tokio::time::timeout(
+        DEADLINE,
+        app.client.get(format!("{}/healthz", app.url)).send(),
+    )
+    .await
+    .expect("another client is served once the server gives up on the greedy one")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut greedy = tokio::time::timeout(DEADLINE, writer)
+        .await
+        .expect("the greedy client's writes end")
+        .unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, greedy.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the greedy connection is still open");
+}
+
 #[tokio::test]
 async fn a_refused_request_leaves_its_connection_usable_or_says_it_is_closed() {
     let app = spawn_app().await;
