@@ -807,8 +807,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_dropped_while_its_commit_is_in_flight_is_still_recorded_after_it() {
-        // Given a runtime
-        let store = Store::connect("sqlite::memory:").await.unwrap();
+        // Given a runtime on a SQLite file whose write lock another connection holds, so that
+        // the start's commit cannot end however the threads are scheduled
+        let path = std::env::temp_dir().join(format!("saga-runtime-{}.db", Uuid::new_v4()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let store = Store::connect(&url).await.unwrap();
+        let other = sea_orm::Database::connect(&url).await.unwrap();
+        let lock = sea_orm::TransactionTrait::begin(&other).await.unwrap();
+        sea_orm::ConnectionTrait::execute_unprepared(&lock, "CREATE TABLE hold_the_lock (x)")
+            .await
+            .unwrap();
         let definitions = Definitions::parse(
             "sagas.yaml",
             "sagas:\n  - name: ship\n    steps:\n      - name: ship\n        participant: carrier\n        action: ship\n        kind: retriable\n        timeout: 5s\n",
@@ -821,6 +829,7 @@ mod tests {
         let mut start = Box::pin(runtime.start("ship", Data::new(), None));
         assert!(futures_util::poll!(start.as_mut()).is_pending());
         drop(start);
+        lock.rollback().await.unwrap();
 
         // Then the saga is committed, and what follows a commit happened too: its state is
         // in the cache (as its rows are with the relay and its counts in the metrics)
@@ -851,5 +860,10 @@ mod tests {
         .expect("the committed start's state reached the cache");
         let stored = runtime.store().load(saga_id).await.unwrap().unwrap();
         assert_eq!(cached.version, stored.version);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
