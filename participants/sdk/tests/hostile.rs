@@ -22,6 +22,18 @@ use uuid::Uuid;
 /// A reason is cut to [`MAX_REASON_CHARS`], plus a short note of how much was cut.
 const MAX_REASON_WITH_NOTE: usize = MAX_REASON_CHARS + 64;
 
+/// A first attempt of the test participant's `charge` action, with no data.
+fn charge(saga_id: Uuid) -> saga_participant::StepCommand {
+    command(
+        saga_id,
+        "charge-payment",
+        Direction::Execute,
+        "charge",
+        1,
+        json!({}),
+    )
+}
+
 /// The participant's connections to the vhost, by the broker's names (a reconnect makes a new
 /// one).
 fn connections(vhost: &Vhost) -> Vec<String> {
@@ -71,14 +83,7 @@ async fn huge_values_and_headers_are_dead_lettered_on_the_same_connection() {
     let running = Running::start(participant(), &vhost, &db, 8);
     let mut client = Client::connect(&vhost).await;
     let queue = command_queue(PARTICIPANT);
-    let good = command(
-        Uuid::new_v4(),
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    );
+    let good = charge(Uuid::new_v4());
     // Connected and consuming.
     output(&client.call(&good).await);
     let before = connections(&vhost);
@@ -169,14 +174,7 @@ async fn a_command_whose_reply_queue_is_missing_is_dead_lettered_after_a_few_tri
     let db = TestDb::sqlite();
     let running = Running::start(participant(), &vhost, &db, 8);
     let mut client = Client::connect(&vhost).await;
-    let cmd = command(
-        Uuid::new_v4(),
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    );
+    let cmd = charge(Uuid::new_v4());
     let missing = "no.such.queue";
     client
         .publisher
@@ -232,14 +230,7 @@ async fn a_reply_the_broker_nacks_is_published_again_until_it_is_taken() {
         .await
         .unwrap();
 
-    let cmd = command(
-        Uuid::new_v4(),
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    );
+    let cmd = charge(Uuid::new_v4());
     client
         .publisher
         .publish(&OutgoingMessage::command(&cmd, PARTICIPANT, full, None))
@@ -413,14 +404,7 @@ async fn a_command_at_the_delivery_limit_is_dead_lettered_before_its_handler_run
     let db = TestDb::sqlite();
     let mut client = Client::connect(&vhost).await;
     let saga_id = Uuid::new_v4();
-    let poison = command(
-        saga_id,
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    );
+    let poison = charge(saga_id);
     client.send(&poison).await;
 
     // The crashes: delivered, never acknowledged, channel gone, DELIVERY_LIMIT times.
