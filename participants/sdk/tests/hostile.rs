@@ -22,18 +22,6 @@ use uuid::Uuid;
 /// A reason is cut to [`MAX_REASON_CHARS`], plus a short note of how much was cut.
 const MAX_REASON_WITH_NOTE: usize = MAX_REASON_CHARS + 64;
 
-/// A first attempt of the test participant's `charge` action, with no data.
-fn charge(saga_id: Uuid) -> saga_participant::StepCommand {
-    command(
-        saga_id,
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    )
-}
-
 /// The participant's connections to the vhost, by the broker's names (a reconnect makes a new
 /// one).
 fn connections(vhost: &Vhost) -> Vec<String> {

@@ -10,7 +10,7 @@ use chrono::Utc;
 use common::*;
 use saga_participant::sea_orm::ConnectionTrait;
 use saga_participant::sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
-use saga_participant::{DEFAULT_INBOX_RETENTION, Direction, prune_inbox};
+use saga_participant::{DEFAULT_INBOX_RETENTION, prune_inbox};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -35,17 +35,6 @@ async fn a_long_backlog_is_pruned_in_chunks_on_sqlite() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_backlog_is_pruned_in_chunks_on_postgres() {
     a_long_backlog_is_pruned_in_chunks(TestDb::postgres(Some("testsvc")).await).await;
-}
-
-fn charge(saga_id: Uuid) -> saga_participant::StepCommand {
-    command(
-        saga_id,
-        "charge-payment",
-        Direction::Execute,
-        "charge",
-        1,
-        json!({}),
-    )
 }
 
 /// Makes the records of `saga_id` look handled `age` ago.

@@ -623,6 +623,18 @@ pub fn command(
     }
 }
 
+/// A first attempt of the test participant's `charge` action, with no data.
+pub fn charge(saga_id: Uuid) -> StepCommand {
+    command(
+        saga_id,
+        "charge-payment",
+        Direction::Execute,
+        "charge",
+        1,
+        json!({}),
+    )
+}
+
 /// The same command as a new attempt (new message id).
 pub fn retry(cmd: &StepCommand, attempt: u32) -> StepCommand {
     StepCommand {
