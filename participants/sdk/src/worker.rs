@@ -23,11 +23,11 @@ use crate::{
     DEFAULT_POSTGRES_TRANSACTIONS, Error, Participant, SdkConfig, default_connection_name,
 };
 
-/// How long to wait before handing back a command whose reply was returned as unroutable (its
-/// `reply_to` queue does not exist), so it does not loop hot.
+/// How long to wait before handing back a command whose reply was refused other than by a nack
+/// (its `reply_to` queue does not exist, say), so it does not loop hot.
 const REPUBLISH_DELAY: Duration = Duration::from_secs(1);
-/// How many times a command's reply may be returned as unroutable (no such `reply_to` queue)
-/// before the command is dead-lettered instead of handed back again.
+/// How many times a command's reply may be refused other than by a nack (no such `reply_to`
+/// queue, say) before the command is dead-lettered instead of handed back again.
 pub(crate) const MAX_REPLY_TRIES: u32 = 5;
 /// The first and the longest pause before publishing again a reply the broker nacked.
 const NACKED_REPLY_BACKOFF: (Duration, Duration) =
@@ -41,7 +41,7 @@ struct Context {
     committer: Committer,
     queue: String,
     queue_type: saga_amqp::QueueType,
-    /// Per command message id: how many times its reply was returned as unroutable.
+    /// Per command message id: how many times its reply was refused other than by a nack.
     refused_replies: Mutex<HashMap<uuid::Uuid, u32>>,
     shutdown: CancellationToken,
 }
@@ -398,11 +398,16 @@ async fn answer(
             tracing::info!(status, recorded, reply_to = %reply_to, "replied");
             Ok(())
         }
-        Err(error @ AmqpError::Unroutable { .. }) if publisher.is_open() => {
-            // No such reply queue, but the channel is fine. The outcome is recorded, so a
-            // redelivery sends the same answer: hand the command back after a pause, a few
-            // times; then set it aside, so that it does not hold a prefetch slot forever (the
-            // orchestrator asks again if it still waits).
+        Err(error @ AmqpError::NotConfirmed { .. }) if publisher.is_open() => {
+            // Nacked while shutting down: the recorded outcome is sent on the next delivery.
+            tracing::warn!(error = %error, "the reply was not accepted; the command goes back to the queue");
+            saga_amqp::nack(delivery, true).await
+        }
+        Err(error) if publisher.is_open() => {
+            // No such reply queue (or another refusal that leaves the channel open). The
+            // outcome is recorded, so a redelivery sends the same answer: hand the command back
+            // after a pause, a few times; then set it aside, so that it does not hold a
+            // prefetch slot forever (the orchestrator asks again if it still waits).
             let tries = ctx.reply_refused(cmd.message_id);
             if tries >= MAX_REPLY_TRIES {
                 ctx.forget_refusals(cmd.message_id);
@@ -415,11 +420,6 @@ async fn answer(
             }
             tracing::error!(error = %error, reply_to = %reply_to, tries, "the reply was not accepted; the command will be redelivered");
             tokio::time::sleep(REPUBLISH_DELAY).await;
-            saga_amqp::nack(delivery, true).await
-        }
-        Err(error) if publisher.is_open() => {
-            // Nacked while shutting down: the recorded outcome is sent on the next delivery.
-            tracing::warn!(error = %error, "the reply was not accepted; the command goes back to the queue");
             saga_amqp::nack(delivery, true).await
         }
         Err(error) => {

@@ -21,9 +21,8 @@ use crate::{AmqpError, frame, short};
 ///
 /// Cheap to clone (clones share the channel) and usable from several tasks at once. After any
 /// error other than [`AmqpError::Unroutable`], [`AmqpError::NotConfirmed`] and
-/// [`AmqpError::Invalid`] the channel is
-/// probably closed ([`Publisher::is_open`]): end the session and let [`crate::supervise`] open a
-/// new one.
+/// [`AmqpError::Invalid`] the channel is probably closed ([`Publisher::is_open`]): end the
+/// session and let [`crate::supervise`] open a new one.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     channel: Channel,
