@@ -423,7 +423,10 @@ impl Runtime {
                 created: false,
             });
         }
-        let saga_id = Uuid::new_v4();
+        // Time-ordered: the rows of sagas started together sit together in every index keyed
+        // by saga id (events, timers, the participants' inboxes), so a batch of commits writes
+        // a few hot pages instead of one random page per saga and table.
+        let saga_id = Uuid::now_v7();
         let now = Utc::now();
         let decision = decide(
             def,

@@ -325,7 +325,8 @@ fn check(
 
 fn reply_to_command(cmd: &StepCommand, outcome: Outcome) -> StepReply {
     StepReply {
-        message_id: uuid::Uuid::new_v4(),
+        // Time-ordered, so the orchestrator's inbox, keyed by it, grows at its end.
+        message_id: uuid::Uuid::now_v7(),
         in_reply_to: cmd.message_id,
         saga_id: cmd.saga_id,
         step: cmd.step.clone(),
