@@ -122,11 +122,11 @@ pub struct RunArgs {
     /// process of the system.
     #[arg(long, env = "QUEUE_TYPE", default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
-    /// Which saga events are published to the `saga.events` exchange: all (what the
-    /// management UI and step-by-step subscribers need), terminal (completed, compensated,
-    /// compensation_failed, completion_failed: one message per saga instead of about eight), or
-    /// none. Every event is recorded in the event log either way.
-    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::All)]
+    /// Which saga events are published to the `saga.events` exchange: terminal (completed,
+    /// compensated, compensation_failed, completion_failed: one message per saga), all (every
+    /// event, about eight per saga, for a subscriber following each step), or none. Every
+    /// event is recorded in the event log either way.
+    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::Terminal)]
     pub publish_events: PublishEvents,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.

@@ -23,11 +23,14 @@ use crate::store::{Commit, CommitError, OutboxRow, Store, StoreError};
 /// in the event log; this only says which leave as messages, one per event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PublishEvents {
-    /// Every event: what the management UI and a subscriber following each step need.
-    #[default]
+    /// Every event: for a subscriber following each step.
     All,
     /// Only the events that end a saga or hand it to an operator: `saga_completed`,
-    /// `saga_compensated`, `compensation_failed`, `completion_failed`.
+    /// `saga_compensated`, `compensation_failed`, `completion_failed`. The default: one
+    /// message per saga instead of about eight, each also an outbox row written twice, and
+    /// nothing in the management UI or the web view needs the others (the history is served
+    /// from the event log).
+    #[default]
     Terminal,
     /// None.
     None,
@@ -72,7 +75,7 @@ impl std::str::FromStr for PublishEvents {
             "terminal" => Ok(PublishEvents::Terminal),
             "none" => Ok(PublishEvents::None),
             other => Err(format!(
-                "unknown value {other:?}: use all (the default), terminal or none"
+                "unknown value {other:?}: use all, terminal (the default) or none"
             )),
         }
     }
@@ -242,7 +245,7 @@ impl Runtime {
                 group_commit: OnceLock::new(),
                 handoff: crate::relay::Handoff::default(),
                 states: crate::cache::StateCache::default(),
-                events: PublishEvents::All,
+                events: PublishEvents::default(),
             }),
         })
     }
@@ -273,7 +276,7 @@ impl Runtime {
         Ok(runtime)
     }
 
-    /// Publishes only `events` to `saga.events` (all of them unless told otherwise). Call it
+    /// Publishes only `events` to `saga.events` (the terminal ones unless told otherwise). Call it
     /// on the runtime just built, before it is cloned.
     pub fn publishing(mut self, events: PublishEvents) -> Self {
         Arc::get_mut(&mut self.inner)

@@ -324,8 +324,8 @@ async fn a_saga_stored_deeper_than_can_be_read_is_set_aside_once_and_listed() {
     assert_eq!(listed, both);
 }
 
-/// What leaves for `saga.events` follows `PublishEvents`; commands always leave, and the event
-/// log records everything either way.
+/// What leaves for `saga.events` follows `PublishEvents` (the terminal events unless told
+/// otherwise); commands always leave, and the event log records everything either way.
 #[tokio::test]
 async fn only_the_chosen_events_are_published() {
     use orchestrator::runtime::PublishEvents;
@@ -333,7 +333,7 @@ async fn only_the_chosen_events_are_published() {
 
     for (choice, expected) in [
         (
-            PublishEvents::All,
+            Some(PublishEvents::All),
             vec![
                 "ship.saga_started",
                 "ship.command_sent",
@@ -341,10 +341,14 @@ async fn only_the_chosen_events_are_published() {
                 "ship.saga_completed",
             ],
         ),
-        (PublishEvents::Terminal, vec!["ship.saga_completed"]),
-        (PublishEvents::None, vec![]),
+        (Some(PublishEvents::Terminal), vec!["ship.saga_completed"]),
+        (Some(PublishEvents::None), vec![]),
+        (None, vec!["ship.saga_completed"]),
     ] {
-        let rt = runtime().await.publishing(choice);
+        let rt = match choice {
+            Some(events) => runtime().await.publishing(events),
+            None => runtime().await,
+        };
         let saga_id = rt.start("ship", Data::new(), None).await.unwrap().saga_id;
         let done = Reply::Success {
             output: Data::new(),
@@ -358,17 +362,17 @@ async fn only_the_chosen_events_are_published() {
             .filter(|r| r.message.exchange == EVENTS_EXCHANGE)
             .map(|r| r.message.routing_key.as_str())
             .collect();
-        assert_eq!(events, expected, "{choice}");
+        assert_eq!(events, expected, "{choice:?}");
         let commands = rows
             .iter()
             .filter(|r| r.message.exchange == COMMANDS_EXCHANGE)
             .count();
         assert_eq!(
             commands, 1,
-            "{choice}: the command is sent whatever is published"
+            "{choice:?}: the command is sent whatever is published"
         );
         let history = rt.store().history(saga_id).await.unwrap();
-        assert!(history.len() >= 4, "{choice}: every event recorded");
+        assert!(history.len() >= 4, "{choice:?}: every event recorded");
     }
     assert_eq!("terminal".parse(), Ok(PublishEvents::Terminal));
     assert!("some".parse::<PublishEvents>().is_err());
