@@ -59,7 +59,7 @@ struct Args {
     amqp_url: String,
     /// Which saga events the orchestrator publishes: all or terminal (the benchmark follows
     /// sagas by their terminal events, so not none).
-    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::Terminal)]
+    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::default())]
     publish_events: PublishEvents,
     /// The type of every queue, the raw round trip's too: quorum or classic.
     #[arg(long, env = "QUEUE_TYPE", default_value_t = saga_amqp::QueueType::Quorum)]

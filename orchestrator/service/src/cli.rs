@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// compensated, compensation_failed, completion_failed: one message per saga), all (every
     /// event, about eight per saga, for a subscriber following each step), or none. Every
     /// event is recorded in the event log either way.
-    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::Terminal)]
+    #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::default())]
     pub publish_events: PublishEvents,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
