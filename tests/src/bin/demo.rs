@@ -129,8 +129,10 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The last 8 characters of a saga id: ids are time-ordered (UUIDv7), so the sagas of one run
+/// share their first ones.
 fn short(id: &str) -> &str {
-    &id[..id.len().min(8)]
+    &id[id.len().saturating_sub(8)..]
 }
 
 async fn run() -> anyhow::Result<bool> {
@@ -448,4 +450,17 @@ fn hints(env: &TestEnv, system: &System) {
         "Drive it by hand: API_TOKENS='me operate {DEMO_TOKEN}' {bin}/orchestrator run --config orchestrator/sagas.yaml and the four participants, then\n  \
          curl -X POST localhost:8080/sagas/order-checkout -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' -d '{{\"customer\":\"you\",\"amount\":1000,\"items\":[{{\"sku\":\"book\",\"quantity\":1}}]}}'"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn short_ids_of_sagas_started_together_differ() {
+        let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let (a, b) = (a.to_string(), b.to_string());
+        assert_eq!(short(&a).len(), 8);
+        assert_ne!(short(&a), short(&b), "{a} and {b}");
+    }
 }
