@@ -21,6 +21,7 @@ struct Span {
     trace_id: String,
     span_id: String,
     parent_span_id: String,
+    trace_state: String,
     attributes: HashMap<String, String>,
 }
 
@@ -59,6 +60,7 @@ fn spans_of(body: &Value) -> Vec<Span> {
                     trace_id: text("traceId"),
                     span_id: text("spanId"),
                     parent_span_id: text("parentSpanId"),
+                    trace_state: text("traceState"),
                     attributes: attributes(&span["attributes"]),
                 });
             }
@@ -103,11 +105,13 @@ async fn one_saga_is_one_tree_of_spans_across_the_services() {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    // A vendor's entries, which every hop passes on unchanged (W3C Trace Context).
+    let tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
     let (code, body) = system
         .post_raw(
             "/sagas/order-checkout",
             order("tracy", 1200, &[(&unique_sku("lamp"), 1)]).to_string(),
-            &[("traceparent", &traceparent)],
+            &[("traceparent", &traceparent), ("tracestate", tracestate)],
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -156,13 +160,17 @@ async fn one_saga_is_one_tree_of_spans_across_the_services() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    // Every span of the saga, wherever it came from, is in the caller's trace...
+    // Every span of the saga, wherever it came from, is in the caller's trace, with the
+    // caller's trace state...
     let all = received.lock().unwrap().clone();
     for span in all
         .iter()
         .filter(|s| s.attributes.get("saga_id") == Some(&id))
     {
         assert_eq!(span.trace_id, trace_id, "{span:?}");
+    }
+    for span in &spans {
+        assert_eq!(span.trace_state, tracestate, "{span:?}");
     }
     // ...and the trace is one tree: every span's parent is a span of it, but one, the saga's
     // start, whose parent is the caller's span.

@@ -14,6 +14,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use chrono::{DateTime, Datelike, Utc};
+use saga_amqp::trace::TraceContext;
 use saga_engine::state::StepStatus;
 use saga_engine::{OperatorCommand, Outcome, SagaState};
 use saga_schemas::limits::{self, LimitError, MAX_MESSAGE_BYTES};
@@ -376,13 +377,8 @@ async fn start_saga(
     limits::check_data_size("the input", &input)
         .map_err(|why| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why))?;
     let key = idempotency_key(&headers)?;
-    let traceparent = headers
-        .get(saga_amqp::trace::TRACEPARENT)
-        .and_then(|value| value.to_str().ok());
-    let started = state
-        .runtime
-        .start_traced(&name, input, key, traceparent)
-        .await?;
+    let trace = TraceContext::from_headers(|key| headers.get(key)?.to_str().ok());
+    let started = state.runtime.start_traced(&name, input, key, trace).await?;
     let status_url = format!("/sagas/{}", started.saga_id);
     let body = StartResponse {
         saga_id: started.saga_id,

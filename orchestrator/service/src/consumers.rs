@@ -8,6 +8,7 @@ use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::options::QueueDeclareOptions;
 use saga_amqp::lapin::types::FieldTable;
 use saga_amqp::lapin::{Channel, Consumer};
+use saga_amqp::trace::TraceContext;
 use saga_amqp::{AmqpError, DecodeError, Publisher, Received};
 use saga_engine::{Ignored, Input, Outcome};
 use saga_schemas::amqp::{
@@ -114,8 +115,7 @@ async fn handle_replies(
             },
             inbox_id: Some(reply.message_id),
             fired_timer: None,
-            trace: saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT)
-                .map(str::to_owned),
+            trace: TraceContext::of_delivery(&delivery),
         });
         pending.push(delivery);
     }
@@ -493,7 +493,7 @@ pub async fn starts(
                     &start.saga,
                     start.input.clone(),
                     start.idempotency_key.clone(),
-                    saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT),
+                    TraceContext::of_delivery(&delivery),
                 )
                 .await
             {

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
-use saga_amqp::trace;
+use saga_amqp::trace::{self, TraceContext};
 use saga_engine::{
     Decision, Definitions, Ignored, Input, OperatorCommand, Outcome, SagaDefinition, SagaState,
     decide,
@@ -161,9 +161,9 @@ pub struct Work {
     pub inbox_id: Option<Uuid>,
     /// The timer that fired, deleted in the same transaction.
     pub fired_timer: Option<String>,
-    /// The W3C `traceparent` that came with it (a reply's): the parent of its span. Without
+    /// The W3C trace context that came with it (a reply's): the parent of its span. Without
     /// one, the span is a child of the saga's start.
-    pub trace: Option<String>,
+    pub trace: Option<TraceContext>,
 }
 
 impl Work {
@@ -180,18 +180,15 @@ impl Work {
 
 /// The span a work item is decided in: a child of the context it carries, else of the saga's
 /// start (`parents`), so that every span of one saga is in one trace.
-fn work_span(work: &Work, parents: &HashMap<Uuid, String>) -> tracing::Span {
+fn work_span(work: &Work, parents: &HashMap<Uuid, TraceContext>) -> tracing::Span {
     // Without export the span would only cost: the log lines carry saga_id themselves.
     if !trace::enabled() {
         return tracing::Span::none();
     }
     let span = tracing::info_span!("saga.input", saga_id = %work.saga_id, input = work.kind(),
         trace_id = tracing::field::Empty);
-    let parent = work
-        .trace
-        .as_deref()
-        .or_else(|| parents.get(&work.saga_id).map(String::as_str));
-    trace::set_parent(&span, parent, None);
+    let parent = work.trace.as_ref().or_else(|| parents.get(&work.saga_id));
+    trace::set_parent_context(&span, parent);
     span
 }
 
@@ -385,14 +382,14 @@ impl Runtime {
         self.start_traced(name, input, idempotency_key, None).await
     }
 
-    /// [`Runtime::start`] for a request that carried a W3C `traceparent`: the saga's spans
-    /// join that trace (with export on; see `saga_amqp::trace`).
+    /// [`Runtime::start`] for a request that carried a W3C trace context: the saga's spans
+    /// join that trace, and pass its `tracestate` on (with export on; see `saga_amqp::trace`).
     pub async fn start_traced(
         &self,
         name: &str,
         input: Data,
         idempotency_key: Option<String>,
-        traceparent: Option<&str>,
+        trace_context: Option<TraceContext>,
     ) -> Result<Started, RuntimeError> {
         let def = self
             .definition(name)
@@ -450,14 +447,12 @@ impl Runtime {
             },
             inbox_id: None,
             fired_timer: None,
-            trace: traceparent.map(str::to_owned),
+            trace: trace_context,
         };
         let span = work_span(&work, &HashMap::new());
         let mut commit = span.in_scope(|| self.commit_for(Some(def), &work, 0, &decision, now));
         commit.idempotency_key = idempotency_key.clone();
-        commit.trace_parent = trace::context_headers(&span)
-            .into_iter()
-            .find_map(|(key, value)| (key == trace::TRACEPARENT).then_some(value));
+        commit.trace = TraceContext::of_span(&span);
         match self.commit(vec![commit], vec![span.clone()]).await {
             Ok(()) => {
                 span.in_scope(|| info!(%saga_id, saga = name, "saga started"));
@@ -620,9 +615,12 @@ impl Runtime {
         Err(RuntimeError::Contended)
     }
 
-    /// The start's `traceparent` of each saga whose work carries no trace context, when spans
-    /// are exported (one query; none otherwise).
-    async fn trace_parents(&self, batch: &[Work]) -> Result<HashMap<Uuid, String>, RuntimeError> {
+    /// The start's trace context of each saga whose work carries none, when spans are exported
+    /// (one query; none otherwise).
+    async fn trace_parents(
+        &self,
+        batch: &[Work],
+    ) -> Result<HashMap<Uuid, TraceContext>, RuntimeError> {
         if !trace::enabled() {
             return Ok(HashMap::new());
         }

@@ -10,6 +10,7 @@ use orchestrator::retention::{DEFAULT_INBOX_RETENTION, prune_inbox};
 use orchestrator::store::{
     Commit, CommitError, ListFilter, Pruned, SagaRow, SetAsideKind, Store, StoreError,
 };
+use saga_amqp::trace::TraceContext;
 use saga_engine::definition::{DEFAULT_RETRY, RetryPolicy};
 use saga_engine::engine::command_message_id;
 use saga_engine::{
@@ -152,6 +153,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     migrations_are_idempotent,
     commit_then_load_gives_the_state_back,
+    the_start_trace_context_is_kept_with_its_state,
     a_stale_commit_conflicts_and_rolls_back_everything,
     group_commit_writes_many_sagas_at_once,
     a_batch_past_the_bound_values_of_one_statement_is_written_whole,
@@ -465,6 +467,57 @@ async fn commit_then_load_gives_the_state_back(db: TestDb) {
     let many = store.load_many(&[saga_id, Uuid::new_v4()]).await.unwrap();
     assert_eq!(many.len(), 1);
     assert_eq!(many[&saga_id], state);
+}
+
+async fn the_start_trace_context_is_kept_with_its_state(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let context = |state: Option<&str>| TraceContext {
+        parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        state: state.map(str::to_owned),
+    };
+    let (vendor, plain, untraced) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for (saga_id, trace) in [
+        (
+            vendor,
+            Some(context(Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"))),
+        ),
+        (plain, Some(context(None))),
+        (untraced, None),
+    ] {
+        store
+            .commit(&[Commit {
+                trace,
+                ..start_commit(&def, saga_id, t0())
+            }])
+            .await
+            .unwrap();
+    }
+    // A later commit that names another context does not replace the start's.
+    let before = store.load(vendor).await.unwrap();
+    let decision = decide(&def, before.as_ref(), &ok(vendor, "order"), t0() + secs(1));
+    store
+        .commit(&[Commit {
+            trace: Some(context(Some("other=1"))),
+            ..commit_of(&def, vendor, before.as_ref(), &decision, t0() + secs(1))
+        }])
+        .await
+        .unwrap();
+
+    let parents = store
+        .trace_parents(&[vendor, plain, untraced, Uuid::new_v4()])
+        .await
+        .unwrap();
+    assert_eq!(
+        parents,
+        HashMap::from([
+            (
+                vendor,
+                context(Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"))
+            ),
+            (plain, context(None)),
+        ])
+    );
 }
 
 async fn a_stale_commit_conflicts_and_rolls_back_everything(db: TestDb) {

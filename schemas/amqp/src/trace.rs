@@ -98,6 +98,50 @@ pub fn context_headers(span: &tracing::Span) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// A W3C trace context as it came in: the `traceparent`, with its `tracestate` when there was
+/// one (vendors' entries, which every hop must pass on unchanged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub parent: String,
+    pub state: Option<String>,
+}
+
+impl TraceContext {
+    /// The context in headers read by `header`; `None` without a `traceparent`.
+    pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<Self> {
+        Some(TraceContext {
+            parent: header(TRACEPARENT)?.to_owned(),
+            state: header(TRACESTATE).map(str::to_owned),
+        })
+    }
+
+    /// The context of a delivery's headers.
+    pub fn of_delivery(delivery: &lapin::message::Delivery) -> Option<Self> {
+        Self::from_headers(|key| crate::header_str(delivery, key))
+    }
+
+    /// `span`'s own context (see [`context_headers`]): what its children and the messages
+    /// sent in it carry.
+    pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        let headers = context_headers(span);
+        Self::from_headers(|key| {
+            headers
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_str())
+        })
+    }
+}
+
+/// [`set_parent`] with a [`TraceContext`].
+pub fn set_parent_context(span: &tracing::Span, context: Option<&TraceContext>) {
+    set_parent(
+        span,
+        context.map(|c| c.parent.as_str()),
+        context.and_then(|c| c.state.as_deref()),
+    );
+}
+
 /// Makes the context of `traceparent` (with its `tracestate`) the parent of `span`, and
 /// records the trace id in the span's `trace_id` field when it has one. A missing or
 /// malformed `traceparent` leaves the span a root of a trace of its own.

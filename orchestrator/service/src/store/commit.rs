@@ -214,7 +214,7 @@ impl Plan {
                     saga_id,
                     state,
                     commit.idempotency_key.clone().filter(|_| before == 0),
-                    commit.trace_parent.clone().filter(|_| before == 0),
+                    commit.trace.clone().filter(|_| before == 0),
                     commit.now,
                     now,
                 )

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use saga_amqp::trace::TraceContext;
 use saga_engine::{SagaState, TimerChange};
 use saga_schemas::SagaEvent;
 use saga_schemas::amqp::OutgoingMessage;
@@ -64,8 +65,8 @@ pub struct Commit {
     pub inbox_id: Option<Uuid>,
     /// Recorded when the saga row is inserted (`expected_version == 0`); unique per saga name.
     pub idempotency_key: Option<String>,
-    /// Recorded when the saga row is inserted: the W3C `traceparent` of the saga's start.
-    pub trace_parent: Option<String>,
+    /// Recorded when the saga row is inserted: the W3C trace context of the saga's start.
+    pub trace: Option<TraceContext>,
     /// `recorded_at` of the events, `updated_at` (and `created_at` on insert) of the saga row.
     pub now: DateTime<Utc>,
 }
@@ -84,7 +85,7 @@ impl Commit {
             fired_timer: None,
             inbox_id: None,
             idempotency_key: None,
-            trace_parent: None,
+            trace: None,
             now,
         }
     }
@@ -141,20 +142,27 @@ impl Store {
             .await?)
     }
 
-    /// The W3C `traceparent` recorded at the start of each traced saga among `ids`.
-    pub async fn trace_parents(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, StoreError> {
+    /// The W3C trace context recorded at the start of each traced saga among `ids`.
+    pub async fn trace_parents(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, TraceContext>, StoreError> {
         let mut parents = HashMap::new();
         for chunk in ids.chunks(MAX_PARAMS) {
-            let rows: Vec<(Uuid, String)> = sagas::Entity::find()
+            let rows: Vec<(Uuid, String, Option<String>)> = sagas::Entity::find()
                 .select_only()
                 .column(sagas::Column::Id)
                 .column(sagas::Column::TraceParent)
+                .column(sagas::Column::TraceState)
                 .filter(sagas::Column::Id.is_in(chunk.iter().copied()))
                 .filter(sagas::Column::TraceParent.is_not_null())
                 .into_tuple()
                 .all(&self.db)
                 .await?;
-            parents.extend(rows);
+            parents.extend(
+                rows.into_iter()
+                    .map(|(id, parent, state)| (id, TraceContext { parent, state })),
+            );
         }
         Ok(parents)
     }

@@ -21,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0005CreateDefinitions),
             Box::new(M0006AddSagasTraceParent),
             Box::new(M0007IndexSagasIdempotencyKey),
+            Box::new(M0008AddSagasTraceState),
         ]
     }
 }
@@ -487,6 +488,44 @@ impl MigrationTrait for M0007IndexSagasIdempotencyKey {
                     .name("sagas_idempotency_key")
                     .table(Sagas::Table)
                     .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// `sagas.trace_state`: the W3C `tracestate` that came with `trace_parent`, which the spans of
+/// inputs without a context of their own, and the commands sent in them, pass on.
+struct M0008AddSagasTraceState;
+
+impl MigrationName for M0008AddSagasTraceState {
+    fn name(&self) -> &str {
+        "m0008_add_sagas_trace_state"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0008AddSagasTraceState {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.has_column("sagas", "trace_state").await? {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Sagas::Table)
+                    .add_column(text_null(Alias::new("trace_state")))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Sagas::Table)
+                    .drop_column(Alias::new("trace_state"))
                     .to_owned(),
             )
             .await

@@ -2,6 +2,7 @@
 //! (one saga, its history, lists, counts), and the rebuild of every row from the event log.
 
 use chrono::{DateTime, Utc};
+use saga_amqp::trace::TraceContext;
 use saga_engine::SagaState;
 use saga_schemas::{Data, SagaEvent, SagaStatus};
 use sea_orm::sea_query::{OnConflict, Query};
@@ -341,7 +342,7 @@ impl SagaRow {
 }
 
 /// Columns a commit rewrites on an existing saga row (never `id`, `name`, `idempotency_key`,
-/// `trace_parent`, `created_at`).
+/// `trace_parent`, `trace_state`, `created_at`).
 pub(super) const STATE_COLUMNS: [sagas::Column; 8] = [
     sagas::Column::Status,
     sagas::Column::BusinessKey,
@@ -353,7 +354,8 @@ pub(super) const STATE_COLUMNS: [sagas::Column; 8] = [
     sagas::Column::UpdatedAt,
 ];
 
-/// Columns the rebuild rewrites: all but `id`, `idempotency_key` and `trace_parent`.
+/// Columns the rebuild rewrites: all but `id`, `idempotency_key`, `trace_parent` and
+/// `trace_state`.
 const REBUILT_COLUMNS: [sagas::Column; 10] = [
     sagas::Column::Name,
     sagas::Column::Status,
@@ -368,7 +370,7 @@ const REBUILT_COLUMNS: [sagas::Column; 10] = [
 ];
 
 /// Number of columns of `sagas`, to size the chunks of multi-row statements.
-pub(super) const SAGA_COLUMNS: usize = 13;
+pub(super) const SAGA_COLUMNS: usize = 14;
 
 /// Sagas folded per round trip by the rebuild.
 const REBUILD_CHUNK: usize = 500;
@@ -399,7 +401,7 @@ pub(super) fn saga_active_model(
     saga_id: Uuid,
     state: &SagaState,
     idempotency_key: Option<String>,
-    trace_parent: Option<String>,
+    trace: Option<TraceContext>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 ) -> Result<sagas::ActiveModel, String> {
@@ -417,7 +419,8 @@ pub(super) fn saga_active_model(
         data: Set(data),
         state: Set(snapshot),
         version: Set(version),
-        trace_parent: Set(trace_parent),
+        trace_parent: Set(trace.as_ref().map(|t| t.parent.clone())),
+        trace_state: Set(trace.and_then(|t| t.state)),
         created_at: Set(created_at),
         updated_at: Set(updated_at),
     })

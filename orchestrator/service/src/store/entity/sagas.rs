@@ -30,6 +30,9 @@ pub struct Model {
     /// The W3C `traceparent` of the saga's start, when it was traced.
     #[sea_orm(column_type = "Text", nullable)]
     pub trace_parent: Option<String>,
+    /// The W3C `tracestate` that came with `trace_parent`, passed on with it.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub trace_state: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
