@@ -432,28 +432,11 @@ impl MigrationName for M0006AddSagasTraceParent {
 #[async_trait::async_trait]
 impl MigrationTrait for M0006AddSagasTraceParent {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.has_column("sagas", "trace_parent").await? {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Sagas::Table)
-                    .add_column(text_null(Alias::new("trace_parent")))
-                    .to_owned(),
-            )
-            .await
+        add_sagas_text_column(manager, "trace_parent").await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Sagas::Table)
-                    .drop_column(Alias::new("trace_parent"))
-                    .to_owned(),
-            )
-            .await
+        drop_sagas_column(manager, "trace_parent").await
     }
 }
 
@@ -507,27 +490,36 @@ impl MigrationName for M0008AddSagasTraceState {
 #[async_trait::async_trait]
 impl MigrationTrait for M0008AddSagasTraceState {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.has_column("sagas", "trace_state").await? {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Sagas::Table)
-                    .add_column(text_null(Alias::new("trace_state")))
-                    .to_owned(),
-            )
-            .await
+        add_sagas_text_column(manager, "trace_state").await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Sagas::Table)
-                    .drop_column(Alias::new("trace_state"))
-                    .to_owned(),
-            )
-            .await
+        drop_sagas_column(manager, "trace_state").await
     }
+}
+
+/// Adds the nullable text column `name` to `sagas` if it is not there yet.
+async fn add_sagas_text_column(manager: &SchemaManager<'_>, name: &str) -> Result<(), DbErr> {
+    if manager.has_column("sagas", name).await? {
+        return Ok(());
+    }
+    manager
+        .alter_table(
+            Table::alter()
+                .table(Sagas::Table)
+                .add_column(text_null(Alias::new(name)))
+                .to_owned(),
+        )
+        .await
+}
+
+async fn drop_sagas_column(manager: &SchemaManager<'_>, name: &str) -> Result<(), DbErr> {
+    manager
+        .alter_table(
+            Table::alter()
+                .table(Sagas::Table)
+                .drop_column(Alias::new(name))
+                .to_owned(),
+        )
+        .await
 }
