@@ -87,6 +87,10 @@ struct Args {
     /// Unacknowledged commands each participant handles at once.
     #[arg(long, default_value_t = 64)]
     participant_prefetch: u16,
+    /// Database transactions each participant runs at once (the SDK's default when not given:
+    /// 1 on SQLite, 4 on PostgreSQL).
+    #[arg(long)]
+    participant_transactions: Option<u32>,
     /// Measure the compensation path: the last step's participant answers a business failure,
     /// so every saga compensates the steps before it. A saga then counts as done when it is
     /// compensated; one that completes is an anomaly (reported, and the run fails).
@@ -498,6 +502,7 @@ fn sdk_config(args: &Args, name: &str, url: &str, schema: Option<String>) -> Sdk
     sdk.database_url = url.to_owned().into();
     sdk.database_schema = schema;
     sdk.prefetch = args.participant_prefetch;
+    sdk.database_transactions = args.participant_transactions;
     sdk.amqp_ca_file = args.amqp_ca_file.clone();
     sdk.queue_type = args.queue_type;
     sdk

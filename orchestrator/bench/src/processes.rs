@@ -46,6 +46,11 @@ pub fn spawn(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true);
+    if let Some(transactions) = args.participant_transactions {
+        command
+            .arg("--participant-transactions")
+            .arg(transactions.to_string());
+    }
     if let Some(schema) = database_schema {
         command.arg("--participant-database-schema").arg(schema);
     }

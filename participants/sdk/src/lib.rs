@@ -118,9 +118,9 @@ pub use saga_amqp::DEFAULT_AMQP_URL;
 /// Default prefetch: unacknowledged commands in flight at once.
 pub const DEFAULT_PREFETCH: u16 = 32;
 
-/// Database transactions at once on PostgreSQL unless configured otherwise
-/// ([`SdkConfig::database_transactions`]): enough for a slow handler not to hold up every
-/// other command, few enough for commands to share commits under load.
+/// Database transactions at once, at most, on PostgreSQL unless configured otherwise
+/// ([`SdkConfig::database_transactions`]): enough for slow handlers not to hold up every other
+/// command. Under load one runs at a time all the same (see there), so commands share commits.
 pub const DEFAULT_POSTGRES_TRANSACTIONS: u32 = 4;
 
 /// Where the participant connects, and how much it takes on at once.
@@ -138,10 +138,12 @@ pub struct SdkConfig {
     pub database_pool_size: Option<u32>,
     /// Unacknowledged commands in flight at once (the AMQP prefetch).
     pub prefetch: u16,
-    /// Database transactions at once. Each takes every command waiting when it starts (up to
-    /// `prefetch`) and commits them together, so under load many commands share one commit
-    /// (group commit). `None`: 1 on SQLite (one writer anyway), [`DEFAULT_POSTGRES_TRANSACTIONS`]
-    /// on PostgreSQL. Keep it below the PostgreSQL pool size.
+    /// Database transactions at once, at most. Each takes every command waiting when it starts
+    /// (up to `prefetch`) and commits them together, so under load many commands share one
+    /// commit (group commit). A transaction begins beside a running one only if that one has
+    /// not ended within 10 ms (a slow handler); otherwise it begins when that one ends, with
+    /// every command that came meanwhile. `None`: 1 on SQLite (one writer anyway),
+    /// [`DEFAULT_POSTGRES_TRANSACTIONS`] on PostgreSQL. Keep it below the PostgreSQL pool size.
     pub database_transactions: Option<u32>,
     /// The connection name shown in the management UI; `None` for `<participant>@<host>:<pid>`.
     pub connection_name: Option<String>,

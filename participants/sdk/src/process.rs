@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use saga_schemas::limits::{self, LimitError, MAX_DATA_BYTES, MAX_DEPTH};
@@ -16,7 +17,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::inbox;
@@ -78,12 +79,63 @@ pub(crate) struct Job {
 /// Group commit: commands received at about the same time are handled in one database
 /// transaction, so they share its commit (one fsync) instead of paying one each.
 ///
-/// `transactions` workers run at once; each takes every command waiting (up to `max_batch`)
-/// when it becomes free, so a batch grows with the load and a lone command goes alone at once.
-/// Every command of a batch is answered only after the batch committed.
+/// Up to `transactions` workers; a free one takes every command waiting (up to `max_batch`)
+/// when the [`Gate`] lets it begin, so a batch grows with the load and a lone command goes
+/// alone at once. Every command of a batch is answered only after the batch committed.
 #[derive(Clone)]
 pub(crate) struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// How long commands wait for the running transaction to end before another begins beside it.
+/// A batch of no-op handlers takes a few milliseconds on a busy machine; a handler slower than
+/// this (a call to another service, say) holds up the others no longer than this.
+const STALL: Duration = Duration::from_millis(10);
+
+/// When a free worker may begin a transaction: at once when none is running; otherwise when one
+/// ends, taking every command that arrived meanwhile into one commit, or after its `stall` if
+/// none ends by then. Beginning beside a running transaction instead, as soon as a command
+/// came, made most batches one command long under load: on PostgreSQL twice as many
+/// transactions (five round trips each) and 10-20% more of the server's CPU per saga.
+pub(crate) struct Gate {
+    running: AtomicUsize,
+    ended: Notify,
+    stall: Duration,
+}
+
+/// A transaction begun through the [`Gate`]; dropping it lets the next one begin.
+pub(crate) struct Running<'a>(&'a Gate);
+
+impl Gate {
+    pub(crate) fn new(stall: Duration) -> Self {
+        Gate {
+            running: AtomicUsize::new(0),
+            ended: Notify::new(),
+            stall,
+        }
+    }
+
+    pub(crate) async fn begin(&self) -> Running<'_> {
+        let ended = self.ended.notified();
+        tokio::pin!(ended);
+        // Registered before the count is read: an end in between still wakes it.
+        ended.as_mut().enable();
+        if self.running.load(Ordering::SeqCst) > 0 {
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep(self.stall) => {}
+            }
+        }
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Running(self)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
+    }
 }
 
 impl Committer {
@@ -91,27 +143,32 @@ impl Committer {
         let (jobs, receiver) = mpsc::unbounded_channel::<Job>();
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let savepoints = Arc::new(Savepoints::default());
+        let gate = Arc::new(Gate::new(STALL));
         for _ in 0..transactions.max(1) {
             let db = db.clone();
             let receiver = receiver.clone();
             let savepoints = savepoints.clone();
+            let gate = gate.clone();
             // Ends when every sender (the workers' handles) is dropped.
             tokio::spawn(async move {
                 loop {
                     let mut batch = Vec::new();
-                    {
+                    let running = {
                         let mut receiver = receiver.lock().await;
                         match receiver.recv().await {
                             Some(job) => batch.push(job),
                             None => return,
                         }
+                        // Still holding the receiver: what arrives while waiting joins this batch.
+                        let running = gate.begin().await;
                         while batch.len() < max_batch.max(1) {
                             match receiver.try_recv() {
                                 Ok(job) => batch.push(job),
                                 Err(_) => break,
                             }
                         }
-                    }
+                        running
+                    };
                     // Handlers' panics are caught in `run_handler`; anything else that panics
                     // fails this batch's commands (retryable), not every command after it.
                     if AssertUnwindSafe(run_batch(&db, &savepoints, batch))
@@ -123,6 +180,7 @@ impl Committer {
                             "a batch of commands panicked; they are answered retryable"
                         );
                     }
+                    drop(running);
                 }
             });
         }
@@ -694,6 +752,45 @@ mod tests {
         assert_eq!(handler.0.load(Ordering::SeqCst), 11);
         // Only the successes' writes are kept
         assert_eq!(effects(&db).await, vec!["a", "b", "c", "d", "e", "f", "g"]);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_begins_at_once_when_none_is_running() {
+        let gate = Gate::new(Duration::from_secs(3600));
+        // When nothing runs, then a worker begins without waiting
+        let first = gate.begin().now_or_never().expect("begun at once");
+        drop(first);
+        // And again after the first ended
+        assert!(gate.begin().now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_transaction_waits_for_the_running_one_to_end() {
+        let gate = Gate::new(Duration::from_secs(3600));
+        // Given a running transaction
+        let first = gate.begin().await;
+        // When another worker has commands, then it waits, gathering them
+        let mut second = std::pin::pin!(gate.begin());
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        // And it begins as soon as the running one ends
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(60), second)
+            .await
+            .expect("begun once the first ended");
+    }
+
+    #[tokio::test]
+    async fn a_slow_transaction_holds_up_the_next_only_for_the_stall() {
+        let gate = Gate::new(Duration::from_millis(20));
+        // Given a transaction that does not end (a slow handler)
+        let _slow = gate.begin().await;
+        // When another worker has commands, then it begins beside it after the stall
+        let second = tokio::time::timeout(Duration::from_secs(60), gate.begin())
+            .await
+            .expect("begun beside the slow one");
+        assert_eq!(gate.running.load(Ordering::SeqCst), 2);
+        drop(second);
+        assert_eq!(gate.running.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
