@@ -97,17 +97,17 @@ const STALL: Duration = Duration::from_millis(10);
 /// none ends by then. Beginning beside a running transaction instead, as soon as a command
 /// came, made most batches one command long under load: on PostgreSQL twice as many
 /// transactions (five round trips each) and 10-20% more of the server's CPU per saga.
-pub(crate) struct Gate {
+struct Gate {
     running: AtomicUsize,
     ended: Notify,
     stall: Duration,
 }
 
 /// A transaction begun through the [`Gate`]; dropping it lets the next one begin.
-pub(crate) struct Running<'a>(&'a Gate);
+struct Running<'a>(&'a Gate);
 
 impl Gate {
-    pub(crate) fn new(stall: Duration) -> Self {
+    fn new(stall: Duration) -> Self {
         Gate {
             running: AtomicUsize::new(0),
             ended: Notify::new(),
@@ -115,7 +115,7 @@ impl Gate {
         }
     }
 
-    pub(crate) async fn begin(&self) -> Running<'_> {
+    async fn begin(&self) -> Running<'_> {
         let ended = self.ended.notified();
         tokio::pin!(ended);
         // Registered before the count is read: an end in between still wakes it.

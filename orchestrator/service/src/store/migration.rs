@@ -513,6 +513,7 @@ async fn add_sagas_text_column(manager: &SchemaManager<'_>, name: &str) -> Resul
         .await
 }
 
+/// Drops the column `name` of `sagas`.
 async fn drop_sagas_column(manager: &SchemaManager<'_>, name: &str) -> Result<(), DbErr> {
     manager
         .alter_table(
