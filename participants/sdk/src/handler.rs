@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use saga_schemas::{Data, Outcome, StepCommand};
-use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, RuntimeErr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -87,6 +87,9 @@ where
 /// Any `std::error::Error` converts into it, so `?` works on database errors.
 pub struct HandlerError {
     message: String,
+    /// The database gave up on the transaction because of another one (a deadlock, a lock
+    /// wait past its limit, a serialisation failure): running it again, alone, will do.
+    conflict: bool,
 }
 
 impl HandlerError {
@@ -94,16 +97,41 @@ impl HandlerError {
     pub fn retryable(message: impl fmt::Display) -> Self {
         HandlerError {
             message: message.to_string(),
+            conflict: false,
         }
     }
 
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    pub(crate) fn is_conflict(&self) -> bool {
+        self.conflict
+    }
+}
+
+/// Whether `err` says the database gave up on the transaction because of another one:
+/// PostgreSQL's deadlock (40P01), serialisation failure (40001) or lock timeout (55P03).
+pub(crate) fn is_conflict(err: &DbErr) -> bool {
+    let database_error = match err {
+        DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => {
+            e.as_database_error()
+        }
+        _ => None,
+    };
+    database_error.is_some_and(|e| {
+        matches!(
+            e.code().as_deref(),
+            Some("40P01") | Some("40001") | Some("55P03")
+        )
+    })
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(err: E) -> Self {
+        let conflict = (&err as &dyn std::any::Any)
+            .downcast_ref::<DbErr>()
+            .is_some_and(is_conflict);
         let mut message = err.to_string();
         let mut source = err.source();
         while let Some(cause) = source {
@@ -111,7 +139,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
             message.push_str(&cause.to_string());
             source = cause.source();
         }
-        HandlerError { message }
+        HandlerError { message, conflict }
     }
 }
 

@@ -237,6 +237,22 @@ async fn run_batch(db: &DatabaseConnection, savepoints: &Savepoints, jobs: Vec<J
     }
 }
 
+/// How long a transaction of several commands waits for a lock (PostgreSQL) before it gives up
+/// and its commands run one per transaction, which wait as long as it takes. Two batches whose
+/// handlers lock the same rows in different orders would otherwise wait for the server's
+/// deadlock check (`deadlock_timeout`, 1 s by default) before one of them failed.
+const BATCH_LOCK_TIMEOUT: &str = "50ms";
+
+/// What a transaction given up for another one fails with (see [`conflicted`]).
+const CONFLICT: &str = "given up for a concurrent transaction";
+
+/// Whether `err` says the database gave up on the transaction because of another one: run it
+/// again (alone, if it was a batch), rather than answer a retryable error, which would count
+/// against the step's retries.
+fn conflicted(err: &DbErr) -> bool {
+    crate::handler::is_conflict(err) || matches!(err, DbErr::Custom(m) if m.starts_with(CONFLICT))
+}
+
 /// Runs `cmd` through the inbox and, if it is new, through `handler`, in a transaction of its
 /// own.
 pub(crate) async fn process(
@@ -246,7 +262,8 @@ pub(crate) async fn process(
     handler: &dyn Handler,
 ) -> Handled {
     // A unique violation on the inbox means a concurrent copy of the command committed first:
-    // go round again, and the second round finds its record.
+    // go round again, and the second round finds its record. A deadlock's loser goes round
+    // again too.
     for _ in 0..3 {
         match attempt(db, savepoints, &[(cmd, handler)]).await {
             Ok(mut handled) => return handled.pop().expect("one answer per command"),
@@ -254,6 +271,9 @@ pub(crate) async fn process(
                 tracing::info!(
                     "a concurrent copy of the command committed first; reloading its outcome"
                 );
+            }
+            Err(err) if conflicted(&err) => {
+                tracing::info!(error = %err, "the database gave the command's transaction up for another one; running it again");
             }
             Err(err) => {
                 tracing::warn!(error = %err, "database error while handling the command");
@@ -314,8 +334,14 @@ async fn attempt_with(
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        // One call for both: a simple query may hold several statements.
+        let lock_timeout = if commands.len() > 1 {
+            format!("SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'; ")
+        } else {
+            String::new()
+        };
         tx.execute_unprepared(&format!(
-            "SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k"
+            "{lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k"
         ))
         .await?;
     }
@@ -396,7 +422,7 @@ async fn attempt_with(
                     output: Data::new(),
                 }
             }
-            _ if !savepoints => match run_direct(&tx, cmd, *handler).await {
+            _ if !savepoints => match run_direct(&tx, cmd, *handler).await? {
                 Some(outcome) => outcome,
                 None => {
                     tx.rollback().await?;
@@ -449,20 +475,22 @@ async fn attempt_with(
 
 /// Runs the handler straight in the batch's transaction: its outcome if it succeeded with an
 /// output a reply can carry, else `None` (its writes, if any, are then in the transaction and
-/// can only be undone with the whole batch).
+/// can only be undone with the whole batch); an error when the database gave the transaction
+/// up for another one.
 async fn run_direct(
     tx: &DatabaseTransaction,
     cmd: &StepCommand,
     handler: &dyn Handler,
-) -> Option<Outcome> {
+) -> Result<Option<Outcome>, DbErr> {
     match AssertUnwindSafe(handler.handle(cmd, tx))
         .catch_unwind()
         .await
     {
         Ok(Ok(Outcome::Success { output })) if check_output(&output).is_ok() => {
-            Some(Outcome::Success { output })
+            Ok(Some(Outcome::Success { output }))
         }
-        _ => None,
+        Ok(Err(err)) if err.is_conflict() => Err(DbErr::Custom(format!("{CONFLICT}: {err}"))),
+        _ => Ok(None),
     }
 }
 
@@ -502,6 +530,7 @@ async fn run_handler(
             tracing::warn!(error = %error, "retryable error");
             Ok(Err(error))
         }
+        Ok(Err(err)) if err.is_conflict() => Err(DbErr::Custom(format!("{CONFLICT}: {err}"))),
         Ok(Err(err)) => {
             savepoint.rollback().await?;
             let error = clean(err.message());
