@@ -33,6 +33,10 @@ pub mod message_type {
     pub const START_SAGA: &str = "saga.start";
     pub const STEP_COMMAND: &str = "saga.step_command";
     pub const STEP_REPLY: &str = "saga.step_reply";
+    /// Several commands for one participant: a [`crate::StepCommands`].
+    pub const STEP_COMMANDS: &str = "saga.step_commands";
+    /// The replies to a [`crate::StepCommands`]: a [`crate::StepReplies`].
+    pub const STEP_REPLIES: &str = "saga.step_replies";
     pub const EVENT: &str = "saga.event";
     /// The orchestrator's answer to a start message that set `reply_to`: a
     /// [`crate::SagaStartedReply`].
@@ -68,6 +72,10 @@ pub mod header {
 }
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// The W3C trace context headers of a message alone, which are fields of each element in a
+/// packed message.
+pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 
 /// A header value: the two kinds the contract uses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -189,6 +197,94 @@ impl OutgoingMessage {
             mandatory: true,
             discard_after: None,
         }
+    }
+
+    /// Commands `commands` (each built by [`OutgoingMessage::command`] for the same participant
+    /// and `reply_to`) as one [`crate::StepCommands`] message. Its body is put together from
+    /// theirs, without parsing them; each keeps its trace context. The broker may drop it after
+    /// the latest `discard_after` of its commands (never, if one has none).
+    pub fn packed_commands(commands: &[&OutgoingMessage]) -> Self {
+        let first = commands.first().expect("a pack of at least one command");
+        let mut body =
+            String::with_capacity(16 + commands.iter().map(|m| m.body.len() + 16).sum::<usize>());
+        body.push_str("{\"commands\":[");
+        for (i, message) in commands.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str("{\"command\":");
+            body.push_str(&message.body);
+            for key in TRACE_HEADERS {
+                if let Some((_, HeaderValue::Str(value))) =
+                    message.headers.iter().find(|(k, _)| k == key)
+                {
+                    body.push_str(&format!(",{}:{}", json(&key), json(value)));
+                }
+            }
+            body.push('}');
+        }
+        body.push_str("]}");
+        let discard_after = commands
+            .iter()
+            .map(|m| m.discard_after)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|all| all.into_iter().max());
+        OutgoingMessage {
+            exchange: first.exchange.clone(),
+            routing_key: first.routing_key.clone(),
+            message_id: uuid::Uuid::now_v7(),
+            correlation_id: None,
+            message_type: message_type::STEP_COMMANDS.into(),
+            reply_to: first.reply_to.clone(),
+            headers: vec![(
+                header::SCHEMA_VERSION.into(),
+                HeaderValue::Int(crate::SCHEMA_VERSION.into()),
+            )],
+            body,
+            mandatory: true,
+            discard_after,
+        }
+    }
+
+    /// The replies to a packed command message, as [`crate::StepReplies`] messages to the queue
+    /// `reply_to`: one, unless together they would pass the message size limit.
+    pub fn packed_replies(replies: &[crate::PackedReply], reply_to: &str) -> Vec<Self> {
+        const OPEN: &str = "{\"replies\":[";
+        const CLOSE: &str = "]}";
+        let max = crate::limits::MAX_MESSAGE_BYTES - OPEN.len() - CLOSE.len();
+        let mut bodies: Vec<String> = Vec::new();
+        let mut body = String::new();
+        for reply in replies {
+            let element = json(reply);
+            if !body.is_empty() && body.len() + 1 + element.len() > max {
+                bodies.push(std::mem::take(&mut body));
+            }
+            if !body.is_empty() {
+                body.push(',');
+            }
+            body.push_str(&element);
+        }
+        if !body.is_empty() {
+            bodies.push(body);
+        }
+        bodies
+            .into_iter()
+            .map(|body| OutgoingMessage {
+                exchange: String::new(),
+                routing_key: reply_to.into(),
+                message_id: uuid::Uuid::now_v7(),
+                correlation_id: None,
+                message_type: message_type::STEP_REPLIES.into(),
+                reply_to: None,
+                headers: vec![(
+                    header::SCHEMA_VERSION.into(),
+                    HeaderValue::Int(crate::SCHEMA_VERSION.into()),
+                )],
+                body: format!("{OPEN}{body}{CLOSE}"),
+                mandatory: true,
+                discard_after: None,
+            })
+            .collect()
     }
 
     /// A lifecycle event for the events exchange, routed by `<saga name>.<event type>`.

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     EventEnvelope, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepCommand,
-    StepReply, amqp, definition,
+    StepCommands, StepReplies, StepReply, amqp, definition,
 };
 
 /// The command that rewrites the committed schema files from the types.
@@ -67,6 +67,22 @@ pub fn json_schemas() -> Vec<(&'static str, Value)> {
                 schema_for!(StepReply),
                 "step-reply",
                 Some(amqp::message_type::STEP_REPLY),
+            ),
+        ),
+        (
+            "step-commands.schema.json",
+            annotate(
+                schema_for!(StepCommands),
+                "step-commands",
+                Some(amqp::message_type::STEP_COMMANDS),
+            ),
+        ),
+        (
+            "step-replies.schema.json",
+            annotate(
+                schema_for!(StepReplies),
+                "step-replies",
+                Some(amqp::message_type::STEP_REPLIES),
             ),
         ),
         (

@@ -20,6 +20,10 @@ pub const MAX_DATA_BYTES: usize = 256 * 1024;
 /// serde_json's own limit of 128, so everything accepted can be read back.
 pub const MAX_DEPTH: usize = 32;
 
+/// How much deeper a message sits in a packed message (`{"commands": [{"command": …}]}`): a
+/// packed message may nest to [`MAX_DEPTH`] plus this.
+pub const PACK_DEPTH: usize = 3;
+
 /// The longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 

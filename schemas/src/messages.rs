@@ -122,6 +122,49 @@ pub struct StepReply {
     pub outcome: Outcome,
 }
 
+/// Several [`StepCommand`]s for one participant in one message (AMQP `type`
+/// `saga.step_commands`): the orchestrator packs the commands it publishes together for one
+/// participant when told that participant takes them (`PACK_COMMANDS`), so that a step costs
+/// the broker a fraction of a message. Each command is handled, de-duplicated and answered as
+/// if it had come alone; the answers go back packed too ([`StepReplies`]), and the message is
+/// acknowledged once they are confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepCommands {
+    /// At least one.
+    pub commands: Vec<PackedCommand>,
+}
+
+/// One command of a [`StepCommands`], with the trace context a command alone carries in its
+/// headers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PackedCommand {
+    pub command: StepCommand,
+    /// W3C trace context of the orchestrator's span for this command, when traces are exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+/// The replies to the commands of one [`StepCommands`] (AMQP `type` `saga.step_replies`), sent
+/// to its `reply_to` queue. The orchestrator takes these wherever it takes a [`StepReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepReplies {
+    /// At least one.
+    pub replies: Vec<PackedReply>,
+}
+
+/// One reply of a [`StepReplies`], with the trace context a reply alone carries in its headers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PackedReply {
+    pub reply: StepReply,
+    /// W3C trace context of the participant's span for the command, when traces are exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
 /// What happened when a participant handled a command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use chrono::{DateTime, TimeZone, Utc};
 use saga_schemas::generate::{self, REGENERATE_COMMAND};
 use saga_schemas::{
-    Data, Direction, EventEnvelope, Outcome, SagaEvent, StartSaga, StepCommand, StepReply,
+    Data, Direction, EventEnvelope, Outcome, PackedReply, SagaEvent, StartSaga, StepCommand,
+    StepCommands, StepReplies, StepReply,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -580,6 +581,21 @@ fn readme_examples_validate_and_round_trip() {
                 let reply = check_round_trip::<StepReply>("step-reply", &example.json);
                 outcomes.push(reply.outcome);
             }
+            "step-commands" => {
+                let pack = check_round_trip::<StepCommands>("step-commands", &example.json);
+                assert!(
+                    pack.commands.len() > 1,
+                    "{context}: show more than one command"
+                );
+            }
+            "step-replies" => {
+                let pack = check_round_trip::<StepReplies>("step-replies", &example.json);
+                assert!(
+                    pack.replies.len() > 1,
+                    "{context}: show more than one reply"
+                );
+                outcomes.extend(pack.replies.into_iter().map(|packed| packed.reply.outcome));
+            }
             "outcome" => {
                 let mut wrapped = reply_template.clone();
                 wrapped["outcome"] = example.json.clone();
@@ -610,6 +626,8 @@ fn readme_examples_validate_and_round_trip() {
         "start-saga",
         "step-command",
         "step-reply",
+        "step-commands",
+        "step-replies",
         "event-envelope",
         "saga-events",
     ] {
@@ -644,6 +662,8 @@ fn readme_names_match_the_amqp_constants() {
         message_type::START_SAGA,
         message_type::STEP_COMMAND,
         message_type::STEP_REPLY,
+        message_type::STEP_COMMANDS,
+        message_type::STEP_REPLIES,
         message_type::EVENT,
         header::SCHEMA_VERSION,
         header::SAGA_ID,
@@ -682,4 +702,92 @@ fn readme_names_match_the_amqp_constants() {
             "README.md: event {kind}"
         );
     }
+}
+
+/// The orchestrator puts a packed message's body together from its commands' bodies as text;
+/// a participant must read back each command and its trace context, and the schema must hold.
+#[test]
+fn a_packed_command_message_holds_each_command_with_its_trace_context() {
+    use saga_schemas::amqp::{HeaderValue, OutgoingMessage, message_type};
+    let execute = command(Direction::Execute);
+    let compensate = command(Direction::Compensate);
+    let mut traced =
+        OutgoingMessage::command(&execute, "payments", "saga.replies", Some(at(30, 0)));
+    traced.headers.push((
+        "traceparent".into(),
+        HeaderValue::Str("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    ));
+    traced.headers.push((
+        "tracestate".into(),
+        HeaderValue::Str("vendor=\"quoted\"".into()),
+    ));
+    let later = OutgoingMessage::command(&compensate, "payments", "saga.replies", Some(at(40, 0)));
+    let packed = OutgoingMessage::packed_commands(&[&traced, &later]);
+
+    assert_eq!(packed.message_type, message_type::STEP_COMMANDS);
+    assert_eq!(packed.routing_key, "payments");
+    assert_eq!(packed.reply_to.as_deref(), Some("saga.replies"));
+    assert_eq!(
+        packed.discard_after,
+        Some(at(40, 0)),
+        "the latest of its commands'"
+    );
+    let body: Value = serde_json::from_str(&packed.body).unwrap();
+    assert_valid("step-commands", &body);
+    let pack: StepCommands = serde_json::from_value(body).unwrap();
+    assert_eq!(pack.commands.len(), 2);
+    assert_eq!(pack.commands[0].command, execute);
+    assert_eq!(
+        pack.commands[0].traceparent.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        pack.commands[0].tracestate.as_deref(),
+        Some("vendor=\"quoted\"")
+    );
+    assert_eq!(pack.commands[1].command, compensate);
+    assert_eq!(pack.commands[1].traceparent, None);
+
+    let lasting = OutgoingMessage::command(&compensate, "payments", "saga.replies", None);
+    let packed = OutgoingMessage::packed_commands(&[&traced, &lasting]);
+    assert_eq!(
+        packed.discard_after, None,
+        "one command that never expires keeps it"
+    );
+}
+
+#[test]
+fn packed_replies_stay_within_the_message_limit() {
+    use saga_schemas::amqp::OutgoingMessage;
+    use saga_schemas::limits::MAX_MESSAGE_BYTES;
+    // Outputs of 200 KiB: five fit in one message, not six.
+    let big = |i: u128| PackedReply {
+        reply: StepReply {
+            message_id: Uuid::from_u128(i),
+            ..reply(Outcome::Success {
+                output: data(json!({ "blob": "x".repeat(200 * 1024) })),
+            })
+        },
+        traceparent: None,
+        tracestate: None,
+    };
+    let replies: Vec<PackedReply> = (0..12).map(big).collect();
+    let messages = OutgoingMessage::packed_replies(&replies, "saga.replies");
+    assert_eq!(messages.len(), 3);
+    let mut back = Vec::new();
+    for message in &messages {
+        assert!(
+            message.body.len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            message.body.len()
+        );
+        let body: Value = serde_json::from_str(&message.body).unwrap();
+        assert_valid("step-replies", &body);
+        let pack: StepReplies = serde_json::from_value(body).unwrap();
+        back.extend(pack.replies);
+    }
+    assert_eq!(back, replies, "every reply once, in order");
+
+    let small = vec![big(1)];
+    assert_eq!(OutgoingMessage::packed_replies(&small, "q").len(), 1);
 }

@@ -91,6 +91,19 @@ pub fn header_int(delivery: &Delivery, key: &str) -> Option<i64> {
 /// parses the body as JSON into `T`. Unknown fields in the body are ignored (as the contract
 /// requires) unless `T` says otherwise.
 pub fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, DecodeError> {
+    decode_within(delivery, limits::MAX_DEPTH)
+}
+
+/// [`decode`] for a packed message (`saga.step_commands`, `saga.step_replies`), whose messages
+/// sit [`limits::PACK_DEPTH`] levels deeper than alone.
+pub fn decode_pack<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, DecodeError> {
+    decode_within(delivery, limits::MAX_DEPTH + limits::PACK_DEPTH)
+}
+
+fn decode_within<T: DeserializeOwned>(
+    delivery: &Delivery,
+    max_depth: usize,
+) -> Result<T, DecodeError> {
     let version =
         header_value(delivery, header::SCHEMA_VERSION).ok_or(DecodeError::MissingSchemaVersion)?;
     let version = amqp_int(version)
@@ -98,7 +111,8 @@ pub fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, DecodeError
     if version != i64::from(SCHEMA_VERSION) {
         return Err(DecodeError::UnsupportedSchemaVersion(version));
     }
-    limits::check_json(&delivery.data).map_err(DecodeError::Limit)?;
+    limits::check_json_with(&delivery.data, limits::MAX_MESSAGE_BYTES, max_depth)
+        .map_err(DecodeError::Limit)?;
     serde_json::from_slice(&delivery.data).map_err(|e| {
         if e.is_data() {
             DecodeError::Invalid(e.to_string())
@@ -169,40 +183,15 @@ pub async fn dead_letter(
     from_queue: &str,
     reason: &str,
 ) -> Result<(), AmqpError> {
-    let mut own = FieldTable::default();
-    own.insert(
-        short(header::DEAD_LETTER_REASON, "header key")?,
-        AMQPValue::LongString(limits::reason(reason).into()),
-    );
-    own.insert(
-        short(header::DEAD_LETTER_QUEUE, "header key")?,
-        AMQPValue::LongString(from_queue.into()),
-    );
-    let original = delivery.properties.headers().clone().unwrap_or_default();
-    let mut headers = original.clone();
-    for (key, value) in own.inner() {
-        headers.insert(key.clone(), value.clone());
-    }
-    let mut properties = copy_properties(&delivery.properties, headers);
-    let max = publisher.max_content_header();
-    if frame::content_header_size(&properties) > max {
-        let room = max.saturating_sub(frame::content_header_size(&copy_properties(
-            &delivery.properties,
-            FieldTable::default(),
-        )));
-        let (headers, dropped) = fitting_headers(&original, own, room);
-        tracing::warn!(
-            queue = from_queue,
-            delivery_tag = delivery.delivery_tag,
-            %dropped,
-            "the message's headers leave no room for the dead letter's own; leaving out the largest"
-        );
-        properties = copy_properties(&delivery.properties, headers);
-    }
-    let dlq = dead_letter_queue(from_queue);
-    let published = publisher
-        .publish_raw(DEAD_LETTER_EXCHANGE, &dlq, &delivery.data, properties)
-        .await;
+    let published = publish_dead_letter(
+        publisher,
+        &delivery.properties,
+        &delivery.data,
+        from_queue,
+        reason,
+        delivery.delivery_tag,
+    )
+    .await;
     if let Err(error) = published {
         tracing::warn!(
             queue = from_queue,
@@ -216,6 +205,89 @@ pub async fn dead_letter(
         return Err(error);
     }
     ack(delivery).await
+}
+
+/// Sets aside one message of a packed `delivery` (one command of a `saga.step_commands`, one
+/// reply of a `saga.step_replies`) as [`dead_letter`] would a message alone: publishes to the
+/// dead-letter queue of `from_queue` a message whose body is `body` (that message alone), of
+/// AMQP type `message_type`, with the delivery's other properties and headers plus `saga-id`
+/// and `correlation_id` = `saga_id` and the reason, and waits for the confirm. It does not
+/// acknowledge the delivery, which holds other messages: acknowledge it once each is answered
+/// or set aside. On an error nothing is acknowledged, so the whole delivery comes back.
+pub async fn dead_letter_part(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    from_queue: &str,
+    reason: &str,
+    body: &[u8],
+    message_type: &str,
+    saga_id: Option<&str>,
+) -> Result<(), AmqpError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let mut properties = delivery.properties.clone().with_type(message_type.into());
+    if let Some(saga_id) = saga_id {
+        headers.insert(
+            short(header::SAGA_ID, "header key")?,
+            AMQPValue::LongString(saga_id.into()),
+        );
+        properties = properties.with_correlation_id(saga_id.into());
+    }
+    let properties = properties.with_headers(headers);
+    publish_dead_letter(
+        publisher,
+        &properties,
+        body,
+        from_queue,
+        reason,
+        delivery.delivery_tag,
+    )
+    .await
+}
+
+/// Publishes the dead-letter copy of a message with `original` properties and `body`, and
+/// waits for its confirm (see [`dead_letter`]).
+async fn publish_dead_letter(
+    publisher: &Publisher,
+    original: &BasicProperties,
+    body: &[u8],
+    from_queue: &str,
+    reason: &str,
+    delivery_tag: u64,
+) -> Result<(), AmqpError> {
+    let mut own = FieldTable::default();
+    own.insert(
+        short(header::DEAD_LETTER_REASON, "header key")?,
+        AMQPValue::LongString(limits::reason(reason).into()),
+    );
+    own.insert(
+        short(header::DEAD_LETTER_QUEUE, "header key")?,
+        AMQPValue::LongString(from_queue.into()),
+    );
+    let original_headers = original.headers().clone().unwrap_or_default();
+    let mut headers = original_headers.clone();
+    for (key, value) in own.inner() {
+        headers.insert(key.clone(), value.clone());
+    }
+    let mut properties = copy_properties(original, headers);
+    let max = publisher.max_content_header();
+    if frame::content_header_size(&properties) > max {
+        let room = max.saturating_sub(frame::content_header_size(&copy_properties(
+            original,
+            FieldTable::default(),
+        )));
+        let (headers, dropped) = fitting_headers(&original_headers, own, room);
+        tracing::warn!(
+            queue = from_queue,
+            delivery_tag,
+            %dropped,
+            "the message's headers leave no room for the dead letter's own; leaving out the largest"
+        );
+        properties = copy_properties(original, headers);
+    }
+    let dlq = dead_letter_queue(from_queue);
+    publisher
+        .publish_raw(DEAD_LETTER_EXCHANGE, &dlq, body, properties)
+        .await
 }
 
 /// The longest note of the headers left out, in bytes: [`limits::reason`] keeps

@@ -20,9 +20,9 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::registry::LookupSpan;
 
 /// The W3C header naming the trace and the parent span.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: &str = saga_schemas::amqp::TRACE_HEADERS[0];
 /// The W3C header of vendor-specific trace state, passed along unchanged.
-pub const TRACESTATE: &str = "tracestate";
+pub const TRACESTATE: &str = saga_schemas::amqp::TRACE_HEADERS[1];
 
 const ENDPOINT_VARS: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
