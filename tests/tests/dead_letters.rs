@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use saga_amqp::{HeaderValue, OutgoingMessage};
 use saga_schemas::amqp::{
-    COMMANDS_EXCHANGE, REPLIES_QUEUE, command_queue, dead_letter_queue, header,
+    COMMANDS_EXCHANGE, REPLIES_QUEUE, command_queue, dead_letter_queue, header, message_type,
 };
-use saga_schemas::{Direction, Outcome, SCHEMA_VERSION, StepReply};
+use saga_schemas::{Direction, Outcome, PackedReply, SCHEMA_VERSION, StepReply};
 use saga_system::checkout::*;
 use saga_system::prometheus::scrape;
 use saga_system::{Backend, CHECKOUT, Options, System, dead_letter_reason, pretty};
@@ -246,8 +246,87 @@ async fn replies_to_commands_never_sent(backend: Backend) {
     amqp.close().await;
 }
 
+/// A packed reply message (`saga.step_replies`) is taken reply by reply: the one for a saga
+/// nobody here knows is dead-lettered alone, as a `saga.step_reply` with its saga id and the
+/// reason, and the real one beside it moves its saga on.
+async fn packed_replies_are_taken_one_by_one(backend: Backend) {
+    let system = System::start(
+        Options::new(backend)
+            .without("orders")
+            .label("packed-replies"),
+    )
+    .await;
+    let amqp = system.amqp().await;
+    let saga_id = system
+        .start_checkout(&order("ada", 1000, &[("TEA-01", 1)]))
+        .await;
+    let queue = command_queue("orders");
+    let command = amqp
+        .wait_get(&queue, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no command in {queue}"));
+    let command: saga_schemas::StepCommand = serde_json::from_slice(&command.data).unwrap();
+    let reply = |saga_id: Uuid, in_reply_to| StepReply {
+        message_id: Uuid::new_v4(),
+        in_reply_to,
+        saga_id,
+        step: command.step.clone(),
+        direction: Direction::Execute,
+        attempt: command.attempt,
+        outcome: Outcome::Success {
+            output: Default::default(),
+        },
+    };
+    let stranger = Uuid::new_v4();
+    let unknown = reply(stranger, Uuid::new_v4());
+    let real = reply(saga_id.parse().unwrap(), command.message_id);
+    let packed = |reply: &StepReply| PackedReply {
+        reply: reply.clone(),
+        traceparent: None,
+        tracestate: None,
+    };
+    let before = replies_dead_lettered(&system).await;
+    let messages =
+        OutgoingMessage::packed_replies(&[packed(&unknown), packed(&real)], REPLIES_QUEUE);
+    assert_eq!(messages.len(), 1);
+    amqp.publish(&messages[0]).await;
+
+    let dlq = dead_letter_queue(REPLIES_QUEUE);
+    let dead = amqp
+        .wait_get(&dlq, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the reply for an unknown saga did not reach {dlq}"));
+    assert_eq!(
+        dead.properties.kind().as_ref().map(|k| k.as_str()),
+        Some(message_type::STEP_REPLY)
+    );
+    let body: StepReply = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(body, unknown, "{dlq} holds that reply alone");
+    assert_eq!(
+        saga_amqp::header_str(&dead, header::SAGA_ID),
+        Some(stranger.to_string().as_str())
+    );
+    let reason = dead_letter_reason(&dead).unwrap_or_default().to_owned();
+    assert!(
+        reason.contains(&stranger.to_string()) && reason.contains("unknown to this orchestrator"),
+        "{reason}"
+    );
+    assert_one_more_dead_letter(&system, before).await;
+    system
+        .wait_until(
+            &saga_id,
+            Duration::from_secs(60),
+            "take the real reply of the pack",
+            |saga| step_status(saga, &command.step) == "completed",
+        )
+        .await;
+    assert!(amqp.get(&dlq).await.is_none(), "{dlq} holds one message");
+    amqp.close().await;
+}
+
 saga_system::on_both_backends!(
     malformed_messages,
     replies_for_unknown_sagas,
-    replies_to_commands_never_sent
+    replies_to_commands_never_sent,
+    packed_replies_are_taken_one_by_one
 );

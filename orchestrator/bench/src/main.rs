@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
+use orchestrator::relay::PackCommands;
 use orchestrator::runtime::{PublishEvents, Runtime};
 use orchestrator::service::{ServiceConfig, serve_runtime};
 use orchestrator::store::Store;
@@ -61,6 +62,11 @@ struct Args {
     /// sagas by their terminal events, so not none).
     #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::default())]
     publish_events: PublishEvents,
+    /// The participants whose commands go packed, several to a message (the orchestrator's
+    /// `PACK_COMMANDS`): `all` (the bench participants are built on the SDK, which takes them),
+    /// `none` for one message per command and per reply.
+    #[arg(long, env = "PACK_COMMANDS", default_value_t = PackCommands::All)]
+    pack_commands: PackCommands,
     /// The type of every queue, the raw round trip's too: quorum or classic.
     #[arg(long, env = "QUEUE_TYPE", default_value_t = saga_amqp::QueueType::Quorum)]
     queue_type: saga_amqp::QueueType,
@@ -230,6 +236,7 @@ async fn run(
         amqp_url: args.amqp_url.clone().into(),
         queue_type: args.queue_type,
         publish_events: args.publish_events,
+        pack_commands: args.pack_commands.clone(),
         database_url: databases.orchestrator.clone().into(),
         database_pool_size: orchestrator::store::DEFAULT_POOL_SIZE,
         http: "127.0.0.1:0".parse()?,
@@ -322,7 +329,7 @@ async fn run(
     let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
     println!(
         "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}, {} queues, \
-         events published: {}, path: {}, participants: {}, logs: {}",
+         events published: {}, commands packed: {}, path: {}, participants: {}, logs: {}",
         args.sagas,
         args.steps,
         args.concurrency,
@@ -330,6 +337,7 @@ async fn run(
         saga_amqp::redact_url(&args.amqp_url),
         args.queue_type,
         args.publish_events,
+        args.pack_commands,
         if args.fail_last_step {
             "compensation (the last step fails)"
         } else {

@@ -103,6 +103,7 @@ pub enum Format {
 /// Where the saga state lives. SQLite (a file in the working directory) is the embedded
 /// default; use PostgreSQL in production.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://orchestrator.db?mode=rwc";
+use orchestrator::relay::PackCommands;
 use orchestrator::runtime::PublishEvents;
 pub use saga_amqp::DEFAULT_AMQP_URL;
 use saga_amqp::{QueueType, SecretUrl};
@@ -128,6 +129,13 @@ pub struct RunArgs {
     /// event is recorded in the event log either way.
     #[arg(long, env = "PUBLISH_EVENTS", default_value_t = PublishEvents::default())]
     pub publish_events: PublishEvents,
+    /// The participants whose commands go several to a message (`saga.step_commands`), each
+    /// such message answered by one with the replies (`saga.step_replies`): `none`, `all`, or
+    /// participant names separated by commas. Only for participants that take packed commands,
+    /// as every one built on the participant SDK does; it saves the broker most of a message
+    /// per step under load.
+    #[arg(long, env = "PACK_COMMANDS", default_value_t = PackCommands::default())]
+    pub pack_commands: PackCommands,
     /// A PEM file of CA certificates to trust for an `amqps://` broker, besides the built-in
     /// (Mozilla) roots: for a broker certificate signed by a private CA.
     #[arg(long, env = "AMQP_CA_FILE", value_name = "FILE")]

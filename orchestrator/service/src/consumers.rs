@@ -16,7 +16,8 @@ use saga_schemas::amqp::{
 };
 use saga_schemas::limits::{self, LimitError};
 use saga_schemas::{
-    RejectionReason, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepReply,
+    RejectionReason, SCHEMA_VERSION, SagaStartedReply, StartRejected, StartSaga, StepReplies,
+    StepReply,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -88,49 +89,201 @@ pub async fn watch_replies_waiting(
     }
 }
 
+/// Where a reply came from: a delivery of its own, or one of a packed delivery's.
+struct Part {
+    /// Index of its delivery.
+    delivery: usize,
+    /// For a reply of a packed delivery, its place in it.
+    in_pack: Option<usize>,
+}
+
+/// The replies of `deliveries`, each delivery acked once every reply in it is decided, set
+/// aside or dead-lettered.
+struct Replies {
+    deliveries: Vec<Delivery>,
+    /// Per delivery, its replies not yet settled.
+    left: Vec<usize>,
+    /// Deliveries whose replies are all settled, to ack together.
+    to_ack: Vec<usize>,
+}
+
+impl Replies {
+    fn settled(&mut self, part: &Part) {
+        self.left[part.delivery] -= 1;
+        if self.left[part.delivery] == 0 {
+            self.to_ack.push(part.delivery);
+        }
+    }
+
+    async fn ack_settled(&mut self) -> Result<(), AmqpError> {
+        let acks: Vec<_> = std::mem::take(&mut self.to_ack)
+            .into_iter()
+            .map(|i| saga_amqp::ack(&self.deliveries[i]))
+            .collect();
+        futures_util::future::try_join_all(acks).await?;
+        Ok(())
+    }
+
+    /// The JSON of the reply `part` alone (what is dead-lettered or set aside). Read again from
+    /// its delivery: needed only on these rare paths.
+    fn alone(&self, part: &Part) -> Vec<u8> {
+        let data = &self.deliveries[part.delivery].data;
+        let Some(index) = part.in_pack else {
+            return data.clone();
+        };
+        serde_json::from_slice::<StepReplies>(data)
+            .ok()
+            .and_then(|pack| pack.replies.into_iter().nth(index))
+            .and_then(|packed| serde_json::to_vec(&packed.reply).ok())
+            .unwrap_or_else(|| data.clone())
+    }
+
+    /// Sets `part` aside in the replies' dead-letter queue with `reason`: the delivery itself
+    /// when it is the part's alone (acked then), else a copy of the part.
+    async fn dead_letter(
+        &mut self,
+        publisher: &Publisher,
+        part: &Part,
+        saga_id: uuid::Uuid,
+        reason: &str,
+    ) -> Result<(), AmqpError> {
+        let delivery = &self.deliveries[part.delivery];
+        match part.in_pack {
+            None => {
+                dead_letter(publisher, delivery, REPLIES_QUEUE, reason).await?;
+                self.left[part.delivery] = 0;
+            }
+            Some(_) => {
+                saga_amqp::dead_letter_part(
+                    publisher,
+                    delivery,
+                    REPLIES_QUEUE,
+                    reason,
+                    &self.alone(part),
+                    message_type::STEP_REPLY,
+                    Some(&saga_id.to_string()),
+                )
+                .await?;
+                metrics::counter!(DEAD_LETTERS, "queue" => REPLIES_QUEUE).increment(1);
+                self.settled(part);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reply_work(reply: StepReply, trace: Option<TraceContext>) -> Work {
+    Work {
+        saga_id: reply.saga_id,
+        input: Input::Reply {
+            step: reply.step,
+            direction: reply.direction,
+            attempt: reply.attempt,
+            in_reply_to: reply.in_reply_to,
+            outcome: reply.outcome,
+        },
+        inbox_id: Some(reply.message_id),
+        fired_timer: None,
+        trace,
+    }
+}
+
+/// The replies in `delivery`, or `None` when it was dead-lettered (it could not be decoded).
+fn is_pack(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .kind()
+        .as_ref()
+        .is_some_and(|kind| kind.as_str() == message_type::STEP_REPLIES)
+}
+
+async fn decode_replies(
+    publisher: &Publisher,
+    delivery: &Delivery,
+) -> Result<Option<Vec<(StepReply, Option<TraceContext>)>>, AmqpError> {
+    let decoded = if is_pack(delivery) {
+        saga_amqp::decode_pack::<StepReplies>(delivery)
+            .map_err(|e| e.to_string())
+            .and_then(|pack| {
+                if pack.replies.is_empty() {
+                    return Err("a saga.step_replies message with no replies".into());
+                }
+                Ok(pack
+                    .replies
+                    .into_iter()
+                    .map(|packed| {
+                        let trace = TraceContext::from_headers(|key| match key {
+                            saga_amqp::trace::TRACEPARENT => packed.traceparent.as_deref(),
+                            saga_amqp::trace::TRACESTATE => packed.tracestate.as_deref(),
+                            _ => None,
+                        });
+                        (packed.reply, trace)
+                    })
+                    .collect())
+            })
+    } else {
+        saga_amqp::decode::<StepReply>(delivery)
+            .map(|reply| vec![(reply, TraceContext::of_delivery(delivery))])
+            .map_err(|e| e.to_string())
+    };
+    match decoded {
+        Ok(replies) => Ok(Some(replies)),
+        Err(error) => {
+            let reason = format!("cannot decode the message: {error}");
+            warn!(
+                saga_id = saga_amqp::header_str(delivery, header::SAGA_ID)
+                    .map_or_else(|| "unknown".into(), limits::reason),
+                queue = REPLIES_QUEUE,
+                message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+                reason = %limits::reason(&reason),
+                "dead-lettering a message"
+            );
+            dead_letter(publisher, delivery, REPLIES_QUEUE, &reason).await?;
+            Ok(None)
+        }
+    }
+}
+
 async fn handle_replies(
     runtime: &Runtime,
     publisher: &Publisher,
     deliveries: Vec<Delivery>,
     shutdown: &CancellationToken,
 ) -> Result<(), AmqpError> {
-    let mut work = Vec::with_capacity(deliveries.len());
-    let mut pending = Vec::with_capacity(deliveries.len());
-    for delivery in deliveries {
-        let Some(Received {
-            message: reply,
-            delivery,
-        }) = decode_or_dead_letter::<StepReply>(publisher, delivery, REPLIES_QUEUE).await?
-        else {
+    let mut works = Vec::with_capacity(deliveries.len());
+    let mut parts = Vec::with_capacity(deliveries.len());
+    let mut left = vec![0; deliveries.len()];
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let Some(replies) = decode_replies(publisher, delivery).await? else {
             continue;
         };
-        work.push(Work {
-            saga_id: reply.saga_id,
-            input: Input::Reply {
-                step: reply.step,
-                direction: reply.direction,
-                attempt: reply.attempt,
-                in_reply_to: reply.in_reply_to,
-                outcome: reply.outcome,
-            },
-            inbox_id: Some(reply.message_id),
-            fired_timer: None,
-            trace: TraceContext::of_delivery(&delivery),
-        });
-        pending.push(delivery);
+        left[index] = replies.len();
+        let packed = is_pack(delivery);
+        for (place, (reply, trace)) in replies.into_iter().enumerate() {
+            works.push(reply_work(reply, trace));
+            parts.push(Part {
+                delivery: index,
+                in_pack: packed.then_some(place),
+            });
+        }
     }
-    if work.is_empty() {
+    if parts.is_empty() {
         return Ok(());
     }
+    let mut replies = Replies {
+        deliveries,
+        left,
+        to_ack: Vec::new(),
+    };
     // Replies already handled (a redelivery after a crash before the ack) need no decision.
     // Only a redelivery can be one, bar a publisher's own retry: the inbox insert catches that
     // one, and the batch is then decided reply by reply. Asking only about redeliveries spares
     // the common batch a query.
-    let ids: Vec<_> = work
+    let ids: Vec<_> = works
         .iter()
-        .zip(&pending)
-        .filter(|(_, delivery)| delivery.redelivered)
-        .filter_map(|(w, _)| w.inbox_id)
+        .zip(&parts)
+        .filter(|(_, part)| replies.deliveries[part.delivery].redelivered)
+        .filter_map(|(work, _)| work.inbox_id)
         .collect();
     let seen = if ids.is_empty() {
         Default::default()
@@ -141,76 +294,80 @@ async fn handle_replies(
             Default::default()
         })
     };
-    let (mut fresh, mut fresh_deliveries) = (Vec::new(), Vec::new());
     // Acks go out together once their batch is decided: one hand-off to the connection's I/O
     // task instead of one round each.
-    let mut handled = Vec::with_capacity(pending.len());
-    for (w, delivery) in work.into_iter().zip(pending) {
-        if w.inbox_id.is_some_and(|id| seen.contains(&id)) {
-            handled.push(delivery);
+    let (mut fresh, mut fresh_parts) = (Vec::new(), Vec::new());
+    for (work, part) in works.into_iter().zip(parts) {
+        if work.inbox_id.is_some_and(|id| seen.contains(&id)) {
+            replies.settled(&part);
         } else {
-            fresh.push(w);
-            fresh_deliveries.push(delivery);
+            fresh.push(work);
+            fresh_parts.push(part);
         }
     }
     let mut pause = FIRST_PAUSE;
     loop {
         let results = runtime.handle(&fresh).await;
         let mut again = (Vec::new(), Vec::new());
-        for ((w, delivery), result) in fresh.into_iter().zip(fresh_deliveries).zip(results) {
+        for ((work, part), result) in fresh.into_iter().zip(fresh_parts).zip(results) {
+            let saga_id = work.saga_id;
             match result {
                 // Nothing was recorded for it: say so, set it aside, count it. A reply nobody
                 // here asked for usually means another orchestrator, on another database,
                 // consumes this vhost and is missing the reply.
                 Ok(Outcome::Ignored(Ignored::UnknownSaga)) => {
                     let reason = result_reason(
-                        &w.saga_id,
+                        &saga_id,
                         "unknown to this orchestrator's database (another orchestrator with a different database may consume this vhost)",
                     );
-                    warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply for an unknown saga");
+                    warn!(%saga_id, %reason, "dead-lettering a reply for an unknown saga");
                     metrics::counter!(REPLIES_UNKNOWN).increment(1);
-                    dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                    replies
+                        .dead_letter(publisher, &part, saga_id, &reason)
+                        .await?;
                 }
                 // Forged, or from another orchestrator's saga with a colliding id: never
                 // applied, and kept with why rather than acked away.
                 Ok(Outcome::Ignored(ignored @ Ignored::UnknownCommand { .. })) => {
-                    let reason = result_reason(&w.saga_id, &ignored.to_string());
-                    warn!(saga_id = %w.saga_id, %reason, "dead-lettering a reply to a command never sent");
-                    dead_letter(publisher, &delivery, REPLIES_QUEUE, &reason).await?;
+                    let reason = result_reason(&saga_id, &ignored.to_string());
+                    warn!(%saga_id, %reason, "dead-lettering a reply to a command never sent");
+                    replies
+                        .dead_letter(publisher, &part, saga_id, &reason)
+                        .await?;
                 }
-                Ok(_) => handled.push(delivery),
+                Ok(_) => replies.settled(&part),
                 // It can never be handled (its saga's definition is gone, its saga
                 // unreadable): set it aside with why, for an operator, instead of trying
                 // forever.
                 Err(error) if error.is_permanent() => {
-                    let reply = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                    let reply = serde_json::from_slice(&replies.alone(&part)).unwrap_or_default();
                     let reason = error.to_string();
                     match runtime
                         .store()
-                        .set_aside_reply(w.saga_id, &reply, &reason, chrono::Utc::now())
+                        .set_aside_reply(saga_id, &reply, &reason, chrono::Utc::now())
                         .await
                     {
                         Ok(()) => {
-                            warn!(saga_id = %w.saga_id, %reason, "reply set aside: it can never be handled");
-                            handled.push(delivery);
+                            warn!(%saga_id, %reason, "reply set aside: it can never be handled");
+                            replies.settled(&part);
                         }
                         Err(store_error) => {
-                            warn!(saga_id = %w.saga_id, %reason, error = %store_error,
+                            warn!(%saga_id, %reason, error = %store_error,
                                 "cannot set aside a reply that can never be handled yet; trying again");
-                            again.0.push(w);
-                            again.1.push(delivery);
+                            again.0.push(work);
+                            again.1.push(part);
                         }
                     }
                 }
                 Err(error) => {
-                    warn!(saga_id = %w.saga_id, %error, ?pause, "reply not handled; trying again");
-                    again.0.push(w);
-                    again.1.push(delivery);
+                    warn!(%saga_id, %error, ?pause, "reply not handled; trying again");
+                    again.0.push(work);
+                    again.1.push(part);
                 }
             }
         }
-        (fresh, fresh_deliveries) = again;
-        saga_amqp::ack_all(&std::mem::take(&mut handled)).await?;
+        (fresh, fresh_parts) = again;
+        replies.ack_settled().await?;
         if fresh.is_empty() {
             return Ok(());
         }
@@ -218,8 +375,10 @@ async fn handle_replies(
         // Handing them back would count against the queue's delivery limit, and a long outage
         // would dead-letter good replies.
         if !pause_or_shutdown(&mut pause, shutdown).await {
-            for delivery in &fresh_deliveries {
-                saga_amqp::nack(delivery, true).await?;
+            let mut unsettled: Vec<usize> = fresh_parts.iter().map(|part| part.delivery).collect();
+            unsettled.dedup();
+            for index in unsettled {
+                saga_amqp::nack(&replies.deliveries[index], true).await?;
             }
             return Ok(());
         }

@@ -140,6 +140,14 @@ fn describe() {
         "Messages the orchestrator dead-lettered (unreadable, refused, unknown saga or command), by the queue they came from."
     );
     describe_counter!(
+        crate::relay::PACKS,
+        "Packed command messages (saga.step_commands) published, by participant."
+    );
+    describe_counter!(
+        crate::relay::PACKED_COMMANDS,
+        "Commands published in packed messages, by participant."
+    );
+    describe_counter!(
         "saga_set_aside_total",
         "Timers and replies that can never be handled, set aside with the reason (GET /set-aside), by kind."
     );

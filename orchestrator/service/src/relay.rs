@@ -10,14 +10,15 @@
 //! the handoff's limit while the relay is behind or the broker away.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
-use saga_schemas::amqp::{HeaderValue, header, message_type};
+use saga_schemas::amqp::{COMMANDS_EXCHANGE, HeaderValue, header, message_type};
+use saga_schemas::limits;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -40,6 +41,123 @@ const HANDOFF_LIMIT: usize = 16_384;
 /// the rows at or below the outbox's last id as read this long ago.
 const KEEP_SENT: Duration = Duration::from_secs(600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// The participants whose commands go packed, several to a message
+/// ([`saga_schemas::StepCommands`]); the others get one message per command. A participant
+/// built on this project's SDK takes both; one written against the single-command contract
+/// alone must not be named. Parsed from `none` (the default), `all`, or a comma-separated list
+/// of participant names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PackCommands {
+    #[default]
+    None,
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl PackCommands {
+    fn packs(&self, participant: &str) -> bool {
+        match self {
+            PackCommands::None => false,
+            PackCommands::All => true,
+            PackCommands::Only(names) => names.contains(participant),
+        }
+    }
+}
+
+impl std::str::FromStr for PackCommands {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "" | "none" => return Ok(PackCommands::None),
+            "all" => return Ok(PackCommands::All),
+            _ => {}
+        }
+        let mut names = BTreeSet::new();
+        for name in text.split(',').map(str::trim) {
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                return Err(format!(
+                    "{name:?} is not a participant name (letters, digits, `.`, `_` and `-`): \
+                     give `none`, `all` or participant names separated by commas"
+                ));
+            }
+            names.insert(name.to_owned());
+        }
+        Ok(PackCommands::Only(names))
+    }
+}
+
+impl std::fmt::Display for PackCommands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PackCommands::None => f.write_str("none"),
+            PackCommands::All => f.write_str("all"),
+            PackCommands::Only(names) => {
+                f.write_str(&names.iter().cloned().collect::<Vec<_>>().join(","))
+            }
+        }
+    }
+}
+
+/// Packed messages published (and confirmed), by participant.
+pub const PACKS: &str = "saga_command_packs_total";
+/// Commands published in packed messages, by participant.
+pub const PACKED_COMMANDS: &str = "saga_commands_packed_total";
+
+/// Commands in one packed message at most: a poison command (one whose participant crashes on
+/// it) takes no more than these to its dead-letter queue at the delivery limit.
+const MAX_PACK: usize = 32;
+/// Bytes of a packed body at most, below the message limit by room for the packing itself.
+const MAX_PACK_BYTES: usize = limits::MAX_MESSAGE_BYTES - 4096;
+
+/// Messages to publish for `messages`, with the indices in `messages` that each carries: the
+/// commands for a participant that `pack` names go together, up to [`MAX_PACK`] and
+/// [`MAX_PACK_BYTES`] a message, each pack where its first command was.
+fn pack(messages: &[OutgoingMessage], pack: &PackCommands) -> Vec<(OutgoingMessage, Vec<usize>)> {
+    // Per (participant, reply_to): the packs being filled, as indices into `out`.
+    let mut open: HashMap<(&str, Option<&str>), usize> = HashMap::new();
+    let mut out: Vec<(Vec<usize>, usize)> = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        let packable = message.message_type == message_type::STEP_COMMAND
+            && message.exchange == COMMANDS_EXCHANGE
+            && pack.packs(&message.routing_key)
+            && message.body.len() < MAX_PACK_BYTES;
+        if !packable {
+            out.push((vec![i], 0));
+            continue;
+        }
+        let key = (message.routing_key.as_str(), message.reply_to.as_deref());
+        match open.get(&key).copied() {
+            Some(at)
+                if out[at].0.len() < MAX_PACK
+                    && out[at].1 + message.body.len() + 256 <= MAX_PACK_BYTES =>
+            {
+                out[at].0.push(i);
+                out[at].1 += message.body.len() + 256;
+            }
+            _ => {
+                open.insert(key, out.len());
+                out.push((vec![i], message.body.len() + 256));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(members, _)| {
+            let message = match members.as_slice() {
+                [one] => messages[*one].clone(),
+                many => OutgoingMessage::packed_commands(
+                    &many.iter().map(|&i| &messages[i]).collect::<Vec<_>>(),
+                ),
+            };
+            (message, members)
+        })
+        .collect()
+}
 
 /// Outbox rows committed by this process, on their way to the relay.
 #[derive(Default)]
@@ -93,11 +211,13 @@ impl Handoff {
 pub async fn run(
     runtime: Runtime,
     publisher: Publisher,
+    pack: PackCommands,
     shutdown: CancellationToken,
 ) -> Result<(), AmqpError> {
     let mut relay = Relay {
         runtime,
         publisher,
+        pack,
         unmarked: HashSet::new(),
         marking: VecDeque::new(),
         read_back: Recent::default(),
@@ -150,6 +270,7 @@ pub async fn run(
 struct Relay {
     runtime: Runtime,
     publisher: Publisher,
+    pack: PackCommands,
     /// Rows published from the handoff whose marks are not committed yet: the database still
     /// shows them unsent, and must not have them published again.
     unmarked: HashSet<i64>,
@@ -316,13 +437,22 @@ impl Relay {
             sent.push(row.id);
         }
         let messages: Vec<_> = live.iter().map(|row| lifetime_from(row, now)).collect();
+        let (messages, members): (Vec<_>, Vec<_>) = pack(&messages, &self.pack).into_iter().unzip();
         let results = self.publisher.publish_all(&messages).await;
-        for (row, result) in live.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(row.id),
-                Err(error) => {
-                    warn!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key, %error,
-                        "publish not confirmed; it stays in the outbox");
+        for ((message, members), result) in messages.iter().zip(members).zip(results) {
+            if result.is_ok() && message.message_type == message_type::STEP_COMMANDS {
+                let participant = message.routing_key.clone();
+                metrics::counter!(PACKS, "participant" => participant.clone()).increment(1);
+                metrics::counter!(PACKED_COMMANDS, "participant" => participant)
+                    .increment(members.len() as u64);
+            }
+            for row in members.into_iter().map(|i| live[i]) {
+                match &result {
+                    Ok(()) => sent.push(row.id),
+                    Err(error) => {
+                        warn!(saga_id = %row.saga_id, message_id = %row.message.message_id, routing_key = %row.message.routing_key, %error,
+                            "publish not confirmed; it stays in the outbox");
+                    }
                 }
             }
         }
@@ -497,6 +627,84 @@ mod tests {
         handoff.push([row(many + 1, 1, "charge", Direction::Execute, 1)]);
         let (rows, missed) = handoff.take();
         assert_eq!((rows.len(), missed), (1, false));
+    }
+
+    #[test]
+    fn packs_hold_one_participant_s_commands_up_to_the_limit_and_nothing_else() {
+        let rows: Vec<OutboxRow> = (0..MAX_PACK as i64 + 3)
+            .map(|i| row(i, i as u128, "charge", Direction::Execute, 1))
+            .collect();
+        let mut messages: Vec<OutgoingMessage> = rows.iter().map(|r| r.message.clone()).collect();
+        let mut other = messages[0].clone();
+        other.routing_key = "inventory".into();
+        messages.insert(1, other);
+        let event = saga_schemas::EventEnvelope {
+            saga_id: uuid::Uuid::from_u128(1),
+            saga_name: "order".into(),
+            seq: 1,
+            recorded_at: Utc::now(),
+            event: saga_schemas::SagaEvent::SagaCompleted,
+        };
+        messages.insert(2, OutgoingMessage::event(&event, uuid::Uuid::new_v4()));
+
+        let only_p: PackCommands = "p".parse().unwrap();
+        let packed = pack(&messages, &only_p);
+        let kinds: Vec<(&str, usize)> = packed
+            .iter()
+            .map(|(m, members)| (m.message_type.as_str(), members.len()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (message_type::STEP_COMMANDS, MAX_PACK),
+                (message_type::STEP_COMMAND, 1),
+                (message_type::EVENT, 1),
+                (message_type::STEP_COMMANDS, 3),
+            ]
+        );
+        let members: Vec<usize> = packed.iter().flat_map(|(_, m)| m.clone()).collect();
+        let mut sorted = members.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..messages.len()).collect::<Vec<_>>(), "each once");
+        assert_eq!(packed[1].0, messages[1], "another participant's goes alone");
+
+        let none = pack(&messages, &PackCommands::None);
+        assert_eq!(none.len(), messages.len());
+        assert!(none.iter().all(|(m, members)| *m == messages[members[0]]));
+    }
+
+    #[test]
+    fn a_pack_stays_within_the_message_limit() {
+        let mut big = row(1, 1, "charge", Direction::Execute, 1).message;
+        big.body = format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_PACK_BYTES - 300));
+        let small = row(2, 2, "charge", Direction::Execute, 1).message;
+        let packed = pack(&[big.clone(), small.clone()], &PackCommands::All);
+        assert_eq!(
+            packed.len(),
+            2,
+            "the two would pass the size limit together"
+        );
+        assert_eq!(packed[0].0, big);
+        assert_eq!(packed[1].0, small);
+        let packed = pack(
+            &[big.clone(), small.clone(), small.clone()],
+            &PackCommands::All,
+        );
+        assert_eq!(packed.len(), 2);
+        assert_eq!(packed[1].0.message_type, message_type::STEP_COMMANDS);
+    }
+
+    #[test]
+    fn pack_commands_parses_none_all_and_names() {
+        assert_eq!("".parse::<PackCommands>(), Ok(PackCommands::None));
+        assert_eq!("none".parse::<PackCommands>(), Ok(PackCommands::None));
+        assert_eq!("all".parse::<PackCommands>(), Ok(PackCommands::All));
+        let names: PackCommands = "orders, payments".parse().unwrap();
+        assert!(names.packs("orders") && names.packs("payments") && !names.packs("inventory"));
+        assert_eq!(names.to_string(), "orders,payments");
+        let error = "orders,pay ments".parse::<PackCommands>().unwrap_err();
+        assert!(error.contains("\"pay ments\""), "{error}");
+        assert!("orders,,payments".parse::<PackCommands>().is_err());
     }
 
     #[test]

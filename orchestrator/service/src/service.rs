@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub queue_type: saga_amqp::QueueType,
     /// Which recorded events are published to `saga.events`.
     pub publish_events: crate::runtime::PublishEvents,
+    /// The participants whose commands go packed, several to a message.
+    pub pack_commands: relay::PackCommands,
     pub database_url: SecretUrl,
     /// PostgreSQL connections the orchestrator may hold (SQLite ignores it).
     pub database_pool_size: u32,
@@ -316,6 +318,7 @@ pub async fn serve_runtime(
         participants: runtime.participants(),
         queue_type: config.queue_type,
         prefetch: config.prefetch,
+        pack_commands: config.pack_commands.clone(),
     };
     tasks.spawn(BROKER_TASK, {
         let shutdown = shutdown.clone();
@@ -361,6 +364,7 @@ struct Topology {
     participants: Vec<String>,
     queue_type: saga_amqp::QueueType,
     prefetch: u16,
+    pack_commands: relay::PackCommands,
 }
 
 /// Everything that needs the broker, on one connection: topology, relay, consumers.
@@ -383,7 +387,12 @@ async fn session(
     let _registered = health.broker_session(conn.status().clone());
     info!("connected to the broker; topology declared");
     let result = tokio::try_join!(
-        relay::run(runtime.clone(), relay_publisher, shutdown.clone()),
+        relay::run(
+            runtime.clone(),
+            relay_publisher,
+            topology.pack_commands.clone(),
+            shutdown.clone()
+        ),
         consumers::replies(
             runtime.clone(),
             &conn,

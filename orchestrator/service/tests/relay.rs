@@ -149,6 +149,7 @@ impl Running {
         let relay = tokio::spawn(orchestrator::relay::run(
             runtime.clone(),
             publisher,
+            orchestrator::relay::PackCommands::None,
             shutdown.clone(),
         ));
         Running {
@@ -196,6 +197,17 @@ fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
         action_output: None,
         expires_at: None,
     }
+}
+
+/// The next delivery of `consumer`, acked.
+async fn next(consumer: &mut saga_amqp::lapin::Consumer) -> saga_amqp::lapin::message::Delivery {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a message within 10 s")
+        .unwrap()
+        .unwrap();
+    saga_amqp::ack(&delivery).await.unwrap();
+    delivery
 }
 
 async fn ready(conn: &saga_amqp::lapin::Connection, queue: &str) -> u32 {
@@ -273,6 +285,7 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     let relay = tokio::spawn(orchestrator::relay::run(
         runtime,
         publisher,
+        orchestrator::relay::PackCommands::None,
         shutdown.clone(),
     ));
     db.wait_until_all_sent(
@@ -330,6 +343,115 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
     shutdown.cancel();
     relay.await.unwrap().unwrap();
     // Cleanup only: a broker slow to answer the close must not hang the test.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
+}
+
+/// Commands published together for a participant named in `PACK_COMMANDS` go out as one
+/// `saga.step_commands` message, in the order they were decided; another participant's go out
+/// one message each, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_for_a_packing_participant_go_out_together() {
+    let vhost = Vhost::new();
+    let db = TempStore::new().await;
+    let store = &db.store;
+    let runtime = Runtime::new(Definitions { sagas: Vec::new() }, store.clone()).unwrap();
+    let conn = saga_amqp::connect(&vhost.url, "relay test").await.unwrap();
+    declare(&conn, &["payments", "inventory"]).await;
+
+    let now = Utc::now();
+    let later = |s| Some(now + chrono::Duration::seconds(s));
+    let payments: Vec<StepCommand> = (0..3).map(|_| command(Uuid::new_v4(), 1)).collect();
+    let inventory: Vec<StepCommand> = (0..2).map(|_| command(Uuid::new_v4(), 1)).collect();
+    // Committed before the relay starts, so its first read of the database has them all.
+    for (i, pay) in payments.iter().enumerate() {
+        let lifetime = later(30 + i as i64);
+        let mut commits = vec![Commit {
+            outbox: vec![OutgoingMessage::command(
+                pay,
+                "payments",
+                REPLIES_QUEUE,
+                lifetime,
+            )],
+            ..Commit::empty(pay.saga_id, now)
+        }];
+        if let Some(reserve) = inventory.get(i) {
+            commits.push(Commit {
+                outbox: vec![OutgoingMessage::command(
+                    reserve,
+                    "inventory",
+                    REPLIES_QUEUE,
+                    later(30),
+                )],
+                ..Commit::empty(reserve.saga_id, now)
+            });
+        }
+        store.commit(&commits).await.unwrap();
+    }
+    assert_eq!(store.outbox_backlog().await.unwrap(), 5);
+
+    let publisher = Publisher::open(&conn).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(orchestrator::relay::run(
+        runtime,
+        publisher,
+        "payments".parse().unwrap(),
+        shutdown.clone(),
+    ));
+    db.wait_until_all_sent(Duration::from_secs(15), "the relay did not publish them")
+        .await;
+
+    let (_ch, mut packed) = saga_amqp::open_consumer(&conn, &command_queue("payments"), "", 4)
+        .await
+        .unwrap();
+    let delivery = next(&mut packed).await;
+    assert_eq!(
+        delivery.properties.kind().as_ref().map(|k| k.as_str()),
+        Some(saga_schemas::amqp::message_type::STEP_COMMANDS)
+    );
+    assert_eq!(
+        delivery.properties.reply_to().as_ref().map(|r| r.as_str()),
+        Some(REPLIES_QUEUE)
+    );
+    let expiration: u64 = delivery
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("an expiration")
+        .as_str()
+        .parse()
+        .unwrap();
+    assert!(
+        (25_000..=32_000).contains(&expiration),
+        "the latest of its commands' lifetimes (32 s): {expiration}"
+    );
+    let pack: saga_schemas::StepCommands = saga_amqp::decode_pack(&delivery).unwrap();
+    let commands: Vec<StepCommand> = pack.commands.into_iter().map(|p| p.command).collect();
+    assert_eq!(
+        commands, payments,
+        "every command once, in the order decided"
+    );
+    let more = tokio::time::timeout(Duration::from_millis(500), packed.next()).await;
+    assert!(more.is_err(), "one message for the three");
+
+    let (_ch, mut single) = saga_amqp::open_consumer(&conn, &command_queue("inventory"), "", 4)
+        .await
+        .unwrap();
+    let mut alone = Vec::new();
+    for _ in 0..2 {
+        let delivery = next(&mut single).await;
+        assert_eq!(
+            delivery.properties.kind().as_ref().map(|k| k.as_str()),
+            Some(saga_schemas::amqp::message_type::STEP_COMMAND)
+        );
+        alone.push(saga_amqp::decode::<StepCommand>(&delivery).unwrap());
+    }
+    alone.sort_by_key(|c| c.message_id);
+    let mut expected = inventory.clone();
+    expected.sort_by_key(|c| c.message_id);
+    assert_eq!(alone, expected);
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
 }
 

@@ -42,6 +42,11 @@
 //!   so that commands the broker drops at their `expiration` vanish, and its `.dlq`) at start,
 //!   so the participant can start before the orchestrator, and consumes it with manual acks and
 //!   a bounded prefetch, handling up to `prefetch` commands at once.
+//! - **Packed commands.** A message of several commands (`saga.step_commands`, from an
+//!   orchestrator whose `PACK_COMMANDS` names this participant) is handled command by command,
+//!   as if each had come alone; their replies go back in one message (`saga.step_replies`), and
+//!   the message is acked once that is confirmed. A command in it that cannot be handled is
+//!   dead-lettered alone, with why.
 //! - **Group commit.** The commands waiting when a database transaction starts are handled in
 //!   it together and share its commit: one fsync for many commands under load. No reply is
 //!   published and no command acked before the commit; if the transaction fails, its commands

@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use saga_amqp::lapin::message::Delivery;
 use saga_amqp::lapin::options::BasicCancelOptions;
 use saga_amqp::{AmqpError, OutgoingMessage, Publisher};
-use saga_schemas::amqp::{DELIVERY_LIMIT, REPLIES_QUEUE, command_queue, header};
+use saga_schemas::amqp::{DELIVERY_LIMIT, REPLIES_QUEUE, command_queue, header, message_type};
 use saga_schemas::limits;
-use saga_schemas::{Data, Outcome, StepCommand, StepReply};
+use saga_schemas::{Data, Outcome, PackedReply, StepCommand, StepCommands, StepReply};
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -203,44 +203,15 @@ async fn handle_delivery(
     delivery: Delivery,
     failed: mpsc::Sender<AmqpError>,
 ) {
-    // Header values and names are logged cut: a hostile message may carry huge ones.
-    let header_saga_id =
-        limits::reason(saga_amqp::header_str(&delivery, header::SAGA_ID).unwrap_or(""));
-    let result = match check(&ctx, &publisher, &delivery) {
-        Ok((cmd, reply_to)) => {
-            let span = tracing::info_span!(
-                "command",
-                saga_id = %cmd.saga_id,
-                trace_id = tracing::field::Empty,
-                step = %limits::reason(&cmd.step),
-                direction = cmd.direction.as_str(),
-                action = %cmd.action,
-                attempt = cmd.attempt,
-            );
-            // A child of the orchestrator's span for this command, when traces are exported.
-            saga_amqp::trace::set_parent(
-                &span,
-                saga_amqp::header_str(&delivery, saga_amqp::trace::TRACEPARENT),
-                saga_amqp::header_str(&delivery, saga_amqp::trace::TRACESTATE),
-            );
-            answer(&ctx, &publisher, &delivery, cmd, reply_to)
-                .instrument(span)
-                .await
-        }
-        Err(reason) => {
-            let span = tracing::warn_span!("dead_letter", saga_id = %header_saga_id);
-            async {
-                tracing::warn!(
-                    delivery_tag = delivery.delivery_tag,
-                    message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-                    reason = %limits::reason(&reason),
-                    "dead-lettering a message"
-                );
-                saga_amqp::dead_letter(&publisher, &delivery, &ctx.queue, &reason).await
-            }
-            .instrument(span)
-            .await
-        }
+    let packed = delivery
+        .properties
+        .kind()
+        .as_ref()
+        .is_some_and(|kind| kind.as_str() == message_type::STEP_COMMANDS);
+    let result = if packed {
+        handle_pack(&ctx, &publisher, &delivery).await
+    } else {
+        handle_single(&ctx, &publisher, &delivery).await
     };
     if let Err(error) = result {
         // The channel or connection is gone (or the broker would not take a dead letter): end
@@ -249,60 +220,159 @@ async fn handle_delivery(
     }
 }
 
-/// Checks and decodes a delivery; `Err` is the reason to dead-letter it.
+/// A delivery of one command.
+async fn handle_single(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+) -> Result<(), AmqpError> {
+    match check(ctx, publisher, delivery) {
+        Ok((cmd, reply_to)) => {
+            let span = command_span(&cmd);
+            // A child of the orchestrator's span for this command, when traces are exported.
+            saga_amqp::trace::set_parent(
+                &span,
+                saga_amqp::header_str(delivery, saga_amqp::trace::TRACEPARENT),
+                saga_amqp::header_str(delivery, saga_amqp::trace::TRACESTATE),
+            );
+            answer(ctx, publisher, delivery, cmd, reply_to)
+                .instrument(span)
+                .await
+        }
+        Err(reason) => {
+            // Header values and names are logged cut: a hostile message may carry huge ones.
+            let saga_id =
+                limits::reason(saga_amqp::header_str(delivery, header::SAGA_ID).unwrap_or(""));
+            dead_letter_whole(ctx, publisher, delivery, &saga_id, &reason).await
+        }
+    }
+}
+
+fn command_span(cmd: &StepCommand) -> tracing::Span {
+    tracing::info_span!(
+        "command",
+        saga_id = %cmd.saga_id,
+        trace_id = tracing::field::Empty,
+        step = %limits::reason(&cmd.step),
+        direction = cmd.direction.as_str(),
+        action = %cmd.action,
+        attempt = cmd.attempt,
+    )
+}
+
+async fn dead_letter_whole(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    saga_id: &str,
+    reason: &str,
+) -> Result<(), AmqpError> {
+    let span = tracing::warn_span!("dead_letter", saga_id = %saga_id);
+    async {
+        tracing::warn!(
+            delivery_tag = delivery.delivery_tag,
+            message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+            reason = %limits::reason(reason),
+            "dead-lettering a message"
+        );
+        saga_amqp::dead_letter(publisher, delivery, &ctx.queue, reason).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// A delivery of several commands (`saga.step_commands`): each is checked, handled and
+/// answered as if alone, the answers go back together, and the delivery is acked after them.
+/// A command that cannot be handled is dead-lettered alone, with why.
+async fn handle_pack(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+) -> Result<(), AmqpError> {
+    let decoded = check_delivery(delivery).and_then(|reply_to| {
+        let pack: StepCommands = saga_amqp::decode_pack(delivery)
+            .map_err(|e| format!("cannot decode the packed commands: {e}"))?;
+        if pack.commands.is_empty() {
+            return Err("a saga.step_commands message with no commands".into());
+        }
+        Ok((pack, reply_to))
+    });
+    let (pack, reply_to) = match decoded {
+        Ok(decoded) => decoded,
+        Err(reason) => return dead_letter_whole(ctx, publisher, delivery, "", &reason).await,
+    };
+    let mut valid = Vec::with_capacity(pack.commands.len());
+    for packed in pack.commands {
+        let cmd = packed.command;
+        let span = command_span(&cmd);
+        saga_amqp::trace::set_parent(
+            &span,
+            packed.traceparent.as_deref(),
+            packed.tracestate.as_deref(),
+        );
+        match check_command(ctx, &cmd) {
+            Ok(()) => valid.push((cmd, span)),
+            Err(reason) => {
+                span.in_scope(|| {
+                    tracing::warn!(reason = %limits::reason(&reason), "dead-lettering a command of a packed message");
+                });
+                let body = serde_json::to_vec(&cmd).expect("contract types always serialise");
+                saga_amqp::dead_letter_part(
+                    publisher,
+                    delivery,
+                    &ctx.queue,
+                    &reason,
+                    &body,
+                    message_type::STEP_COMMAND,
+                    Some(&cmd.saga_id.to_string()),
+                )
+                .await?;
+            }
+        }
+    }
+    let Some(key) = valid.first().map(|(cmd, _)| cmd.message_id) else {
+        return saga_amqp::ack(delivery).await;
+    };
+    let answers = futures_util::future::join_all(valid.into_iter().map(|(cmd, span)| {
+        async move {
+            let (reply, status, recorded) = handle(ctx, cmd).await;
+            let trace = saga_amqp::trace::context_headers(&tracing::Span::current());
+            let find = |name: &str| {
+                trace
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.clone())
+            };
+            let packed = PackedReply {
+                reply,
+                traceparent: find(saga_amqp::trace::TRACEPARENT),
+                tracestate: find(saga_amqp::trace::TRACESTATE),
+            };
+            (packed, status, recorded, tracing::Span::current())
+        }
+        .instrument(span)
+    }))
+    .await;
+    let replies: Vec<PackedReply> = answers.iter().map(|(reply, ..)| reply.clone()).collect();
+    let messages = OutgoingMessage::packed_replies(&replies, &reply_to);
+    if deliver(ctx, publisher, delivery, &messages, key, &reply_to).await? {
+        for (_, status, recorded, span) in &answers {
+            span.in_scope(|| tracing::info!(status, recorded, reply_to = %reply_to, "replied"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks and decodes a delivery of one command; `Err` is the reason to dead-letter it.
 fn check(
     ctx: &Context,
     publisher: &Publisher,
     delivery: &Delivery,
 ) -> Result<(StepCommand, String), String> {
-    // The command queue has no dead-letter exchange (see `saga_amqp::QueueType`): the last
-    // delivery the limit allows is set aside here, before the handler that keeps failing on it
-    // runs again; the broker would drop it after this one.
-    let deliveries = saga_amqp::header_int(delivery, header::DELIVERY_COUNT).unwrap_or(0);
-    if deliveries >= i64::from(DELIVERY_LIMIT) {
-        return Err(format!(
-            "delivered {} times without being acknowledged (the participant crashed, or lost \
-             its connection, while handling it each time): set aside at the delivery limit",
-            deliveries + 1
-        ));
-    }
+    let reply_to = check_delivery(delivery)?;
     let cmd: StepCommand =
         saga_amqp::decode(delivery).map_err(|e| format!("cannot decode the command: {e}"))?;
-    let reply_to = delivery
-        .properties
-        .reply_to()
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .ok_or_else(|| {
-            format!(
-                "the command has no reply_to property (expected e.g. {REPLIES_QUEUE:?}): nobody to answer"
-            )
-        })?;
-    if reply_to.is_empty() {
-        return Err("the command has an empty reply_to property: nobody to answer".into());
-    }
-    if ctx
-        .participant
-        .handler(cmd.direction, &cmd.action)
-        .is_none()
-    {
-        let (actions, compensations) = ctx.participant.handled_actions();
-        let known = match cmd.direction {
-            saga_schemas::Direction::Execute => actions,
-            saga_schemas::Direction::Compensate => compensations,
-        };
-        return Err(format!(
-            "unknown {} action {:?} for participant {} (it handles: {})",
-            cmd.direction.as_str(),
-            cmd.action,
-            ctx.participant.name(),
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        ));
-    }
+    check_command(ctx, &cmd)?;
     // The reply carries the saga name, step and action in its headers: names too long for one
     // frame would make the broker close the connection. Refuse the command before its handler
     // runs, rather than do work nobody can be told about.
@@ -321,6 +391,63 @@ fn check(
         ))
         .map_err(|e| format!("the reply to this command could not be published: {e}"))?;
     Ok((cmd, reply_to))
+}
+
+/// What every delivery must have, whatever it carries; the reply queue, or the reason to
+/// dead-letter it.
+fn check_delivery(delivery: &Delivery) -> Result<String, String> {
+    // The command queue has no dead-letter exchange (see `saga_amqp::QueueType`): the last
+    // delivery the limit allows is set aside here, before the handler that keeps failing on it
+    // runs again; the broker would drop it after this one.
+    let deliveries = saga_amqp::header_int(delivery, header::DELIVERY_COUNT).unwrap_or(0);
+    if deliveries >= i64::from(DELIVERY_LIMIT) {
+        return Err(format!(
+            "delivered {} times without being acknowledged (the participant crashed, or lost \
+             its connection, while handling it each time): set aside at the delivery limit",
+            deliveries + 1
+        ));
+    }
+    let reply_to = delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .ok_or_else(|| {
+            format!(
+                "the command has no reply_to property (expected e.g. {REPLIES_QUEUE:?}): nobody to answer"
+            )
+        })?;
+    if reply_to.is_empty() {
+        return Err("the command has an empty reply_to property: nobody to answer".into());
+    }
+    Ok(reply_to)
+}
+
+/// Whether this participant handles `cmd`'s action; `Err` is the reason to dead-letter it.
+fn check_command(ctx: &Context, cmd: &StepCommand) -> Result<(), String> {
+    if ctx
+        .participant
+        .handler(cmd.direction, &cmd.action)
+        .is_some()
+    {
+        return Ok(());
+    }
+    let (actions, compensations) = ctx.participant.handled_actions();
+    let known = match cmd.direction {
+        saga_schemas::Direction::Execute => actions,
+        saga_schemas::Direction::Compensate => compensations,
+    };
+    Err(format!(
+        "unknown {} action {:?} for participant {} (it handles: {})",
+        cmd.direction.as_str(),
+        cmd.action,
+        ctx.participant.name(),
+        if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        }
+    ))
 }
 
 fn reply_to_command(cmd: &StepCommand, outcome: Outcome) -> StepReply {
@@ -363,14 +490,9 @@ async fn publish_reply(
     }
 }
 
-/// Handles a valid command, publishes the reply with a confirm, then acks.
-async fn answer(
-    ctx: &Context,
-    publisher: &Publisher,
-    delivery: &Delivery,
-    cmd: StepCommand,
-    reply_to: String,
-) -> Result<(), AmqpError> {
+/// Handles a valid command: its reply, its status for the log, and whether it was recorded
+/// before.
+async fn handle(ctx: &Context, cmd: StepCommand) -> (StepReply, &'static str, bool) {
     let handler = ctx
         .participant
         .handler(cmd.direction, &cmd.action)
@@ -385,43 +507,81 @@ async fn answer(
         saga_schemas::Outcome::Failure { .. } => "failure",
         saga_schemas::Outcome::RetryableError { .. } => "retryable_error",
     };
-    let reply = reply_to_command(&cmd, outcome);
-    let mut message = OutgoingMessage::reply(&reply, &cmd.saga_name, &cmd.action, &reply_to);
+    (reply_to_command(&cmd, outcome), status, recorded)
+}
+
+/// Handles a valid command, publishes the reply with a confirm, then acks.
+async fn answer(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    cmd: StepCommand,
+    reply_to: String,
+) -> Result<(), AmqpError> {
+    let (saga_name, action, key) = (cmd.saga_name.clone(), cmd.action.clone(), cmd.message_id);
+    let (reply, status, recorded) = handle(ctx, cmd).await;
+    let mut message = OutgoingMessage::reply(&reply, &saga_name, &action, &reply_to);
     for (key, value) in saga_amqp::trace::context_headers(&tracing::Span::current()) {
         message
             .headers
             .push((key.to_owned(), saga_amqp::HeaderValue::Str(value)));
     }
-    match publish_reply(ctx, publisher, &message).await {
+    if deliver(ctx, publisher, delivery, &[message], key, &reply_to).await? {
+        tracing::info!(status, recorded, reply_to = %reply_to, "replied");
+    }
+    Ok(())
+}
+
+/// Publishes the replies to `delivery`'s commands, each with a confirm, then acks it: `true`.
+/// When they cannot all be published, hands the delivery back or, after
+/// [`MAX_REPLY_TRIES`] refusals counted under `key`, sets it aside: `false`.
+async fn deliver(
+    ctx: &Context,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    messages: &[OutgoingMessage],
+    key: uuid::Uuid,
+    reply_to: &str,
+) -> Result<bool, AmqpError> {
+    let mut published = Ok(());
+    for message in messages {
+        published = publish_reply(ctx, publisher, message).await;
+        if published.is_err() {
+            break;
+        }
+    }
+    match published {
         Ok(()) => {
-            ctx.forget_refusals(cmd.message_id);
+            ctx.forget_refusals(key);
             saga_amqp::ack(delivery).await?;
-            tracing::info!(status, recorded, reply_to = %reply_to, "replied");
-            Ok(())
+            Ok(true)
         }
         Err(error @ AmqpError::NotConfirmed { .. }) if publisher.is_open() => {
             // Nacked while shutting down: the recorded outcome is sent on the next delivery.
             tracing::warn!(error = %error, "the reply was not accepted; the command goes back to the queue");
-            saga_amqp::nack(delivery, true).await
+            saga_amqp::nack(delivery, true).await?;
+            Ok(false)
         }
         Err(error) if publisher.is_open() => {
             // No such reply queue (or another refusal that leaves the channel open). The
             // outcome is recorded, so a redelivery sends the same answer: hand the command back
             // after a pause, a few times; then set it aside, so that it does not hold a
             // prefetch slot forever (the orchestrator asks again if it still waits).
-            let tries = ctx.reply_refused(cmd.message_id);
+            let tries = ctx.reply_refused(key);
             if tries >= MAX_REPLY_TRIES {
-                ctx.forget_refusals(cmd.message_id);
+                ctx.forget_refusals(key);
                 let reason = format!(
                     "the reply could not be delivered to the reply_to queue {reply_to:?} in \
                      {tries} tries (does that queue exist?): {error}"
                 );
                 tracing::error!(reason = %limits::reason(&reason), "dead-lettering the command");
-                return saga_amqp::dead_letter(publisher, delivery, &ctx.queue, &reason).await;
+                saga_amqp::dead_letter(publisher, delivery, &ctx.queue, &reason).await?;
+                return Ok(false);
             }
             tracing::error!(error = %error, reply_to = %reply_to, tries, "the reply was not accepted; the command will be redelivered");
             tokio::time::sleep(REPUBLISH_DELAY).await;
-            saga_amqp::nack(delivery, true).await
+            saga_amqp::nack(delivery, true).await?;
+            Ok(false)
         }
         Err(error) => {
             tracing::warn!(error = %error, "the reply could not be published; the command will be redelivered");

@@ -192,6 +192,8 @@ async fn run() -> anyhow::Result<bool> {
         dir: Some(dir.clone()),
         ..Options::new(Backend::Sqlite)
             .label("demo")
+            // Every participant here is built on the SDK, which takes packed commands.
+            .env(saga_system::ORCHESTRATOR, "PACK_COMMANDS", "all")
             .env("payments", "PAYMENT_LIMIT", PAYMENT_LIMIT)
             .env("inventory", "INITIAL_STOCK", INITIAL_STOCK)
             .env("shipping", "SHIPPING_FAILURE_RATE", SHIPPING_FAILURE_RATE)

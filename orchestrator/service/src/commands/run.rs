@@ -24,6 +24,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         amqp_url: args.amqp_url.into_iter().collect(),
         queue_type: args.queue_type,
         publish_events: args.publish_events,
+        pack_commands: args.pack_commands,
         database_url: args.database_url,
         database_pool_size: args.database_pool_size,
         http: args.http,

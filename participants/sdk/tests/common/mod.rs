@@ -528,6 +528,39 @@ impl Client {
         reply
     }
 
+    /// Publishes `cmds` to the participant in one packed message (`saga.step_commands`), as the
+    /// orchestrator does for a participant named in its `PACK_COMMANDS`.
+    pub async fn send_pack(&self, cmds: &[&StepCommand]) {
+        let alone: Vec<OutgoingMessage> = cmds
+            .iter()
+            .map(|cmd| OutgoingMessage::command(cmd, PARTICIPANT, REPLY_QUEUE, None))
+            .collect();
+        let msg = OutgoingMessage::packed_commands(&alone.iter().collect::<Vec<_>>());
+        self.publisher
+            .publish(&msg)
+            .await
+            .expect("publish the packed commands");
+    }
+
+    /// The next reply message (acked), which must be a packed one (`saga.step_replies`): its
+    /// replies.
+    pub async fn packed_replies(&mut self) -> Vec<StepReply> {
+        let delivery = next(&mut self.replies, "packed replies").await;
+        assert_eq!(
+            delivery.properties.kind().as_ref().map(|k| k.as_str()),
+            Some(saga_schemas::amqp::message_type::STEP_REPLIES),
+            "{}",
+            String::from_utf8_lossy(&delivery.data)
+        );
+        let pack: saga_schemas::StepReplies =
+            saga_amqp::decode_pack(&delivery).expect("a valid StepReplies");
+        saga_amqp::ack(&delivery).await.expect("ack the replies");
+        pack.replies
+            .into_iter()
+            .map(|packed| packed.reply)
+            .collect()
+    }
+
     /// Sends `cmd` and waits for its reply.
     pub async fn call(&mut self, cmd: &StepCommand) -> StepReply {
         self.send(cmd).await;
