@@ -175,17 +175,13 @@ async fn replies_for_unknown_sagas(backend: Backend) {
     amqp.close().await;
 }
 
-/// A reply naming a command its saga never sent (forged, or meant for another saga) is not
-/// applied, even while its step awaits an answer: it lands in `saga.replies.dlq` with the
-/// reason, and the real command's answer still counts.
-async fn replies_to_commands_never_sent(backend: Backend) {
-    // Without `orders`, the first command waits in its queue and the step awaits its reply.
-    let system = System::start(
-        Options::new(backend)
-            .without("orders")
-            .label("forged-reply"),
-    )
-    .await;
+/// A system without `orders` and a checkout saga whose first command waits in that queue (taken
+/// off it here), its step awaiting the reply: the system, a client, the saga id, the command.
+async fn awaiting_its_first_reply(
+    backend: Backend,
+    label: &str,
+) -> (System, saga_system::Amqp, String, saga_schemas::StepCommand) {
+    let system = System::start(Options::new(backend).without("orders").label(label)).await;
     let amqp = system.amqp().await;
     let saga_id = system
         .start_checkout(&order("ada", 1000, &[("TEA-01", 1)]))
@@ -195,7 +191,15 @@ async fn replies_to_commands_never_sent(backend: Backend) {
         .wait_get(&queue, Duration::from_secs(30))
         .await
         .unwrap_or_else(|| panic!("no command in {queue}"));
-    let command: saga_schemas::StepCommand = serde_json::from_slice(&command.data).unwrap();
+    let command = serde_json::from_slice(&command.data).unwrap();
+    (system, amqp, saga_id, command)
+}
+
+/// A reply naming a command its saga never sent (forged, or meant for another saga) is not
+/// applied, even while its step awaits an answer: it lands in `saga.replies.dlq` with the
+/// reason, and the real command's answer still counts.
+async fn replies_to_commands_never_sent(backend: Backend) {
+    let (system, amqp, saga_id, command) = awaiting_its_first_reply(backend, "forged-reply").await;
     let reply = |in_reply_to| StepReply {
         message_id: Uuid::new_v4(),
         in_reply_to,
@@ -250,22 +254,8 @@ async fn replies_to_commands_never_sent(backend: Backend) {
 /// nobody here knows is dead-lettered alone, as a `saga.step_reply` with its saga id and the
 /// reason, and the real one beside it moves its saga on.
 async fn packed_replies_are_taken_one_by_one(backend: Backend) {
-    let system = System::start(
-        Options::new(backend)
-            .without("orders")
-            .label("packed-replies"),
-    )
-    .await;
-    let amqp = system.amqp().await;
-    let saga_id = system
-        .start_checkout(&order("ada", 1000, &[("TEA-01", 1)]))
-        .await;
-    let queue = command_queue("orders");
-    let command = amqp
-        .wait_get(&queue, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|| panic!("no command in {queue}"));
-    let command: saga_schemas::StepCommand = serde_json::from_slice(&command.data).unwrap();
+    let (system, amqp, saga_id, command) =
+        awaiting_its_first_reply(backend, "packed-replies").await;
     let reply = |saga_id: Uuid, in_reply_to| StepReply {
         message_id: Uuid::new_v4(),
         in_reply_to,

@@ -199,6 +199,18 @@ fn command(saga_id: Uuid, attempt: u32) -> StepCommand {
     }
 }
 
+/// A delivery's AMQP `expiration`, in milliseconds.
+fn expiration(delivery: &saga_amqp::lapin::message::Delivery) -> u64 {
+    delivery
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("an expiration")
+        .as_str()
+        .parse()
+        .unwrap()
+}
+
 /// The next delivery of `consumer`, acked.
 async fn next(consumer: &mut saga_amqp::lapin::Consumer) -> saga_amqp::lapin::message::Delivery {
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
@@ -311,16 +323,8 @@ async fn superseded_commands_are_not_published_and_the_rest_carry_an_expiration(
             .as_ref()
             .map(|s| s.to_string())
             .unwrap_or_default();
-        let expiration: u64 = delivery
-            .properties
-            .expiration()
-            .as_ref()
-            .expect("an expiration")
-            .as_str()
-            .parse()
-            .unwrap();
         saga_amqp::ack(&delivery).await.unwrap();
-        published.insert(id, expiration);
+        published.insert(id, expiration(&delivery));
     }
     let current_ttl = published
         .get(&current.message_id.to_string())
@@ -412,14 +416,7 @@ async fn commands_for_a_packing_participant_go_out_together() {
         delivery.properties.reply_to().as_ref().map(|r| r.as_str()),
         Some(REPLIES_QUEUE)
     );
-    let expiration: u64 = delivery
-        .properties
-        .expiration()
-        .as_ref()
-        .expect("an expiration")
-        .as_str()
-        .parse()
-        .unwrap();
+    let expiration = expiration(&delivery);
     assert!(
         (25_000..=32_000).contains(&expiration),
         "the latest of its commands' lifetimes (32 s): {expiration}"
