@@ -119,12 +119,17 @@ fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("contract types always serialise")
 }
 
+/// The header every message carries: the contract version.
+fn version_header() -> (String, HeaderValue) {
+    (
+        header::SCHEMA_VERSION.into(),
+        HeaderValue::Int(crate::SCHEMA_VERSION.into()),
+    )
+}
+
 fn common_headers(saga_id: uuid::Uuid) -> Vec<(String, HeaderValue)> {
     vec![
-        (
-            header::SCHEMA_VERSION.into(),
-            HeaderValue::Int(crate::SCHEMA_VERSION.into()),
-        ),
+        version_header(),
         (
             header::SAGA_ID.into(),
             HeaderValue::Str(saga_id.to_string()),
@@ -236,10 +241,7 @@ impl OutgoingMessage {
             correlation_id: None,
             message_type: message_type::STEP_COMMANDS.into(),
             reply_to: first.reply_to.clone(),
-            headers: vec![(
-                header::SCHEMA_VERSION.into(),
-                HeaderValue::Int(crate::SCHEMA_VERSION.into()),
-            )],
+            headers: vec![version_header()],
             body,
             mandatory: true,
             discard_after,
@@ -276,10 +278,7 @@ impl OutgoingMessage {
                 correlation_id: None,
                 message_type: message_type::STEP_REPLIES.into(),
                 reply_to: None,
-                headers: vec![(
-                    header::SCHEMA_VERSION.into(),
-                    HeaderValue::Int(crate::SCHEMA_VERSION.into()),
-                )],
+                headers: vec![version_header()],
                 body: format!("{OPEN}{body}{CLOSE}"),
                 mandatory: true,
                 discard_after: None,

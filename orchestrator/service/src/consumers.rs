@@ -246,16 +246,8 @@ async fn decode_replies(
     match decoded {
         Ok(replies) => Ok(Some(replies)),
         Err(error) => {
-            let reason = format!("cannot decode the message: {error}");
-            warn!(
-                saga_id = saga_amqp::header_str(delivery, header::SAGA_ID)
-                    .map_or_else(|| "unknown".into(), limits::reason),
-                queue = REPLIES_QUEUE,
-                message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-                reason = %limits::reason(&reason),
-                "dead-lettering a message"
-            );
-            dead_letter(publisher, delivery, REPLIES_QUEUE, &reason).await?;
+            saga_amqp::dead_letter_undecodable(publisher, delivery, REPLIES_QUEUE, &error).await?;
+            metrics::counter!(DEAD_LETTERS, "queue" => REPLIES_QUEUE).increment(1);
             Ok(None)
         }
     }

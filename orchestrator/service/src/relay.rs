@@ -76,11 +76,7 @@ impl std::str::FromStr for PackCommands {
         }
         let mut names = BTreeSet::new();
         for name in text.split(',').map(str::trim) {
-            let valid = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !valid {
+            if !saga_schemas::definition::is_participant_name(name) {
                 return Err(format!(
                     "{name:?} is not a participant name (letters, digits, `.`, `_` and `-`): \
                      give `none`, `all` or participant names separated by commas"
@@ -114,6 +110,8 @@ pub const PACKED_COMMANDS: &str = "saga_commands_packed_total";
 const MAX_PACK: usize = 32;
 /// Bytes of a packed body at most, below the message limit by room for the packing itself.
 const MAX_PACK_BYTES: usize = limits::MAX_MESSAGE_BYTES - 4096;
+/// Bytes a command takes in a pack besides its body, at most: its wrapping and trace context.
+const PACKED_OVERHEAD: usize = 256;
 
 /// Messages to publish for `messages`, with the indices in `messages` that each carries: the
 /// commands for a participant that `pack` names go together, up to [`MAX_PACK`] and
@@ -135,14 +133,14 @@ fn pack(messages: &[OutgoingMessage], pack: &PackCommands) -> Vec<(OutgoingMessa
         match open.get(&key).copied() {
             Some(at)
                 if out[at].0.len() < MAX_PACK
-                    && out[at].1 + message.body.len() + 256 <= MAX_PACK_BYTES =>
+                    && out[at].1 + message.body.len() + PACKED_OVERHEAD <= MAX_PACK_BYTES =>
             {
                 out[at].0.push(i);
-                out[at].1 += message.body.len() + 256;
+                out[at].1 += message.body.len() + PACKED_OVERHEAD;
             }
             _ => {
                 open.insert(key, out.len());
-                out.push((vec![i], message.body.len() + 256));
+                out.push((vec![i], message.body.len() + PACKED_OVERHEAD));
             }
         }
     }

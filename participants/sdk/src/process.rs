@@ -281,7 +281,10 @@ pub(crate) async fn process(
             }
         }
     }
-    Handled::Retryable("the command's inbox record keeps conflicting".into())
+    Handled::Retryable(
+        "the command's transaction keeps conflicting with others (its inbox record, or locks)"
+            .into(),
+    )
 }
 
 /// The inbox key of a command.

@@ -336,17 +336,11 @@ async fn handle_pack(
     let answers = futures_util::future::join_all(valid.into_iter().map(|(cmd, span)| {
         async move {
             let (reply, status, recorded) = handle(ctx, cmd).await;
-            let trace = saga_amqp::trace::context_headers(&tracing::Span::current());
-            let find = |name: &str| {
-                trace
-                    .iter()
-                    .find(|(key, _)| *key == name)
-                    .map(|(_, value)| value.clone())
-            };
+            let trace = saga_amqp::trace::TraceContext::of_span(&tracing::Span::current());
             let packed = PackedReply {
                 reply,
-                traceparent: find(saga_amqp::trace::TRACEPARENT),
-                tracestate: find(saga_amqp::trace::TRACESTATE),
+                traceparent: trace.as_ref().map(|t| t.parent.clone()),
+                tracestate: trace.and_then(|t| t.state),
             };
             (packed, status, recorded, tracing::Span::current())
         }

@@ -36,8 +36,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub use error::{AmqpError, redact_url};
 pub use publish::{Publisher, properties};
 pub use receive::{
-    DecodeError, Received, ack, ack_all, dead_letter, dead_letter_part, decode,
-    decode_or_dead_letter, decode_pack, header_int, header_str, nack, open_consumer,
+    DecodeError, Received, ack, ack_all, dead_letter, dead_letter_part, dead_letter_undecodable,
+    decode, decode_or_dead_letter, decode_pack, header_int, header_str, nack, open_consumer,
 };
 pub use secret::SecretUrl;
 pub use supervise::{

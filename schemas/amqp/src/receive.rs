@@ -375,19 +375,30 @@ pub async fn decode_or_dead_letter<T: DeserializeOwned>(
     match decode(&delivery) {
         Ok(message) => Ok(Some(Received { message, delivery })),
         Err(error) => {
-            let reason = format!("cannot decode the message: {error}");
-            tracing::warn!(
-                saga_id = header_str(&delivery, header::SAGA_ID)
-                    .map_or_else(|| "unknown".into(), limits::reason),
-                queue = from_queue,
-                message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-                reason = %limits::reason(&reason),
-                "dead-lettering a message"
-            );
-            dead_letter(publisher, &delivery, from_queue, &reason).await?;
+            dead_letter_undecodable(publisher, &delivery, from_queue, &error).await?;
             Ok(None)
         }
     }
+}
+
+/// [`dead_letter`]s `delivery`, which could not be decoded, with the reason `cannot decode the
+/// message: <error>`, and logs it.
+pub async fn dead_letter_undecodable(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    from_queue: &str,
+    error: &(dyn std::fmt::Display + Sync),
+) -> Result<(), AmqpError> {
+    let reason = format!("cannot decode the message: {error}");
+    tracing::warn!(
+        saga_id = header_str(delivery, header::SAGA_ID)
+            .map_or_else(|| "unknown".into(), limits::reason),
+        queue = from_queue,
+        message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+        reason = %limits::reason(&reason),
+        "dead-lettering a message"
+    );
+    dead_letter(publisher, delivery, from_queue, &reason).await
 }
 
 /// Opens a channel of its own on `conn`, limits it to `prefetch` unacknowledged messages
