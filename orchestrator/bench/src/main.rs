@@ -12,6 +12,10 @@ mod cpu;
 mod memory;
 mod processes;
 
+// As the orchestrator and the example participants do: see their `main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

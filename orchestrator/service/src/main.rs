@@ -9,8 +9,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: glibc's was a fifth of the CPU of the benchmark's
+/// process under load, and kept what a burst allocated unless told to map and trim eagerly.
+/// mimalloc gives freed memory back on its own (the README's performance section has both
+/// figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
-    give_memory_back();
     let cli = cli::Cli::parse();
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -18,20 +24,5 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc's allocator keeps what a burst of sagas allocated, spread over up to 8 arenas per
-/// core, long after the burst. Two arenas, and large blocks mapped and trimmed eagerly, bring
-/// the orchestrator back near its steady-state footprint once a burst is over (see the
-/// README's performance section for the figures).
-fn give_memory_back() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
-    // exists, as glibc requires for these settings to apply everywhere.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024);
     }
 }

@@ -17,6 +17,10 @@ struct Args {
     initial_stock: i64,
 }
 
+// As the orchestrator: see its `main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

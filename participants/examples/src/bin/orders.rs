@@ -10,6 +10,10 @@ struct Args {
     common: CommonArgs,
 }
 
+// As the orchestrator: see its `main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

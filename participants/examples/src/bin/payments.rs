@@ -13,6 +13,10 @@ struct Args {
     payment_limit: i64,
 }
 
+// As the orchestrator: see its `main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

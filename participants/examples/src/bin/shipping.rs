@@ -27,6 +27,10 @@ fn rate(s: &str) -> Result<f64, String> {
     }
 }
 
+// As the orchestrator: see its `main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
