@@ -317,6 +317,7 @@ async fn attempt_with(
     savepoints: bool,
 ) -> Result<Option<(Vec<Handled>, bool)>, DbErr> {
     let backend = db.get_database_backend();
+    let mut savepoint = HandlerSavepoint::default();
     let tx = db
         .begin_with_options(TransactionOptions {
             // SQLite: take the write lock now, not at the first write, so two transactions
@@ -337,14 +338,20 @@ async fn attempt_with(
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        // One call for both: a simple query may hold several statements.
+        // One call for all: a simple query may hold several statements.
         let lock_timeout = if commands.len() > 1 {
             format!("SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'; ")
         } else {
             String::new()
         };
+        let first_savepoint = if savepoints {
+            savepoint.state = SavepointState::Clean;
+            format!("; {SET_SAVEPOINT}")
+        } else {
+            String::new()
+        };
         tx.execute_unprepared(&format!(
-            "{lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k"
+            "{lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k{first_savepoint}"
         ))
         .await?;
     }
@@ -432,7 +439,7 @@ async fn attempt_with(
                     return Ok(None);
                 }
             },
-            _ => match run_handler(&tx, cmd, *handler).await? {
+            _ => match run_handler(&tx, &mut savepoint, cmd, *handler).await? {
                 Ok(outcome) => {
                     a_handler_failed |= !matches!(outcome, Outcome::Success { .. });
                     outcome
@@ -497,51 +504,104 @@ async fn run_direct(
     }
 }
 
+/// The savepoint each handler runs in when [`Savepoints`] are on. Set by hand rather than as a
+/// nested transaction, and kept between handlers: one statement per handler (`ROLLBACK TO`
+/// after a failure leaves it set; after a success, `RELEASE` and a new one go in one call), on
+/// PostgreSQL the first one in the call that takes the batch's locks. A nested transaction
+/// costs two each, its `SAVEPOINT` and its `RELEASE` or `ROLLBACK TO`.
+#[derive(Default)]
+struct HandlerSavepoint {
+    state: SavepointState,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum SavepointState {
+    /// Not set yet.
+    #[default]
+    Unset,
+    /// Set, with nothing written since.
+    Clean,
+    /// Set, holding a succeeded handler's writes.
+    Holding,
+}
+
+const SET_SAVEPOINT: &str = "SAVEPOINT saga_sdk_handler";
+
+impl HandlerSavepoint {
+    /// Sets a savepoint with nothing after it, for the next handler.
+    async fn ready(&mut self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+        let sql = match self.state {
+            SavepointState::Clean => return Ok(()),
+            SavepointState::Unset => SET_SAVEPOINT.to_owned(),
+            SavepointState::Holding => {
+                format!("RELEASE SAVEPOINT saga_sdk_handler; {SET_SAVEPOINT}")
+            }
+        };
+        tx.execute_unprepared(&sql).await?;
+        self.state = SavepointState::Clean;
+        Ok(())
+    }
+
+    /// Keeps the handler's writes.
+    fn keep(&mut self) {
+        self.state = SavepointState::Holding;
+    }
+
+    /// Undoes the handler's writes; the savepoint stays set.
+    async fn undo(&mut self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+        tx.execute_unprepared("ROLLBACK TO SAVEPOINT saga_sdk_handler")
+            .await?;
+        self.state = SavepointState::Clean;
+        Ok(())
+    }
+}
+
 /// Runs the handler inside a savepoint: its writes are kept on success and undone on a
 /// business failure. `Ok(Err(_))` is a retryable error (the caller rolls everything back).
 async fn run_handler(
     tx: &DatabaseTransaction,
+    savepoint: &mut HandlerSavepoint,
     cmd: &StepCommand,
     handler: &dyn Handler,
 ) -> Result<Result<Outcome, String>, DbErr> {
-    let savepoint = tx.begin().await?;
-    let result = AssertUnwindSafe(handler.handle(cmd, &savepoint))
+    savepoint.ready(tx).await?;
+    let result = AssertUnwindSafe(handler.handle(cmd, tx))
         .catch_unwind()
         .await;
     match result {
         Ok(Ok(Outcome::Success { output })) => match check_output(&output) {
             Ok(()) => {
-                savepoint.commit().await?;
+                savepoint.keep();
                 Ok(Ok(Outcome::Success { output }))
             }
             // The orchestrator could not take it: the step did not happen.
             Err(reason) => {
-                savepoint.rollback().await?;
+                savepoint.undo(tx).await?;
                 tracing::warn!(%reason, "the handler's output breaks a limit: answering a failure");
                 Ok(Ok(Outcome::Failure { reason }))
             }
         },
         Ok(Ok(Outcome::Failure { reason })) => {
-            savepoint.rollback().await?;
+            savepoint.undo(tx).await?;
             let reason = clean(&reason);
             tracing::info!(reason = %reason, "business failure");
             Ok(Ok(Outcome::Failure { reason }))
         }
         Ok(Ok(Outcome::RetryableError { error })) => {
-            savepoint.rollback().await?;
+            savepoint.undo(tx).await?;
             let error = clean(&error);
             tracing::warn!(error = %error, "retryable error");
             Ok(Err(error))
         }
         Ok(Err(err)) if err.is_conflict() => Err(DbErr::Custom(format!("{CONFLICT}: {err}"))),
         Ok(Err(err)) => {
-            savepoint.rollback().await?;
+            savepoint.undo(tx).await?;
             let error = clean(err.message());
             tracing::warn!(error = %error, "retryable error");
             Ok(Err(error))
         }
         Err(panic) => {
-            savepoint.rollback().await?;
+            savepoint.undo(tx).await?;
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -784,6 +844,54 @@ mod tests {
         assert_eq!(handler.0.load(Ordering::SeqCst), 11);
         // Only the successes' writes are kept
         assert_eq!(effects(&db).await, vec!["a", "b", "c", "d", "e", "f", "g"]);
+    }
+
+    #[tokio::test]
+    async fn with_savepoints_each_handler_s_writes_are_kept_or_undone_alone() {
+        let db = database().await;
+        let handler = Recording(AtomicUsize::new(0));
+        // Given savepoints on
+        let savepoints = Savepoints::default();
+        savepoints.set(true);
+        // When successes, failures and retryable errors alternate in one batch, two of a kind
+        // in a row too
+        let steps = ["a", "fail", "b", "c", "flaky", "fail", "d"];
+        let batch: Vec<StepCommand> = steps
+            .iter()
+            .map(|step| command(Uuid::new_v4(), step, Direction::Execute))
+            .collect();
+        let commands: Vec<(&StepCommand, &dyn Handler)> = batch
+            .iter()
+            .map(|cmd| (cmd, &handler as &dyn Handler))
+            .collect();
+        let answers = attempt(&db, &savepoints, &commands).await.unwrap();
+
+        // Then the batch ran once, each answered as alone
+        assert_eq!(handler.0.load(Ordering::SeqCst), steps.len());
+        let kinds: Vec<&str> = answers
+            .iter()
+            .map(|handled| match handled {
+                Handled::Fresh(Outcome::Success { .. }) => "success",
+                Handled::Fresh(Outcome::Failure { .. }) => "failure",
+                Handled::Retryable(_) => "retryable",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "success",
+                "failure",
+                "success",
+                "success",
+                "retryable",
+                "failure",
+                "success"
+            ]
+        );
+        // And only the successes' writes committed, with every record but the retryable one's
+        assert_eq!(effects(&db).await, vec!["a", "b", "c", "d"]);
+        assert_eq!(inbox_rows(&db).await, steps.len() - 1);
     }
 
     #[tokio::test]
