@@ -346,7 +346,7 @@ async fn attempt_with(
         };
         let first_savepoint = if savepoints {
             savepoint.state = SavepointState::Clean;
-            format!("; {SET_SAVEPOINT}")
+            format!("; SAVEPOINT {SAVEPOINT}")
         } else {
             String::new()
         };
@@ -525,16 +525,16 @@ enum SavepointState {
     Holding,
 }
 
-const SET_SAVEPOINT: &str = "SAVEPOINT saga_sdk_handler";
+const SAVEPOINT: &str = "saga_sdk_handler";
 
 impl HandlerSavepoint {
     /// Sets a savepoint with nothing after it, for the next handler.
     async fn ready(&mut self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
         let sql = match self.state {
             SavepointState::Clean => return Ok(()),
-            SavepointState::Unset => SET_SAVEPOINT.to_owned(),
+            SavepointState::Unset => format!("SAVEPOINT {SAVEPOINT}"),
             SavepointState::Holding => {
-                format!("RELEASE SAVEPOINT saga_sdk_handler; {SET_SAVEPOINT}")
+                format!("RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}")
             }
         };
         tx.execute_unprepared(&sql).await?;
@@ -549,7 +549,7 @@ impl HandlerSavepoint {
 
     /// Undoes the handler's writes; the savepoint stays set.
     async fn undo(&mut self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
-        tx.execute_unprepared("ROLLBACK TO SAVEPOINT saga_sdk_handler")
+        tx.execute_unprepared(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"))
             .await?;
         self.state = SavepointState::Clean;
         Ok(())
