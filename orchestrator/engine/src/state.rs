@@ -5,26 +5,41 @@ use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+// The state is stored as JSON on every commit: fields at their default are left out of it
+// (most of a step's counters stay zero), and read back as the default.
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaState {
     pub saga_id: Uuid,
     pub saga_name: String,
     pub definition_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub business_key: Option<String>,
     pub status: SagaStatus,
     /// The start input with every completed step's output shallow-merged in.
     pub data: Data,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub deadline_exceeded: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_requested: Option<String>,
     /// Why compensation began, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation_reason: Option<String>,
     /// Steps in the order they were first sent, which is definition order (the steps of a
     /// parallel group are sent together, in definition order).
     pub steps: Vec<StepState>,
     /// Each settled status the saga reached, with the `seq` of the event that first reached
     /// it: a saga is counted once per status, however often it comes back to it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub settled_as: Vec<(SagaStatus, u64)>,
     /// Number of events folded: the `seq` of the last one.
     pub version: u64,
@@ -34,22 +49,30 @@ pub struct SagaState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempts {
     /// The highest attempt number sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub sent: u32,
     /// The attempt awaiting its reply or its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u32>,
     /// When the next attempt (`sent + 1`) is due, if one is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_due: Option<DateTime<Utc>>,
     /// Attempts sent before the current budget began (an operator's retry resets it).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub budget_start: u32,
     /// Attempts of the current budget answered with a retryable error.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub errors: u32,
     /// Attempts in a row that got no reply in time (each one doubles the next wait).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub silences: u32,
 }
 
 impl Attempts {
+    fn is_unused(&self) -> bool {
+        *self == Self::default()
+    }
+
     pub fn is_pending(&self) -> bool {
         self.in_flight.is_some() || self.retry_due.is_some()
     }
@@ -58,31 +81,40 @@ impl Attempts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Attempts::is_unused")]
     pub action: Attempts,
+    #[serde(default, skip_serializing_if = "Attempts::is_unused")]
     pub compensation: Attempts,
     /// The action committed (a success reply was recorded).
+    #[serde(default, skip_serializing_if = "is_false")]
     pub completed: bool,
     /// The action will not succeed (business failure or retries exhausted).
+    #[serde(default, skip_serializing_if = "is_false")]
     pub failed: bool,
     /// An attempt timed out or was in flight when compensation began: it may have run.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub maybe_ran: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub compensated: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub compensation_failed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Data>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// When the action's first attempt was sent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
     /// After this the participant refuses to start the action (fixed at the first attempt).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
     /// The `seq` of the event that recorded the action's latest completion: the steps of a
     /// parallel group are compensated in reverse order of it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_seq: Option<u64>,
     /// The `seq` of the event that recorded the action's definitive failure: the first step
     /// of a group to fail names the group's failure.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_seq: Option<u64>,
 }
 
@@ -397,5 +429,38 @@ impl SagaState {
     /// Whether the event at `seq` is the first that brought the saga to `status`.
     pub fn first_settled_at(&self, status: SagaStatus, seq: u64) -> bool {
         self.settled_as.contains(&(status, seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Snapshots stored before defaults were left out spell every field; they still read.
+    #[test]
+    fn a_snapshot_with_every_field_spelled_reads_as_the_compact_one() {
+        let full = r#"{"saga_id":"00000000-0000-0000-0000-000000000007","saga_name":"s",
+            "definition_version":"v1","business_key":null,"status":"compensated","data":{},
+            "deadline_at":null,"deadline_exceeded":false,"abort_requested":null,
+            "compensation_reason":"declined","steps":[{"name":"a",
+            "action":{"sent":1,"in_flight":null,"retry_due":null,"budget_start":0,"errors":0,"silences":0},
+            "compensation":{"sent":0,"in_flight":null,"retry_due":null,"budget_start":0,"errors":0,"silences":0},
+            "completed":false,"failed":true,"maybe_ran":false,"compensated":false,
+            "compensation_failed":false,"output":null,"last_error":"declined",
+            "started_at":null,"expires_at":null,"completed_seq":null,"failed_seq":3}],
+            "settled_as":[["compensated",4]],"version":4}"#;
+        let compact = r#"{"saga_id":"00000000-0000-0000-0000-000000000007","saga_name":"s",
+            "definition_version":"v1","status":"compensated","data":{},
+            "compensation_reason":"declined","steps":[{"name":"a","action":{"sent":1},
+            "failed":true,"last_error":"declined","failed_seq":3}],
+            "settled_as":[["compensated",4]],"version":4}"#;
+        let from_full: SagaState = serde_json::from_str(full).expect("full form reads");
+        let from_compact: SagaState = serde_json::from_str(compact).expect("compact form reads");
+        assert_eq!(from_full, from_compact);
+        assert_eq!(
+            serde_json::to_value(&from_full).expect("serializes"),
+            serde_json::from_str::<serde_json::Value>(compact).expect("json"),
+            "what is written leaves out every field at its default"
+        );
     }
 }

@@ -207,12 +207,9 @@ impl World {
             }
         }
         self.state = decision.state.clone();
-        check_invariants(
-            &self.def,
-            self.saga_id,
-            &self.log,
-            self.state.as_ref().expect("exists"),
-        );
+        let state = self.state.as_ref().expect("exists");
+        check_invariants(&self.def, self.saga_id, &self.log, state);
+        check_stored_round_trip(state);
         decision
     }
 
@@ -448,6 +445,13 @@ fn check_invariants(def: &SagaDefinition, saga_id: Uuid, log: &[SagaEvent], stat
     if let Err(broken) = saga_engine::check::invariants(def, saga_id, log, state) {
         panic!("{broken}\nlog: {log:#?}");
     }
+}
+
+/// The store keeps the state as JSON and acts on what it reads back: it must read back whole.
+fn check_stored_round_trip(state: &SagaState) {
+    let stored = serde_json::to_string(state).expect("a state serializes");
+    let read: SagaState = serde_json::from_str(&stored).expect("a stored state reads back");
+    assert_eq!(&read, state, "stored as {stored}");
 }
 
 /// The participants' books after the saga settled, as `orchestrator check` checks them.
