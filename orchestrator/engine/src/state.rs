@@ -5,14 +5,10 @@ use saga_schemas::{Data, Direction, SagaEvent, SagaStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-// The state is stored as JSON on every commit: fields at their default are left out of it
-// (most of a step's counters stay zero), and read back as the default.
-fn is_false(b: &bool) -> bool {
-    !b
-}
-
-fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
-    *n == T::default()
+/// The state is stored as JSON on every commit: fields at their default are left out of it
+/// (most of a step's counters stay zero), and read back as the default.
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,7 +23,7 @@ pub struct SagaState {
     pub data: Data,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub deadline_exceeded: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_requested: Option<String>,
@@ -49,7 +45,7 @@ pub struct SagaState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempts {
     /// The highest attempt number sent.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub sent: u32,
     /// The attempt awaiting its reply or its timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,21 +54,17 @@ pub struct Attempts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_due: Option<DateTime<Utc>>,
     /// Attempts sent before the current budget began (an operator's retry resets it).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub budget_start: u32,
     /// Attempts of the current budget answered with a retryable error.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub errors: u32,
     /// Attempts in a row that got no reply in time (each one doubles the next wait).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub silences: u32,
 }
 
 impl Attempts {
-    fn is_unused(&self) -> bool {
-        *self == Self::default()
-    }
-
     pub fn is_pending(&self) -> bool {
         self.in_flight.is_some() || self.retry_due.is_some()
     }
@@ -81,22 +73,22 @@ impl Attempts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
     pub name: String,
-    #[serde(default, skip_serializing_if = "Attempts::is_unused")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub action: Attempts,
-    #[serde(default, skip_serializing_if = "Attempts::is_unused")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub compensation: Attempts,
     /// The action committed (a success reply was recorded).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub completed: bool,
     /// The action will not succeed (business failure or retries exhausted).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub failed: bool,
     /// An attempt timed out or was in flight when compensation began: it may have run.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub maybe_ran: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub compensated: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub compensation_failed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Data>,
