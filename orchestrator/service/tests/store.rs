@@ -1761,7 +1761,8 @@ fn depth(value: &Value) -> usize {
 fn data_at_the_limits(prefix: &str, bytes: usize) -> Data {
     let mut data = object(json!({
         format!("{prefix}_deep"): nested(MAX_DEPTH - 2, json!([1, "deepest"])),
-        format!("{prefix}_ünïcødé_キー"): "Grüße, 世界! 🦀👩‍👩‍👧 עִבְרִית العربية e\u{301} \"quoted\" back\\slash \u{1} tab\t line\n",
+        format!("{prefix}_ünïcødé_キー"): "Grüße, 世界! 🦀👩‍👩‍👧 עִבְרִית العربية e\u{301} \"quoted\" back\\slash \u{1} tab\t line\n \
+            it's O''Brien's E'\\x41' $1 $$dollar$$ ? -- no comment /* nor this */ ;",
         format!("{prefix}_u64_max"): u64::MAX,
         format!("{prefix}_i64_min"): i64::MIN,
         format!("{prefix}_i64_max"): i64::MAX,
@@ -1789,7 +1790,7 @@ async fn the_deepest_and_largest_data_accepted_is_read_back_unchanged(db: TestDb
         &Input::Start {
             saga_id,
             input: input.clone(),
-            business_key: Some("ключ-🔑".into()),
+            business_key: Some("ключ-'🔑'; --".into()),
         },
         t0(),
     );
@@ -1839,7 +1840,7 @@ async fn the_deepest_and_largest_data_accepted_is_read_back_unchanged(db: TestDb
     assert_eq!(store.load(saga_id).await.unwrap().as_ref(), Some(&state));
     let row = store.saga(saga_id).await.unwrap().unwrap();
     assert_eq!((&row.state, &row.data), (&state, &merged));
-    assert_eq!(row.business_key.as_deref(), Some("ключ-🔑"));
+    assert_eq!(row.business_key.as_deref(), Some("ключ-'🔑'; --"));
     let history = store.history(saga_id).await.unwrap();
     let events: Vec<SagaEvent> = history.into_iter().map(|e| e.event).collect();
     let mut log = started.events.clone();

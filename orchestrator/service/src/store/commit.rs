@@ -11,17 +11,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use saga_engine::{SagaState, TimerChange};
 use sea_orm::sea_query::{
     Alias, Asterisk, CommonTableExpression, DeleteStatement, Expr, ExprTrait, InsertStatement,
-    OnConflict, Query, SelectStatement, SubQueryStatement, UnionType, UpdateStatement, WithClause,
+    OnConflict, PostgresQueryBuilder, Query, SelectStatement, SubQueryStatement, UnionType,
+    UpdateStatement, WithClause,
 };
+use sea_orm::sqlx::{AssertSqlSafe, PgPool};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryResult, QuerySelect, QueryTrait, RuntimeErr, Statement, TryGetable,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    QueryFilter, QueryResult, QuerySelect, QueryTrait, RuntimeErr, Statement, TryGetable,
 };
 use uuid::Uuid;
 
@@ -261,7 +264,7 @@ impl Plan {
                 _ => group_len(&statements[first..], POSTGRES_MAX_PARAMS),
             };
             let group_statements = &mut statements[first..first + group];
-            let mut rows = run_together(txn, backend, first, group_statements, false)
+            let mut rows = run_together(txn, backend, first, group_statements, false, None)
                 .await
                 .map_err(CommitError::batch)?;
             for (planned, rows) in group_statements.iter().zip(&mut rows) {
@@ -283,7 +286,7 @@ impl Plan {
     /// statement: then [`Plan::write`], in a transaction, finds the commit at fault.
     pub(super) async fn write_alone(
         &self,
-        db: &impl ConnectionTrait,
+        db: &DatabaseConnection,
     ) -> Result<Option<Vec<i64>>, CommitError> {
         let backend = db.get_database_backend();
         let mut statements = self.statements();
@@ -296,7 +299,8 @@ impl Plan {
         {
             return Ok(None);
         }
-        let rows = match run_together(db, backend, 0, &mut statements, true).await {
+        let simple = (backend == DbBackend::Postgres).then(|| db.get_postgres_connection_pool());
+        let rows = match run_together(db, backend, 0, &mut statements, true, simple).await {
             Ok(rows) => rows,
             Err(error) if is_a_failed_check(&error) => {
                 tracing::debug!(
@@ -663,12 +667,18 @@ fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -
 /// With `checked`, the call fails (see [`is_a_failed_check`]) unless every statement that
 /// returns rows returns as many as it was given: on PostgreSQL the statement, writing
 /// nothing; on SQLite the string, which then begins a transaction and commits it at its end.
+///
+/// With `simple`, PostgreSQL's statement goes over that pool as a simple query, its values
+/// inlined by sea-query: every batch is a text of its own, so as a prepared statement it
+/// spent a round trip (parse and describe) before the one that ran it, and was never used
+/// again.
 async fn run_together(
     txn: &impl ConnectionTrait,
     backend: DbBackend,
     first: usize,
     statements: &mut [Planned],
     checked: bool,
+    simple: Option<&PgPool>,
 ) -> Result<Vec<Vec<QueryResult>>, DbErr> {
     let statement = match backend {
         DbBackend::Sqlite => {
@@ -761,11 +771,33 @@ async fn run_together(
                     .and_where(Expr::cust("FALSE"))
                     .to_owned()
             });
-            backend.build(&select.with(with))
+            let query = select.with(with);
+            if let Some(pool) = simple {
+                let sql = query.to_string(PostgresQueryBuilder);
+                let all = sea_orm::sqlx::raw_sql(AssertSqlSafe(sql))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))?;
+                return by_statement(
+                    all.into_iter().map(QueryResult::from),
+                    first,
+                    statements.len(),
+                );
+            }
+            backend.build(&query)
         }
     };
     let all = txn.query_all_raw(statement).await?;
-    let mut rows: Vec<Vec<QueryResult>> = statements.iter().map(|_| Vec::new()).collect();
+    by_statement(all, first, statements.len())
+}
+
+/// The rows of one call sorted to the statements they came from, by their first column.
+fn by_statement(
+    all: impl IntoIterator<Item = QueryResult>,
+    first: usize,
+    len: usize,
+) -> Result<Vec<Vec<QueryResult>>, DbErr> {
+    let mut rows: Vec<Vec<QueryResult>> = (0..len).map(|_| Vec::new()).collect();
     for row in all {
         let position: i64 = row.try_get_by_index(0)?;
         let Some(bucket) = usize::try_from(position)
@@ -775,7 +807,7 @@ async fn run_together(
         else {
             return Err(DbErr::Custom(format!(
                 "a row returned for statement {position}, not one of {first}..{}",
-                first + statements.len()
+                first + len
             )));
         };
         bucket.push(row);
