@@ -10,10 +10,12 @@
 //! sorted by key inside each statement so concurrent transactions lock them in the same order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use hashlink::LruCache;
 use saga_engine::{SagaState, TimerChange};
 use sea_orm::sea_query::{
     Alias, Asterisk, CommonTableExpression, DeleteStatement, Expr, ExprTrait, InsertStatement,
@@ -287,6 +289,7 @@ impl Plan {
     pub(super) async fn write_alone(
         &self,
         db: &DatabaseConnection,
+        shapes: &Shapes,
     ) -> Result<Option<Vec<i64>>, CommitError> {
         let backend = db.get_database_backend();
         let mut statements = self.statements();
@@ -299,7 +302,8 @@ impl Plan {
         {
             return Ok(None);
         }
-        let simple = (backend == DbBackend::Postgres).then(|| db.get_postgres_connection_pool());
+        let simple = (backend == DbBackend::Postgres && !shapes.seen_before(&statements))
+            .then(|| db.get_postgres_connection_pool());
         let rows = match run_together(db, backend, 0, &mut statements, true, simple).await {
             Ok(rows) => rows,
             Err(error) if is_a_failed_check(&error) => {
@@ -642,6 +646,46 @@ fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
         .map(move |start| start..(start + size).min(len))
 }
 
+/// The shapes of the one-call commits sent to PostgreSQL lately, to choose how each goes.
+///
+/// A statement's text is fixed by its shape: which statements, with how many rows each. Under
+/// load nearly every batch has a shape of its own, and a prepared statement would spend a
+/// round trip (parse and describe) before the one that runs it, never to be used again; such
+/// a batch goes as a simple query, its values inlined. A shape that comes back, such as a
+/// lone commit's when sagas come one at a time, goes prepared: sqlx keeps the statement, and
+/// PostgreSQL its plan, so later ones are neither parsed nor planned again.
+pub(super) struct Shapes(std::sync::Mutex<LruCache<u64, ()>>);
+
+/// As many shapes as sqlx keeps statements per connection by default.
+const SHAPES: usize = 100;
+
+impl Default for Shapes {
+    fn default() -> Self {
+        Shapes(std::sync::Mutex::new(LruCache::new(SHAPES)))
+    }
+}
+
+impl Shapes {
+    /// Whether a batch of this shape came lately; it is remembered either way.
+    fn seen_before(&self, statements: &[Planned]) -> bool {
+        let mut hasher = DefaultHasher::new();
+        for planned in statements {
+            let sql = match planned.sql {
+                Sql::Insert(_) => 0u8,
+                Sql::Update(_) => 1,
+                Sql::Delete(_) => 2,
+            };
+            (sql, planned.check.rows(), planned.params).hash(&mut hasher);
+        }
+        let shape = hasher.finish();
+        let mut seen = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        seen.insert(shape, ()).is_some()
+    }
+}
+
 /// How many of `statements`, from the first, bind at most `max` values together (at least
 /// one: each binds fewer alone).
 fn group_len(statements: &[Planned], max: usize) -> usize {
@@ -669,9 +713,7 @@ fn keys<T: TryGetable, C: FromIterator<T>>(rows: &[QueryResult], index: usize) -
 /// nothing; on SQLite the string, which then begins a transaction and commits it at its end.
 ///
 /// With `simple`, PostgreSQL's statement goes over that pool as a simple query, its values
-/// inlined by sea-query: every batch is a text of its own, so as a prepared statement it
-/// spent a round trip (parse and describe) before the one that ran it, and was never used
-/// again.
+/// inlined by sea-query (see [`Shapes`]).
 async fn run_together(
     txn: &impl ConnectionTrait,
     backend: DbBackend,
@@ -839,7 +881,48 @@ async fn duplicate_or_conflict(
 
 #[cfg(test)]
 mod tests {
-    use super::chunks;
+    use super::{Check, Planned, SHAPES, Shapes, Sql, chunks};
+    use sea_orm::sea_query::Query;
+
+    fn batch(rows: usize) -> Vec<Planned> {
+        vec![
+            Planned {
+                sql: Sql::Insert(Query::insert()),
+                check: Check::Outbox(0..rows),
+                params: rows * 4,
+            },
+            Planned {
+                sql: Sql::Delete(Query::delete()),
+                check: Check::Nothing,
+                params: 2,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_shape_is_seen_before_from_its_second_batch_until_it_is_the_least_recent_of_too_many() {
+        let shapes = Shapes::default();
+        assert!(
+            !shapes.seen_before(&batch(1)),
+            "a first batch goes as a simple query"
+        );
+        assert!(
+            shapes.seen_before(&batch(1)),
+            "the same shape again goes prepared"
+        );
+        assert!(!shapes.seen_before(&batch(2)), "more rows is another text");
+        for rows in 3..SHAPES + 2 {
+            shapes.seen_before(&batch(rows));
+        }
+        assert!(
+            !shapes.seen_before(&batch(1)),
+            "forgotten after {SHAPES} others"
+        );
+        assert!(
+            shapes.seen_before(&batch(SHAPES + 1)),
+            "the most recent is kept"
+        );
+    }
 
     #[test]
     fn chunks_cover_every_row_once_in_order_and_none_when_empty() {

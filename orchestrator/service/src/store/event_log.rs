@@ -210,10 +210,10 @@ impl Store {
     /// when it stopped half-way (its transaction is not sea-orm's: nothing else would).
     async fn write_alone(&self, plan: &commit::Plan) -> Result<Option<Vec<i64>>, CommitError> {
         let Some(mut lock) = self.write_lock().await else {
-            return plan.write_alone(&self.writes).await;
+            return plan.write_alone(&self.writes, &self.shapes).await;
         };
         lock.in_doubt = true;
-        let written = plan.write_alone(&self.writes).await;
+        let written = plan.write_alone(&self.writes, &self.shapes).await;
         if !matches!(written, Ok(Some(_))) {
             self.roll_back_raw().await;
         }

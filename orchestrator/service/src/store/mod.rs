@@ -148,6 +148,8 @@ pub struct Store {
     backend: Backend,
     /// SQLite's single writer (see the module docs); unused on PostgreSQL.
     writer: Arc<Mutex<WriterState>>,
+    /// PostgreSQL: which one-call commits go as prepared statements.
+    shapes: Arc<commit::Shapes>,
 }
 
 /// What the single writer leaves for the next one.
@@ -303,6 +305,7 @@ impl Store {
             writes,
             backend,
             writer: Arc::new(Mutex::new(WriterState::default())),
+            shapes: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
