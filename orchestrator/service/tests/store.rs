@@ -157,6 +157,7 @@ on_both_backends!(
     a_stale_commit_conflicts_and_rolls_back_everything,
     group_commit_writes_many_sagas_at_once,
     a_batch_past_the_bound_values_of_one_statement_is_written_whole,
+    a_batch_is_written_alike_whether_its_shape_is_new_or_came_before,
     an_idempotency_key_starts_one_saga,
     an_inbox_id_is_recorded_once,
     a_commit_that_writes_nothing_succeeds,
@@ -676,8 +677,93 @@ async fn group_commit_writes_many_sagas_at_once(db: TestDb) {
     );
 }
 
+/// On PostgreSQL a batch of a shape not seen lately goes as one statement of constant text,
+/// its rows bound as arrays, and one whose shape came before as a statement of its own,
+/// prepared: the same batches twice go one way, then the other, and must write alike.
+async fn a_batch_is_written_alike_whether_its_shape_is_new_or_came_before(db: TestDb) {
+    let store = db.store().await;
+    let def = checkout();
+    let trace = TraceContext {
+        parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        state: Some("rojo=00f067aa0ba902b7".into()),
+    };
+    let mut backlog = 0;
+    for round in 0..2u64 {
+        let now = t0() + secs(10 * round as i64);
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let mut starts: Vec<Commit> = ids.iter().map(|id| start_commit(&def, *id, now)).collect();
+        let key = format!("key-{round}");
+        starts[0].idempotency_key = Some(key.clone());
+        starts[0].trace = Some(trace.clone());
+        let written = store.commit(&starts).await.unwrap();
+        let states = store.load_many(&ids).await.unwrap();
+        for (id, commit) in ids.iter().zip(&starts) {
+            assert_eq!(states.get(id), commit.state.as_ref(), "round {round}");
+        }
+        let row = store.saga(ids[0]).await.unwrap().unwrap();
+        assert_eq!(row.idempotency_key, Some(key), "round {round}");
+        assert_eq!(row.created_at, now, "round {round}");
+        assert_eq!(
+            store.trace_parents(&ids).await.unwrap(),
+            HashMap::from([(ids[0], trace.clone())]),
+            "round {round}"
+        );
+
+        // Each saga advances on a reply, its step timer replaced by the next one's.
+        let later = now + secs(1);
+        let replies = orders_done(&def, &ids, &states, later);
+        let written: Vec<i64> = written
+            .into_iter()
+            .chain(store.commit(&replies).await.unwrap())
+            .collect();
+        for (id, commit) in ids.iter().zip(&replies) {
+            let row = store.saga(*id).await.unwrap().unwrap();
+            assert_eq!(Some(&row.state), commit.state.as_ref(), "round {round}");
+            assert_eq!((row.created_at, row.updated_at), (now, later));
+            let seqs: Vec<u64> = store
+                .history(*id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(seqs, (1..=row.version).collect::<Vec<_>>(), "round {round}");
+        }
+        let inbox: Vec<Uuid> = replies.iter().filter_map(|c| c.inbox_id).collect();
+        assert_eq!(store.seen(&inbox).await.unwrap().len(), 3, "round {round}");
+        assert_eq!(store.timer_count().await.unwrap(), 3 * (round + 1));
+
+        // Each outbox id returned is its own message's row.
+        let messages = starts
+            .iter()
+            .chain(&replies)
+            .flat_map(|c| c.outbox.iter().map(|m| m.message_id));
+        let returned: Vec<(i64, Uuid)> = written.iter().copied().zip(messages).collect();
+        backlog += returned.len() as u64;
+        assert_eq!(store.outbox_backlog().await.unwrap(), backlog);
+        let batch = store.outbox_batch(100).await.unwrap();
+        let mut stored: Vec<(i64, Uuid)> = batch
+            .rows
+            .iter()
+            .map(|r| (r.id, r.message.message_id))
+            .filter(|(id, _)| written.contains(id))
+            .collect();
+        batch.release().await.unwrap();
+        stored.sort();
+        assert_eq!(returned, stored, "round {round}");
+
+        // The replies again: handled already, so the first is a duplicate and nothing is written.
+        let (index, error) = expect_err(store.commit(&replies).await);
+        assert_eq!(index, Some(0), "round {round}");
+        assert!(matches!(error, StoreError::Duplicate), "{error:?}");
+        assert_eq!(store.outbox_backlog().await.unwrap(), backlog);
+    }
+}
+
 /// More rows than one statement binds, so the commit spans several statements per table and,
-/// on PostgreSQL, several calls: each is checked, and a fault in the last rolls back the lot.
+/// on PostgreSQL, several calls when the batch runs in a transaction to find the commit at
+/// fault (a batch of a new shape goes in one, its rows as arrays): each is checked, and a
+/// fault in the last rolls back the lot.
 async fn a_batch_past_the_bound_values_of_one_statement_is_written_whole(db: TestDb) {
     const SAGAS: usize = 3_000;
     let store = db.store().await;
