@@ -1677,14 +1677,20 @@ async fn concurrent_writers_never_both_advance_a_saga(db: TestDb) {
 async fn the_postgres_pool_has_the_size_given() {
     use orchestrator::store::{DEFAULT_POOL_SIZE, StoreOptions};
     let db = TestDb::postgres().await;
-    let store = Store::connect_with(&db.url, StoreOptions { pool_size: 3 })
-        .await
-        .expect("connect and migrate");
-    let pool = store.connection().get_postgres_connection_pool();
-    assert_eq!(pool.options().get_max_connections(), 3);
+    for size in [1, 3] {
+        let store = Store::connect_with(&db.url, StoreOptions { pool_size: size })
+            .await
+            .expect("connect and migrate");
+        assert_eq!(store.postgres_connections(), size);
+        // Given a batch of a new shape (it goes as arrays) on the smallest pool, it is written.
+        let def = refund();
+        let saga = start(&store, &def, t0()).await;
+        assert!(store.saga(saga).await.unwrap().is_some(), "pool of {size}");
+    }
     let default = db.store().await;
-    let pool = default.connection().get_postgres_connection_pool();
-    assert_eq!(pool.options().get_max_connections(), DEFAULT_POOL_SIZE);
+    assert_eq!(default.postgres_connections(), DEFAULT_POOL_SIZE);
+    let sqlite = TestDb::sqlite();
+    assert_eq!(sqlite.store().await.postgres_connections(), 0);
     assert!(
         Store::connect_with(&db.url, StoreOptions { pool_size: 0 })
             .await

@@ -286,11 +286,12 @@ impl Plan {
     /// statement: then [`Plan::write`], in a transaction, finds the commit at fault.
     ///
     /// On PostgreSQL a batch of a shape not seen lately goes as [`postgres`]'s statement of
-    /// constant text, its rows bound as arrays; one whose shape came before, as its own
+    /// constant text, its rows bound as arrays, on `arrays`; one whose shape came before, as its own
     /// statement, prepared (see [`Shapes`]).
     pub(super) async fn write_alone(
         &self,
         db: &DatabaseConnection,
+        arrays: &DatabaseConnection,
         shapes: &Shapes,
     ) -> Result<Option<Vec<i64>>, CommitError> {
         let backend = db.get_database_backend();
@@ -299,7 +300,10 @@ impl Plan {
             return Ok(Some(Vec::new()));
         }
         if backend == DbBackend::Postgres && !shapes.seen_before(&self.shape()) {
-            return match self.write_postgres(db.get_postgres_connection_pool()).await {
+            return match self
+                .write_postgres(arrays.get_postgres_connection_pool())
+                .await
+            {
                 Ok(ids) => Ok(Some(ids)),
                 Err(error) => failed_check_or(error),
             };

@@ -209,11 +209,12 @@ impl Store {
     /// [`commit::Plan::write_alone`] under the single writer on SQLite, rolled back there
     /// when it stopped half-way (its transaction is not sea-orm's: nothing else would).
     async fn write_alone(&self, plan: &commit::Plan) -> Result<Option<Vec<i64>>, CommitError> {
+        let arrays = self.arrays.as_ref().unwrap_or(&self.writes);
         let Some(mut lock) = self.write_lock().await else {
-            return plan.write_alone(&self.writes, &self.shapes).await;
+            return plan.write_alone(&self.writes, arrays, &self.shapes).await;
         };
         lock.in_doubt = true;
-        let written = plan.write_alone(&self.writes, &self.shapes).await;
+        let written = plan.write_alone(&self.writes, arrays, &self.shapes).await;
         if !matches!(written, Ok(Some(_))) {
             self.roll_back_raw().await;
         }

@@ -150,6 +150,10 @@ pub struct Store {
     writer: Arc<Mutex<WriterState>>,
     /// PostgreSQL: which one-call commits go as prepared statements.
     shapes: Arc<commit::Shapes>,
+    /// PostgreSQL: the connection that sends a batch of a new shape as arrays, its session set
+    /// to plan every execution afresh (see [`custom_plans`]); `None`: `writes` (whose sessions
+    /// have it too when the pool is one connection).
+    arrays: Option<DatabaseConnection>,
 }
 
 /// What the single writer leaves for the next one.
@@ -202,6 +206,38 @@ fn plaintext_to_local_server(url: &str, host: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     !asked && local
+}
+
+fn postgres_options(options: &mut ConnectOptions, url: &str) {
+    options.test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
+    let url = url.to_owned();
+    // One closure: sea-orm keeps only the last one given.
+    options.map_sqlx_postgres_opts(move |o| {
+        if plaintext_to_local_server(&url, o.get_host()) {
+            o.ssl_mode(PgSslMode::Disable)
+        } else {
+            o
+        }
+    });
+}
+
+/// Sessions that plan each execution of a prepared statement with its parameters in hand: the
+/// array statement's. It is prepared once per connection (no parse per batch), but by default
+/// the server would after five runs switch to one generic plan for any arrays, and that plan,
+/// made while the tables are small, goes on scanning them whole once they are large. Only the
+/// array connection has it, so the statements of the shapes that recur (one saga at a time)
+/// keep their generic plans and are not planned again. A `SET` on each new connection, not a
+/// startup parameter, which PgBouncer refuses.
+fn custom_plans(options: &mut ConnectOptions) {
+    options.map_sqlx_postgres_pool_opts(|pool| {
+        pool.after_connect(|conn, _| {
+            Box::pin(async move {
+                sea_orm::sqlx::Executor::execute(conn, "SET plan_cache_mode = force_custom_plan")
+                    .await
+                    .map(|_| ())
+            })
+        })
+    });
 }
 
 /// A connection kept for the life of the pool: its page cache (or, in memory, the database)
@@ -257,6 +293,7 @@ impl Store {
         };
         let mut options = ConnectOptions::new(url.to_owned());
         let mut writes = None;
+        let mut arrays = None;
         match backend {
             Backend::Sqlite => {
                 let memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -282,17 +319,20 @@ impl Store {
                         "the database pool size must be at least 1".into(),
                     )));
                 }
-                options
-                    .max_connections(opts.pool_size)
-                    .test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
-                let owned_url = url.to_owned();
-                options.map_sqlx_postgres_opts(move |o| {
-                    if plaintext_to_local_server(&owned_url, o.get_host()) {
-                        o.ssl_mode(PgSslMode::Disable)
-                    } else {
-                        o
-                    }
-                });
+                postgres_options(&mut options, url);
+                if opts.pool_size == 1 {
+                    options.max_connections(1);
+                    custom_plans(&mut options);
+                } else {
+                    // One of the pool's connections is the group commit's for its arrays: it
+                    // writes one batch at a time.
+                    options.max_connections(opts.pool_size - 1);
+                    let mut custom = ConnectOptions::new(url.to_owned());
+                    custom.max_connections(1);
+                    postgres_options(&mut custom, url);
+                    custom_plans(&mut custom);
+                    arrays = Some(custom);
+                }
             }
         }
         let db = Database::connect(options).await?;
@@ -300,12 +340,17 @@ impl Store {
             Some(writer) => Database::connect(writer).await?,
             None => db.clone(),
         };
+        let arrays = match arrays {
+            Some(custom) => Some(Database::connect(custom).await?),
+            None => None,
+        };
         let store = Store {
             db,
             writes,
             backend,
             writer: Arc::new(Mutex::new(WriterState::default())),
             shapes: Arc::default(),
+            arrays,
         };
         store.migrate().await?;
         Ok(store)
@@ -334,6 +379,20 @@ impl Store {
     /// The underlying connection, for what this API does not cover (health checks, tooling).
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// The most PostgreSQL connections this store opens, all its pools together (0 on
+    /// SQLite).
+    pub fn postgres_connections(&self) -> u32 {
+        if self.backend != Backend::Postgres {
+            return 0;
+        }
+        let max = |db: &DatabaseConnection| {
+            db.get_postgres_connection_pool()
+                .options()
+                .get_max_connections()
+        };
+        max(&self.db) + self.arrays.as_ref().map_or(0, max)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -446,6 +505,60 @@ mod tests {
             p.push(suffix);
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    async fn show(db: &DatabaseConnection, setting: &str) -> String {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("SHOW {setting}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index::<String>(0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn on_postgres_only_the_array_connection_plans_every_execution_afresh() {
+        let admin_url = std::env::var("DATABASE_URL").expect(
+            "this test needs a PostgreSQL server: set DATABASE_URL, e.g. \
+             DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres",
+        );
+        let admin = Database::connect(&admin_url).await.unwrap();
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let (base, _) = admin_url.rsplit_once('/').unwrap();
+        let url = format!("{base}/{name}");
+        for size in [1, 4] {
+            let store = Store::connect_with(&url, StoreOptions { pool_size: size })
+                .await
+                .unwrap();
+            let arrays = store.arrays.as_ref().unwrap_or(&store.writes);
+            assert_eq!(show(arrays, "plan_cache_mode").await, "force_custom_plan");
+            // Given a larger pool, the others keep the server's default.
+            let others = if size == 1 {
+                "force_custom_plan"
+            } else {
+                "auto"
+            };
+            assert_eq!(
+                show(&store.db, "plan_cache_mode").await,
+                others,
+                "pool of {size}"
+            );
+            store.db.close_by_ref().await.ok();
+            if let Some(arrays) = &store.arrays {
+                arrays.close_by_ref().await.ok();
+            }
+        }
+        admin
+            .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -9,9 +9,10 @@
 //! `log_*_stats`), for each batch afresh, since under load nearly every batch has a text of
 //! its own.
 //!
-//! The statement goes unnamed, so the server plans it for each batch with the arrays in hand
-//! (a named one it may plan once for any arrays, and that plan, made while a table was
-//! small, would go on scanning the whole table once it is large). Its checks are the
+//! The statement is prepared once, on a connection of its own whose session plans every
+//! execution with the arrays in hand (`plan_cache_mode`, see the store's `custom_plans`): a
+//! plan made once for any arrays, while a table was small, would go on scanning the whole
+//! table once it is large. Its checks are the
 //! one-call commit's: each table's rows must all be written, else the statement fails
 //! (`division_by_zero`) having written nothing.
 
@@ -128,7 +129,6 @@ impl Plan {
         let gone: Vec<&TimerKey> = gone.into_iter().map(|(key, _)| key).collect();
 
         let row = sqlx::query(STATEMENT)
-            .persistent(false)
             .bind(column(&inbox, |m| set(&m.message_id)))
             .bind(column(&inbox, |m| set(&m.saga_id)))
             .bind(column(&inbox, |m| set(&m.received_at)))
