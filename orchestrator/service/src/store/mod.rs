@@ -227,8 +227,11 @@ fn postgres_options(options: &mut ConnectOptions, url: &str) {
 /// made while the tables are small, goes on scanning them whole once they are large. Only the
 /// array connection has it, so the statements of the shapes that recur (one saga at a time)
 /// keep their generic plans and are not planned again. A `SET` on each new connection, not a
-/// startup parameter, which PgBouncer refuses.
+/// startup parameter, which PgBouncer refuses; and the pool lazy, since sqlx logs that `SET`
+/// and, run by `Database::connect`, its line would carry sea-orm's span, which records the URL
+/// with its password.
 fn custom_plans(options: &mut ConnectOptions) {
+    options.connect_lazy(true);
     options.map_sqlx_postgres_pool_opts(|pool| {
         pool.after_connect(|conn, _| {
             Box::pin(async move {
