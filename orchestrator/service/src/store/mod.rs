@@ -467,12 +467,10 @@ mod tests {
 
     use super::*;
 
-    async fn pragma(db: &DatabaseConnection, name: &str) -> String {
+    /// The one value `sql` (a `PRAGMA` or a `SHOW`) answers, as text.
+    async fn setting(db: &DatabaseConnection, sql: String) -> String {
         let row = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                format!("PRAGMA {name}"),
-            ))
+            .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
             .await
             .unwrap()
             .unwrap();
@@ -480,6 +478,10 @@ mod tests {
             .map(|v| v.to_string())
             .or_else(|_| row.try_get_by_index::<String>(0))
             .unwrap()
+    }
+
+    async fn pragma(db: &DatabaseConnection, name: &str) -> String {
+        setting(db, format!("PRAGMA {name}")).await
     }
 
     #[tokio::test]
@@ -510,16 +512,8 @@ mod tests {
         }
     }
 
-    async fn show(db: &DatabaseConnection, setting: &str) -> String {
-        let row = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                format!("SHOW {setting}"),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get_by_index::<String>(0).unwrap()
+    async fn show(db: &DatabaseConnection, name: &str) -> String {
+        setting(db, format!("SHOW {name}")).await
     }
 
     #[tokio::test]
