@@ -286,8 +286,8 @@ impl Plan {
     /// statement: then [`Plan::write`], in a transaction, finds the commit at fault.
     ///
     /// On PostgreSQL a batch of a shape not seen lately goes as [`postgres`]'s statement of
-    /// constant text, its rows bound as arrays, on `arrays`; one whose shape came before, as its own
-    /// statement, prepared (see [`Shapes`]).
+    /// constant text, its rows bound as arrays, on `arrays`; one whose shape came before, as
+    /// its own statement, prepared, on `db` (see [`Shapes`]).
     pub(super) async fn write_alone(
         &self,
         db: &DatabaseConnection,

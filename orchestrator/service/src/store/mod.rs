@@ -208,6 +208,7 @@ fn plaintext_to_local_server(url: &str, host: &str) -> bool {
     !asked && local
 }
 
+/// What every PostgreSQL pool of the store shares: the idle ping and plaintext to a local server.
 fn postgres_options(options: &mut ConnectOptions, url: &str) {
     options.test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
     let url = url.to_owned();
