@@ -111,6 +111,11 @@ struct Args {
     /// again, as in production; they are killed when the benchmark ends).
     #[arg(long, value_enum, default_value_t = ParticipantsMode::InProcess)]
     participants: ParticipantsMode,
+    /// Threads of the runtime of this process (the orchestrator, the driver and in-process
+    /// participants) and of each participant process: 1, the binaries' default, runs every
+    /// task on one thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    runtime_threads: u16,
     /// After the measured run: stop the participants, start this many sagas, sample this
     /// process's RSS, start the participants again and time the drain (0: skip). Meant with
     /// `--participants processes`, so that the RSS is the orchestrator's (and the driver's).
@@ -192,14 +197,18 @@ impl End {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // A line per message at `info` would be measured too: `RUST_LOG=info` to see them.
     orchestrator::telemetry::init_quiet("warn");
     let args = Args::parse();
-    if let Some(name) = &args.participant_process {
-        return processes::run_child(&args, name).await;
+    let runtime = saga_amqp::async_runtime(args.runtime_threads.into())?;
+    match &args.participant_process {
+        Some(name) => runtime.block_on(processes::run_child(&args, name)),
+        None => runtime.block_on(bench(&args)),
     }
+}
+
+async fn bench(args: &Args) -> anyhow::Result<()> {
     if args.sagas == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--sagas, --steps and --concurrency must be at least 1");
     }
@@ -208,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let databases = Databases::create(&args.database_url, args.steps).await?;
     let shutdown = CancellationToken::new();
-    let result = run(&args, &databases, shutdown.clone()).await;
+    let result = run(args, &databases, shutdown.clone()).await;
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
     databases.drop_all().await;

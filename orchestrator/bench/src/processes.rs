@@ -40,6 +40,8 @@ pub fn spawn(
         .arg(args.queue_type.as_str())
         .arg("--participant-prefetch")
         .arg(args.participant_prefetch.to_string())
+        .arg("--runtime-threads")
+        .arg(args.runtime_threads.to_string())
         // URLs by environment: they may hold passwords, which argv shows to every user.
         .env("AMQP_URL", &args.amqp_url)
         .env("SAGA_BENCH_PARTICIPANT_DATABASE_URL", database_url)

@@ -147,6 +147,12 @@ pub struct RunArgs {
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = orchestrator::store::DEFAULT_POOL_SIZE,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub database_pool_size: u32,
+    /// Threads that run the orchestrator's tasks: 1 runs them all on one thread, which on two
+    /// cores shared with the broker and the database did the most sagas/s; more spreads them
+    /// over that many threads, for a host whose cores are the orchestrator's own.
+    #[arg(long, env = "RUNTIME_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub runtime_threads: u16,
     /// Address of the HTTP API.
     #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http: std::net::SocketAddr,
@@ -239,6 +245,21 @@ mod tests {
             Command::Run(args) => Ok(*args),
             other => panic!("not `run`: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_runtime_threads_are_a_flag_with_a_default_of_one() {
+        // RUNTIME_THREADS may be set around the tests: the flag wins over it.
+        assert_eq!(
+            run_args(&["--runtime-threads", "4"])
+                .unwrap()
+                .runtime_threads,
+            4
+        );
+        if std::env::var_os("RUNTIME_THREADS").is_none() {
+            assert_eq!(run_args(&[]).unwrap().runtime_threads, 1);
+        }
+        assert!(run_args(&["--runtime-threads", "0"]).is_err());
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub use handler::{
 };
 pub use process::COMPENSATED_BEFORE_EXECUTED;
 /// A [`CancellationToken`] cancelled on SIGTERM or Ctrl-C, for [`Participant::run`].
-pub use saga_amqp::{QueueType, SecretUrl, shutdown_on_signal, trace};
+pub use saga_amqp::{QueueType, SecretUrl, async_runtime, shutdown_on_signal, trace};
 pub use saga_schemas::{Data, Direction, EXPIRED, Outcome, StepCommand, StepReply};
 pub use sea_orm;
 pub use tokio_util::sync::CancellationToken;

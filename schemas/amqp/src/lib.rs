@@ -41,7 +41,8 @@ pub use receive::{
 };
 pub use secret::SecretUrl;
 pub use supervise::{
-    connect, connect_with_tls, default_connection_name, shutdown_on_signal, supervise,
+    async_runtime, connect, connect_with_tls, default_connection_name, shutdown_on_signal,
+    supervise,
 };
 pub use tls::Tls;
 pub use topology::{

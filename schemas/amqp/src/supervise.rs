@@ -269,6 +269,26 @@ pub fn default_connection_name(service: &str) -> String {
     format!("{service}@{host}:{}", std::process::id())
 }
 
+/// The async runtime every service binary runs on, with `threads` threads for its tasks.
+///
+/// One thread (the binaries' default) is a current-thread runtime: a service here waits on the
+/// broker and the database far more than it computes, lapin reads and writes on a thread of
+/// its own and SQLite runs on sqlx's, and with every task on one thread a message handed from
+/// task to task wakes no other thread. On the benchmark's two cores, shared with the broker
+/// and the database, that did 2-38% more sagas/s than a worker per core (README, "What each
+/// setting costs"). More threads spread the tasks over a multi-thread runtime with that many
+/// workers.
+pub fn async_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
 /// A token cancelled on SIGTERM or Ctrl-C (SIGINT): what every service binary watches to stop
 /// consuming, let in-flight work commit, and exit. Call it inside the tokio runtime.
 pub fn shutdown_on_signal() -> CancellationToken {
@@ -294,4 +314,26 @@ pub fn shutdown_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::async_runtime;
+
+    #[test]
+    fn one_thread_is_a_current_thread_runtime_and_more_are_that_many_workers() {
+        // Given one thread, when the runtime is built, then every task runs on that thread
+        let one = async_runtime(1).unwrap();
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        assert_eq!(one.metrics().num_workers(), 1);
+        // And the timers and I/O are enabled on it
+        one.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(1)).await });
+
+        // Given three, then a multi-thread runtime with three workers
+        let three = async_runtime(3).unwrap();
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
+    }
 }

@@ -36,7 +36,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         auth,
         management_url: args.management_url,
     };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = saga_amqp::async_runtime(args.runtime_threads.into())
+        .context("cannot start the async runtime")?;
     let result = runtime.block_on(async move {
         let shutdown = saga_amqp::shutdown_on_signal();
         info!(sagas = definitions.sagas.len(), config = %args.config.display(), "starting");

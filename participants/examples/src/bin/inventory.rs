@@ -21,9 +21,8 @@ struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let participant = inventory::participant(args.initial_stock);
-    saga_examples::cli::main(Service::Inventory, &args.common, participant).await
+    saga_examples::cli::main(Service::Inventory, &args.common, participant)
 }

@@ -14,8 +14,7 @@ struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    saga_examples::cli::main(Service::Orders, &args.common, orders::participant()).await
+    saga_examples::cli::main(Service::Orders, &args.common, orders::participant())
 }

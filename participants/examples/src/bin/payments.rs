@@ -17,9 +17,8 @@ struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let participant = payments::participant(args.payment_limit);
-    saga_examples::cli::main(Service::Payments, &args.common, participant).await
+    saga_examples::cli::main(Service::Payments, &args.common, participant)
 }

@@ -31,12 +31,11 @@ fn rate(s: &str) -> Result<f64, String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let participant = shipping::participant(shipping::FailureInjection {
         rate: args.shipping_failure_rate,
         max_failures: args.shipping_max_failures,
     });
-    saga_examples::cli::main(Service::Shipping, &args.common, participant).await
+    saga_examples::cli::main(Service::Shipping, &args.common, participant)
 }
