@@ -44,7 +44,7 @@ pub struct CommonArgs {
     #[arg(long, env = "CONNECTION_NAME")]
     pub connection_name: Option<String>,
     /// Threads that run the service's tasks: 1 runs them all on one thread, which on two cores
-    /// shared with the broker and the database did the most commands per second; more spreads
+    /// shared with the broker and the database did the most sagas per second; more spreads
     /// them over that many threads, for handlers that compute a lot.
     #[arg(long, env = "RUNTIME_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
