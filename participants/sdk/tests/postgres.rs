@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use saga_participant::sea_orm::{ConnectionTrait, DbBackend, Statement};
 use saga_participant::{COMPENSATED_BEFORE_EXECUTED, Direction, Outcome};
@@ -143,5 +145,67 @@ async fn postgres_with_a_schema_of_its_own() {
         ]
     );
     conn.close().await.ok();
+    running.stop().await;
+}
+
+/// Reads one number from the server's statistics of `saga_inbox` in the test's schema.
+async fn inbox_statistic(conn: &saga_participant::sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    conn.query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .unwrap()
+        .and_then(|row| row.try_get::<Option<i64>>("", "n").unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grown_inbox_is_read_by_its_key_before_it_has_statistics() {
+    let vhost = Vhost::new();
+    let db = TestDb::postgres(Some("testsvc")).await;
+    let conn = db.connect().await;
+    saga_participant::migrate_sdk_tables(&conn).await.unwrap();
+    // Given an inbox of 20,000 records that the server has not analysed yet, as a new
+    // participant's is in its first minutes
+    conn.execute_unprepared(
+        "INSERT INTO saga_inbox (saga_id, step, direction, action, message_id, attempt, outcome, handled_at)
+         SELECT gen_random_uuid()::text, 'charge-payment', 'execute', 'charge',
+                gen_random_uuid()::text, 1, '{\"status\":\"success\",\"output\":{}}', now()
+         FROM generate_series(1, 20000)",
+    )
+    .await
+    .unwrap();
+    let running = Running::start(participant(), &vhost, &db, 64);
+    let mut client = Client::connect(&vhost).await;
+
+    // When 32 new commands come in one message
+    let cmds: Vec<_> = (0..32).map(|_| charge(Uuid::new_v4())).collect();
+    client.send_pack(&cmds.iter().collect::<Vec<_>>()).await;
+    let mut answered = 0;
+    while answered < cmds.len() {
+        answered += client.packed_replies().await.len();
+    }
+
+    // Then their records were looked up through the primary key, at least one index scan per
+    // (saga, step), not by reading the whole table (the server's statistics arrive within
+    // seconds of a connection going idle)
+    let key_scans = "SELECT sum(idx_scan)::int8 AS n FROM pg_stat_user_indexes
+                     WHERE schemaname = 'testsvc' AND relname = 'saga_inbox'
+                       AND indexrelname <> 'saga_inbox_handled_at'";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut scans = 0;
+    while scans < 32 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        scans = inbox_statistic(&conn, key_scans).await;
+    }
+    let rows_read_by_scans = inbox_statistic(
+        &conn,
+        "SELECT seq_tup_read AS n FROM pg_stat_user_tables
+         WHERE schemaname = 'testsvc' AND relname = 'saga_inbox'",
+    )
+    .await;
+    assert!(
+        scans >= 32,
+        "{scans} index scans of saga_inbox's key for 32 commands; \
+         {rows_read_by_scans} rows read by whole-table scans"
+    );
     running.stop().await;
 }
