@@ -344,19 +344,18 @@ async fn attempt_with(
         } else {
             String::new()
         };
-        // A prepared statement's generic plan is made once per connection and kept until the
-        // table is analysed again: the inbox lookup's, made while a new participant's table
-        // was a few pages, scanned the whole table on every batch after it had grown (8 ms a
-        // batch at 8,000 rows). Planning each run with its values costs tens of microseconds.
-        let custom_plans = "SET LOCAL plan_cache_mode = force_custom_plan; ";
         let first_savepoint = if savepoints {
             savepoint.state = SavepointState::Clean;
             format!("; SAVEPOINT {SAVEPOINT}")
         } else {
             String::new()
         };
+        // Plans made per run: a prepared statement's generic plan is made once per connection
+        // and kept until the table is analysed again. The inbox lookup's, made while a new
+        // participant's table was a few pages, scanned the whole table on every batch after it
+        // had grown (8 ms a batch at 8,000 rows). Planning each run costs tens of microseconds.
         tx.execute_unprepared(&format!(
-            "{custom_plans}{lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k{first_savepoint}"
+            "SET LOCAL plan_cache_mode = force_custom_plan; {lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k{first_savepoint}"
         ))
         .await?;
     }
