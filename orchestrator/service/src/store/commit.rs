@@ -30,7 +30,7 @@ use super::entity::{inbox, outbox, saga_events, sagas, timers};
 use super::read_model::{SAGA_COLUMNS, saga_active_model};
 use super::{Commit, CommitError, MAX_OR_TERMS, MAX_PARAMS, StoreError};
 
-mod postgres;
+pub(super) mod postgres;
 
 /// Number of columns of each table, to size the chunks of multi-row statements.
 const EVENT_COLUMNS: usize = 5;

@@ -151,8 +151,9 @@ pub struct Store {
     /// PostgreSQL: which one-call commits go as prepared statements.
     shapes: Arc<commit::Shapes>,
     /// PostgreSQL: the connection that sends a batch of a new shape as arrays, its session set
-    /// to plan every execution afresh (see [`custom_plans`]); `None`: `writes` (whose sessions
-    /// have it too when the pool is one connection).
+    /// to keep one plan that goes by the tables' keys (see [`array_plans`]); `None`: `writes`,
+    /// whose session, when the pool is one connection, plans every execution afresh instead
+    /// (see [`custom_plans`]).
     arrays: Option<DatabaseConnection>,
 }
 
@@ -222,21 +223,39 @@ fn postgres_options(options: &mut ConnectOptions, url: &str) {
     });
 }
 
-/// Sessions that plan each execution of a prepared statement with its parameters in hand: the
-/// array statement's. It is prepared once per connection (no parse per batch), but by default
-/// the server would after five runs switch to one generic plan for any arrays, and that plan,
-/// made while the tables are small, goes on scanning them whole once they are large. Only the
-/// array connection has it, so the statements of the shapes that recur (one saga at a time)
-/// keep their generic plans and are not planned again. A `SET` on each new connection, not a
-/// startup parameter, which PgBouncer refuses; and the pool lazy, since sqlx logs that `SET`
-/// and, run by `Database::connect`, its line would carry sea-orm's span, which records the URL
-/// with its password.
+/// A session that plans each execution of a prepared statement with its parameters in hand,
+/// for a pool of one connection, which runs every statement of the orchestrator: by default
+/// the server would after five runs switch a statement to one generic plan for any
+/// parameters, and a plan made while the tables are small goes on scanning them whole once
+/// they are large. A `SET` on each new connection, not a startup parameter, which PgBouncer
+/// refuses; and the pool lazy, since sqlx logs that `SET` and, run by `Database::connect`, its
+/// line would carry sea-orm's span, which records the URL with its password.
 fn custom_plans(options: &mut ConnectOptions) {
+    after_connect(options, "SET plan_cache_mode = force_custom_plan");
+}
+
+/// The session of the connection that runs only the group commit's array statement: one
+/// generic plan, made at its first run, that reaches every row it updates or deletes through
+/// the table's key whatever the tables held when it was made. Planned afresh each run, that
+/// statement spent 0.29 ms per batch planning, a sixth of the server's time on statements
+/// (`RESULTS.md`). Without the `enable_*` settings the generic plan made on empty tables
+/// scans `sagas` and `timers` whole and hash-joins them with the batch's rows. Only this
+/// connection has them, so the other statements (reads of the API, the shapes that recur one
+/// saga at a time) are planned as the server would.
+fn array_plans(options: &mut ConnectOptions) {
+    after_connect(
+        options,
+        "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
+         SET enable_hashjoin = off; SET enable_mergejoin = off",
+    );
+}
+
+fn after_connect(options: &mut ConnectOptions, settings: &'static str) {
     options.connect_lazy(true);
-    options.map_sqlx_postgres_pool_opts(|pool| {
-        pool.after_connect(|conn, _| {
+    options.map_sqlx_postgres_pool_opts(move |pool| {
+        pool.after_connect(move |conn, _| {
             Box::pin(async move {
-                sea_orm::sqlx::Executor::execute(conn, "SET plan_cache_mode = force_custom_plan")
+                sea_orm::sqlx::Executor::execute(conn, settings)
                     .await
                     .map(|_| ())
             })
@@ -334,7 +353,7 @@ impl Store {
                     let mut custom = ConnectOptions::new(url.to_owned());
                     custom.max_connections(1);
                     postgres_options(&mut custom, url);
-                    custom_plans(&mut custom);
+                    array_plans(&mut custom);
                     arrays = Some(custom);
                 }
             }
@@ -464,7 +483,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::Statement;
+    use sea_orm::{DbBackend, Statement};
 
     use super::*;
 
@@ -517,8 +536,8 @@ mod tests {
         setting(db, format!("SHOW {name}")).await
     }
 
-    #[tokio::test]
-    async fn on_postgres_only_the_array_connection_plans_every_execution_afresh() {
+    /// A database of its own on the server of `DATABASE_URL`, and a function that drops it.
+    async fn scratch_postgres() -> (String, impl AsyncFnOnce()) {
         let admin_url = std::env::var("DATABASE_URL").expect(
             "this test needs a PostgreSQL server: set DATABASE_URL, e.g. \
              DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres",
@@ -531,32 +550,100 @@ mod tests {
             .unwrap();
         let (base, _) = admin_url.rsplit_once('/').unwrap();
         let url = format!("{base}/{name}");
+        let remove = async move || {
+            admin
+                .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+                .await
+                .unwrap();
+        };
+        (url, remove)
+    }
+
+    async fn close(store: &Store) {
+        store.db.close_by_ref().await.ok();
+        if let Some(arrays) = &store.arrays {
+            arrays.close_by_ref().await.ok();
+        }
+    }
+
+    #[tokio::test]
+    async fn on_postgres_only_the_array_connection_keeps_one_plan_that_goes_by_the_keys() {
+        let (url, remove) = scratch_postgres().await;
         for size in [1, 4] {
             let store = Store::connect_with(&url, StoreOptions { pool_size: size })
                 .await
                 .unwrap();
             let arrays = store.arrays.as_ref().unwrap_or(&store.writes);
-            assert_eq!(show(arrays, "plan_cache_mode").await, "force_custom_plan");
-            // Given a larger pool, the others keep the server's default.
-            let others = if size == 1 {
-                "force_custom_plan"
+            if size == 1 {
+                // Given one connection for everything, it plans every execution afresh.
+                assert_eq!(show(arrays, "plan_cache_mode").await, "force_custom_plan");
+                assert_eq!(show(arrays, "enable_seqscan").await, "on");
             } else {
-                "auto"
-            };
-            assert_eq!(
-                show(&store.db, "plan_cache_mode").await,
-                others,
-                "pool of {size}"
-            );
-            store.db.close_by_ref().await.ok();
-            if let Some(arrays) = &store.arrays {
-                arrays.close_by_ref().await.ok();
+                // Given a larger pool, one connection keeps one plan, by the keys...
+                assert_eq!(show(arrays, "plan_cache_mode").await, "force_generic_plan");
+                for scan in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin"] {
+                    assert_eq!(show(arrays, scan).await, "off", "{scan}");
+                }
+                // ...and the others keep the server's defaults.
+                assert_eq!(show(&store.db, "plan_cache_mode").await, "auto");
+                assert_eq!(show(&store.db, "enable_seqscan").await, "on");
             }
+            close(&store).await;
         }
-        admin
-            .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        remove().await;
+    }
+
+    #[tokio::test]
+    async fn on_postgres_the_array_statement_made_on_empty_tables_reads_no_table_whole() {
+        let (url, remove) = scratch_postgres().await;
+        let store = Store::connect_with(&url, StoreOptions { pool_size: 4 })
             .await
             .unwrap();
+        let arrays = store
+            .arrays
+            .as_ref()
+            .expect("a pool of 4 has the array connection");
+        // Given the statement prepared on the array connection while every table is empty, as
+        // at an orchestrator's first batch on a new database
+        arrays
+            .execute_unprepared(&format!(
+                "PREPARE array_commit AS {}",
+                commit::postgres::STATEMENT
+            ))
+            .await
+            .unwrap();
+        let params = (1..)
+            .take_while(|n| commit::postgres::STATEMENT.contains(&format!("${n}::")))
+            .count();
+        // When its plan is shown (the generic one: the arrays' values do not matter)
+        let plan: Vec<String> = arrays
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!(
+                    "EXPLAIN EXECUTE array_commit({})",
+                    vec!["NULL"; params].join(", ")
+                ),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0).unwrap())
+            .collect();
+        let plan = plan.join("\n");
+        // Then the rows it updates and deletes are reached through their keys, and no table is
+        // read whole: a plan kept for every batch after, however large the tables grow
+        assert!(params >= 40, "{params} parameters found in the statement");
+        for scan in ["Seq Scan", "Hash Join", "Merge Join"] {
+            assert!(!plan.contains(scan), "{scan} in the kept plan:\n{plan}");
+        }
+        for key in ["sagas_pkey on sagas", "timers_pkey on timers"] {
+            assert!(
+                plan.contains(&format!("Index Scan using {key}")),
+                "no index scan using {key}:\n{plan}"
+            );
+        }
+        close(&store).await;
+        remove().await;
     }
 
     #[tokio::test]

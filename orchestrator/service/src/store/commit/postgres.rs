@@ -9,10 +9,10 @@
 //! `log_*_stats`), for each batch afresh, since under load nearly every batch has a text of
 //! its own.
 //!
-//! The statement is prepared once, on a connection of its own whose session plans every
-//! execution with the arrays in hand (`plan_cache_mode`, see the store's `custom_plans`): a
-//! plan made once for any arrays, while a table was small, would go on scanning the whole
-//! table once it is large. Its checks are the
+//! The statement is prepared once, on a connection of its own whose session keeps one plan
+//! for it that reaches every row by its table's key (see the store's `array_plans`): neither
+//! parsed nor planned per batch, and no whole-table scan however large the tables grow. Its
+//! checks are the
 //! one-call commit's: each table's rows must all be written, else the statement fails
 //! (`division_by_zero`) having written nothing.
 
@@ -25,7 +25,7 @@ use super::{Plan, SagaWrite, ScheduledTimer, TimerKey};
 /// Parameters, in order: inbox $1–$3, events $4–$8, new sagas $9–$22, sagas advanced
 /// $23–$32 (`$24`: the version each was at), outbox $33–$35, timers scheduled $36–$39,
 /// timers gone $40–$41, outbox rows sent $42–$43.
-const STATEMENT: &str = r#"WITH
+pub(in crate::store) const STATEMENT: &str = r#"WITH
 inbox_rows AS (
     INSERT INTO "inbox" ("message_id", "saga_id", "received_at")
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[])
