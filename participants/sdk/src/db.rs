@@ -9,7 +9,7 @@ use sea_orm::sqlx::postgres::PgSslMode;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    QueryFilter, Schema,
+    QueryFilter, Schema, TransactionTrait,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -169,19 +169,58 @@ async fn create_schema(url: &str, schema: &str) -> Result<(), DbErr> {
     db.close().await
 }
 
-/// Creates the SDK's own tables if they do not exist yet. Run by
-/// [`Participant::run`](crate::Participant::run) at start-up; idempotent.
+/// PostgreSQL: what a batch's transaction does first, in one round trip. It takes the
+/// advisory locks of the batch's (saga, step) keys in their order (`lock_keys`, sorted), with
+/// `batch_lock_timeout` set for the rest of the transaction when not null, and then, each
+/// statement of a `VOLATILE` function seeing what committed before it ran, returns the inbox
+/// records of the `wanted` (saga, step) pairs, both directions.
+///
+/// The lookup keeps one plan per connection that reads the primary key whatever the table held
+/// when it was made: planned afresh on every batch it cost the server a share of its time;
+/// kept as the server's own generic plan, one made while the table was a few pages would scan
+/// the whole table ever after (8 ms a batch at 8,000 records). The settings hold only while the
+/// function runs: a handler's statements are planned as the server would.
+pub(crate) const LOCK_AND_READ: &str = r#"CREATE OR REPLACE FUNCTION saga_sdk_lock_and_read(
+    lock_keys bigint[], wanted jsonb, batch_lock_timeout text)
+RETURNS SETOF saga_inbox LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+SET enable_hashjoin = off SET enable_mergejoin = off
+AS $fn$
+BEGIN
+    IF batch_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', batch_lock_timeout, true);
+    END IF;
+    PERFORM pg_advisory_xact_lock(k) FROM unnest(lock_keys) AS k ORDER BY k;
+    RETURN QUERY SELECT i.* FROM jsonb_to_recordset(wanted) AS w(saga_id text, step text)
+        JOIN saga_inbox i ON i.saga_id = w.saga_id AND i.step = w.step;
+END
+$fn$"#;
+
+/// Serialises the migrations of a participant's processes starting together: two
+/// `CREATE OR REPLACE FUNCTION` at once fail with "tuple concurrently updated".
+const MIGRATION_LOCK: i64 = 0x5a6a_5344_4b4d_4947;
+
+/// Creates the SDK's own tables (and on PostgreSQL its function) if they do not exist yet. Run
+/// by [`Participant::run`](crate::Participant::run) at start-up; idempotent.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    let schema = Schema::new(db.get_database_backend());
-    let mut table = schema.create_table_from_entity(inbox::Entity);
+    let backend = db.get_database_backend();
+    let tx = db.begin().await?;
+    if backend == DbBackend::Postgres {
+        tx.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            .await?;
+    }
+    let mut table = Schema::new(backend).create_table_from_entity(inbox::Entity);
     table.if_not_exists();
-    db.execute(&table).await?;
+    tx.execute(&table).await?;
     // Pruning looks for old records: without a full scan.
-    db.execute_unprepared(
+    tx.execute_unprepared(
         r#"CREATE INDEX IF NOT EXISTS "saga_inbox_handled_at" ON "saga_inbox" ("handled_at")"#,
     )
     .await?;
-    Ok(())
+    if backend == DbBackend::Postgres {
+        tx.execute_unprepared(LOCK_AND_READ).await?;
+    }
+    tx.commit().await
 }
 
 /// Deletes the records of commands handled before `handled_before`; returns how many.

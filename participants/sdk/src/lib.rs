@@ -67,10 +67,12 @@
 //!   the failure `compensated before executed`.
 //! - **The records do not pile up**: each is deleted after the inbox retention (a month by
 //!   default, [`Participant::inbox_retention`]), once no command for its step can still come.
-//! - **Plans made per run (PostgreSQL).** The SDK's transactions set `plan_cache_mode =
-//!   force_custom_plan`, so a prepared statement's plan, the handler's too, is made with the
-//!   tables as they are, not kept from when they were a few pages (a new participant's inbox
-//!   was scanned whole on every batch until the server analysed it).
+//! - **One round trip before the handlers (PostgreSQL).** A batch's locks and its inbox
+//!   records come from one call of the SDK's function `saga_sdk_lock_and_read`, created at
+//!   start-up beside `saga_inbox`. Its lookup goes by the inbox's key whatever the table held
+//!   when its plan was made (a new participant's inbox was once scanned whole on every batch
+//!   until the server analysed it); its planner settings hold only while it runs, so a
+//!   handler's statements are planned as the server would.
 //! - **Expired actions never start.** An action whose command carries an `expires_at` in the
 //!   past, and that has no record yet, is not handed to its handler: the SDK records and answers
 //!   the failure [`EXPIRED`] (`"expired"`), in the same transaction as the inbox record, so

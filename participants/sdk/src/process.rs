@@ -13,8 +13,8 @@ use saga_schemas::limits::{self, LimitError, MAX_DATA_BYTES, MAX_DEPTH};
 use saga_schemas::{Data, Direction, Outcome, StepCommand};
 use sea_orm::{
     ActiveValue, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, EntityTrait, QueryFilter, SqlErr, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    DbBackend, DbErr, EntityTrait, QueryFilter, SqlErr, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait,
 };
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -326,10 +326,18 @@ async fn attempt_with(
             ..Default::default()
         })
         .await?;
-    if backend == DbBackend::Postgres {
+    // By (saga, step), both directions.
+    let mut steps: Vec<(String, &str)> = commands
+        .iter()
+        .map(|(cmd, _)| (cmd.saga_id.to_string(), cmd.step.as_str()))
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    let found = if backend == DbBackend::Postgres {
         // Serialises every command for one (saga, step), whatever its direction, so an action
         // and its compensation racing each other see each other's record. Taken in key order,
-        // so two batches never wait on each other in a cycle.
+        // so two batches never wait on each other in a cycle; then the records, in the same
+        // round trip (see `db::LOCK_AND_READ`).
         let mut keys: Vec<i64> = commands.iter().map(|(cmd, _)| lock_key(cmd)).collect();
         keys.sort_unstable();
         keys.dedup();
@@ -338,50 +346,40 @@ async fn attempt_with(
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        // One call for all: a simple query may hold several statements.
-        let lock_timeout = if commands.len() > 1 {
-            format!("SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'; ")
-        } else {
-            String::new()
-        };
-        let first_savepoint = if savepoints {
-            savepoint.state = SavepointState::Clean;
-            format!("; SAVEPOINT {SAVEPOINT}")
-        } else {
-            String::new()
-        };
-        // Plans made per run: a prepared statement's generic plan is made once per connection
-        // and kept until the table is analysed again. The inbox lookup's, made while a new
-        // participant's table was a few pages, scanned the whole table on every batch after it
-        // had grown (8 ms a batch at 8,000 rows). Planning each run costs tens of microseconds.
-        tx.execute_unprepared(&format!(
-            "SET LOCAL plan_cache_mode = force_custom_plan; {lock_timeout}SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{keys}]::bigint[]) AS k{first_savepoint}"
-        ))
-        .await?;
-    }
-
-    // By (saga, step), both directions: equality on two key columns is what the planner
-    // takes for an index lookup even before the table has statistics; on `saga_id` alone it
-    // guessed a tenth of the table and scanned all of it.
-    let mut steps: Vec<(String, &str)> = commands
-        .iter()
-        .map(|(cmd, _)| (cmd.saga_id.to_string(), cmd.step.as_str()))
-        .collect();
-    steps.sort_unstable();
-    steps.dedup();
-    let of_these_steps = steps
-        .into_iter()
-        .fold(Condition::any(), |any, (saga_id, step)| {
-            any.add(
-                Condition::all()
-                    .add(inbox::Column::SagaId.eq(saga_id))
-                    .add(inbox::Column::Step.eq(step)),
-            )
-        });
-    let mut records: HashMap<Key, (serde_json::Value, i32)> = inbox::Entity::find()
-        .filter(of_these_steps)
-        .all(&tx)
-        .await?
+        let wanted: serde_json::Value = steps
+            .iter()
+            .map(|(saga_id, step)| serde_json::json!({"saga_id": saga_id, "step": step}))
+            .collect();
+        let lock_timeout = (commands.len() > 1).then(|| BATCH_LOCK_TIMEOUT.to_owned());
+        inbox::Entity::find()
+            .from_raw_sql(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT * FROM saga_sdk_lock_and_read(CAST($1 AS bigint[]), $2, $3)",
+                [
+                    format!("{{{keys}}}").into(),
+                    wanted.into(),
+                    lock_timeout.into(),
+                ],
+            ))
+            .all(&tx)
+            .await?
+    } else {
+        // Equality on two key columns is what the planner takes for an index lookup.
+        let of_these_steps = steps
+            .into_iter()
+            .fold(Condition::any(), |any, (saga_id, step)| {
+                any.add(
+                    Condition::all()
+                        .add(inbox::Column::SagaId.eq(saga_id))
+                        .add(inbox::Column::Step.eq(step)),
+                )
+            });
+        inbox::Entity::find()
+            .filter(of_these_steps)
+            .all(&tx)
+            .await?
+    };
+    let mut records: HashMap<Key, (serde_json::Value, i32)> = found
         .into_iter()
         .filter_map(|r| {
             let saga_id = Uuid::parse_str(&r.saga_id).ok()?;
@@ -522,9 +520,9 @@ async fn run_direct(
 
 /// The savepoint each handler runs in when [`Savepoints`] are on. Set by hand rather than as a
 /// nested transaction, and kept between handlers: one statement per handler (`ROLLBACK TO`
-/// after a failure leaves it set; after a success, `RELEASE` and a new one go in one call), on
-/// PostgreSQL the first one in the call that takes the batch's locks. A nested transaction
-/// costs two each, its `SAVEPOINT` and its `RELEASE` or `ROLLBACK TO`.
+/// after a failure leaves it set; after a success, `RELEASE` and a new one go in one call). A
+/// nested transaction costs two each, its `SAVEPOINT` and its `RELEASE` or `ROLLBACK TO`. The
+/// first one is set after the batch's locks are taken: a rollback to it would release them.
 #[derive(Default)]
 struct HandlerSavepoint {
     state: SavepointState,

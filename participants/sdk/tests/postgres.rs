@@ -209,3 +209,34 @@ async fn a_grown_inbox_is_read_by_its_key_before_it_has_statistics() {
     );
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_of_one_participant_starting_together_all_migrate() {
+    for _ in 0..3 {
+        // Given a new database and eight processes of one participant starting at once
+        let db = TestDb::postgres(Some("testsvc")).await;
+        let mut conns = Vec::new();
+        for _ in 0..8 {
+            conns.push(db.connect().await);
+        }
+        // When each creates the SDK's table and function
+        let migrations = conns.iter().map(saga_participant::migrate_sdk_tables);
+        let results = futures_util::future::join_all(migrations).await;
+        // Then none fails, and the function is there for their batches
+        for result in results {
+            result.expect("a migration beside the others");
+        }
+        let found = conns[0]
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_proc WHERE proname = 'saga_sdk_lock_and_read'",
+            ))
+            .await
+            .unwrap()
+            .and_then(|row| row.try_get::<i64>("", "n").ok());
+        assert_eq!(found, Some(1));
+        for conn in conns {
+            conn.close().await.ok();
+        }
+    }
+}
