@@ -8,8 +8,8 @@ use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::sqlx::postgres::PgSslMode;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    QueryFilter, Schema, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, EntityTrait, QueryFilter, Schema, Statement, TransactionTrait,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -180,12 +180,13 @@ async fn create_schema(url: &str, schema: &str) -> Result<(), DbErr> {
 /// kept as the server's own generic plan, one made while the table was a few pages would scan
 /// the whole table ever after (8 ms a batch at 8,000 records). The settings hold only while the
 /// function runs: a handler's statements are planned as the server would.
-pub(crate) const LOCK_AND_READ: &str = r#"CREATE OR REPLACE FUNCTION saga_sdk_lock_and_read(
-    lock_keys bigint[], wanted jsonb, batch_lock_timeout text)
-RETURNS SETOF saga_inbox LANGUAGE plpgsql VOLATILE
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
-SET enable_hashjoin = off SET enable_mergejoin = off
-AS $fn$
+const LOCK_AND_READ: &str = "saga_sdk_lock_and_read";
+/// How a batch calls it: the keys as an array literal, the wanted pairs as JSON, the timeout.
+pub(crate) const CALL_LOCK_AND_READ: &str =
+    "SELECT * FROM saga_sdk_lock_and_read(CAST($1 AS bigint[]), $2, $3)";
+const LOCK_AND_READ_SETTINGS: &str = "{plan_cache_mode=force_generic_plan,enable_seqscan=off,\
+                                       enable_hashjoin=off,enable_mergejoin=off}";
+const LOCK_AND_READ_BODY: &str = r#"
 BEGIN
     IF batch_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', batch_lock_timeout, true);
@@ -194,7 +195,7 @@ BEGIN
     RETURN QUERY SELECT i.* FROM jsonb_to_recordset(wanted) AS w(saga_id text, step text)
         JOIN saga_inbox i ON i.saga_id = w.saga_id AND i.step = w.step;
 END
-$fn$"#;
+"#;
 
 /// Serialises the migrations of a participant's processes starting together: two
 /// `CREATE OR REPLACE FUNCTION` at once fail with "tuple concurrently updated".
@@ -218,9 +219,44 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     )
     .await?;
     if backend == DbBackend::Postgres {
-        tx.execute_unprepared(LOCK_AND_READ).await?;
+        create_lock_and_read(&tx).await?;
     }
     tx.commit().await
+}
+
+/// Creates [`LOCK_AND_READ`] unless the schema has it as this SDK writes it: a restart then
+/// writes nothing (another role may own it), and no session's cached plan of it is dropped.
+async fn create_lock_and_read(tx: &DatabaseTransaction) -> Result<(), DbErr> {
+    let current = tx
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 AS current FROM pg_proc \
+             WHERE proname = $1 AND pronamespace = CAST(current_schema() AS regnamespace) \
+               AND prosrc = $2 AND CAST(proconfig AS text) = $3",
+            [
+                LOCK_AND_READ.into(),
+                LOCK_AND_READ_BODY.into(),
+                LOCK_AND_READ_SETTINGS.into(),
+            ],
+        ))
+        .await?;
+    if current.is_some() {
+        return Ok(());
+    }
+    let settings = LOCK_AND_READ_SETTINGS
+        .trim_matches(['{', '}'])
+        .split(',')
+        .map(|setting| setting.replacen('=', " = ", 1))
+        .collect::<Vec<_>>()
+        .join(" SET ");
+    tx.execute_unprepared(&format!(
+        "CREATE OR REPLACE FUNCTION {LOCK_AND_READ}(\
+             lock_keys bigint[], wanted jsonb, batch_lock_timeout text) \
+         RETURNS SETOF saga_inbox LANGUAGE plpgsql VOLATILE SET {settings} \
+         AS $fn${LOCK_AND_READ_BODY}$fn$"
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Deletes the records of commands handled before `handled_before`; returns how many.

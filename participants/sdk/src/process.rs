@@ -354,7 +354,7 @@ async fn attempt_with(
         inbox::Entity::find()
             .from_raw_sql(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT * FROM saga_sdk_lock_and_read(CAST($1 AS bigint[]), $2, $3)",
+                crate::db::CALL_LOCK_AND_READ,
                 [
                     format!("{{{keys}}}").into(),
                     wanted.into(),

@@ -240,3 +240,25 @@ async fn processes_of_one_participant_starting_together_all_migrate() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_leaves_the_sdk_function_as_it_is() {
+    let db = TestDb::postgres(Some("testsvc")).await;
+    let conn = db.connect().await;
+    let version =
+        "SELECT CAST(xmin AS text) AS n FROM pg_proc WHERE proname = 'saga_sdk_lock_and_read'";
+    let read = async |sql: &str| {
+        conn.query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+            .await
+            .unwrap()
+            .and_then(|row| row.try_get::<String>("", "n").ok())
+    };
+    // Given a participant that created its table and function
+    saga_participant::migrate_sdk_tables(&conn).await.unwrap();
+    let created = read(version).await.expect("the function is there");
+    // When it starts again
+    saga_participant::migrate_sdk_tables(&conn).await.unwrap();
+    // Then the function's catalog row was not written again
+    assert_eq!(read(version).await, Some(created));
+    conn.close().await.ok();
+}
