@@ -197,8 +197,9 @@ BEGIN
 END
 "#;
 
-/// Serialises the migrations of a participant's processes starting together: two
-/// `CREATE OR REPLACE FUNCTION` at once fail with "tuple concurrently updated".
+/// Serialises the migrations of a participant's processes starting together: two `CREATE
+/// TABLE IF NOT EXISTS` at once can fail on a duplicate key of `pg_type`, and two `CREATE OR
+/// REPLACE FUNCTION` with "tuple concurrently updated".
 const MIGRATION_LOCK: i64 = 0x5a6a_5344_4b4d_4947;
 
 /// Creates the SDK's own tables (and on PostgreSQL its function) if they do not exist yet. Run
