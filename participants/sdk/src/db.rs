@@ -184,8 +184,12 @@ const LOCK_AND_READ: &str = "saga_sdk_lock_and_read";
 /// How a batch calls it: the keys as an array literal, the wanted pairs as JSON, the timeout.
 pub(crate) const CALL_LOCK_AND_READ: &str =
     "SELECT * FROM saga_sdk_lock_and_read(CAST($1 AS bigint[]), $2, $3)";
-const LOCK_AND_READ_SETTINGS: &str = "{plan_cache_mode=force_generic_plan,enable_seqscan=off,\
-                                       enable_hashjoin=off,enable_mergejoin=off}";
+const LOCK_AND_READ_SETTINGS: [(&str, &str); 4] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+];
 const LOCK_AND_READ_BODY: &str = r#"
 BEGIN
     IF batch_lock_timeout IS NOT NULL THEN
@@ -228,6 +232,10 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 /// Creates [`LOCK_AND_READ`] unless the schema has it as this SDK writes it: a restart then
 /// writes nothing (another role may own it), and no session's cached plan of it is dropped.
 async fn create_lock_and_read(tx: &DatabaseTransaction) -> Result<(), DbErr> {
+    // As `pg_proc.proconfig` holds them.
+    let stored_settings = LOCK_AND_READ_SETTINGS
+        .map(|(name, value)| format!("{name}={value}"))
+        .join(",");
     let current = tx
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -237,7 +245,7 @@ async fn create_lock_and_read(tx: &DatabaseTransaction) -> Result<(), DbErr> {
             [
                 LOCK_AND_READ.into(),
                 LOCK_AND_READ_BODY.into(),
-                LOCK_AND_READ_SETTINGS.into(),
+                format!("{{{stored_settings}}}").into(),
             ],
         ))
         .await?;
@@ -245,15 +253,12 @@ async fn create_lock_and_read(tx: &DatabaseTransaction) -> Result<(), DbErr> {
         return Ok(());
     }
     let settings = LOCK_AND_READ_SETTINGS
-        .trim_matches(['{', '}'])
-        .split(',')
-        .map(|setting| setting.replacen('=', " = ", 1))
-        .collect::<Vec<_>>()
-        .join(" SET ");
+        .map(|(name, value)| format!("SET {name} = {value}"))
+        .join(" ");
     tx.execute_unprepared(&format!(
         "CREATE OR REPLACE FUNCTION {LOCK_AND_READ}(\
              lock_keys bigint[], wanted jsonb, batch_lock_timeout text) \
-         RETURNS SETOF saga_inbox LANGUAGE plpgsql VOLATILE SET {settings} \
+         RETURNS SETOF saga_inbox LANGUAGE plpgsql VOLATILE {settings} \
          AS $fn${LOCK_AND_READ_BODY}$fn$"
     ))
     .await?;
