@@ -338,7 +338,16 @@ async fn run(
     let raw_after = meters.read();
 
     let sagas_per_s = args.sagas as f64 / measured.elapsed.as_secs_f64();
-    let steps_per_s = sagas_per_s * args.steps as f64;
+    // On the compensation path a saga runs more steps than it has: the last step's action
+    // fails (nothing to undo there), and the steps before it are compensated one by one. Each
+    // run of a step, action or compensation, is a command and its reply: one round trip.
+    let compensations = if args.fail_last_step {
+        args.steps - 1
+    } else {
+        0
+    };
+    let steps_per_s = sagas_per_s * (args.steps + compensations) as f64;
+    let actions_per_s = sagas_per_s * args.steps as f64;
     let raw_per_s = raw.count as f64 / raw.elapsed.as_secs_f64();
     println!(
         "saga-bench: {} sagas x {} steps, {} in flight, database {}, broker {}, {} queues, \
@@ -360,7 +369,10 @@ async fn run(
         std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())
     );
     println!("  sagas/s            {sagas_per_s:>10.1}");
-    println!("  steps/s            {steps_per_s:>10.1}");
+    println!(
+        "  steps/s            {steps_per_s:>10.1}   ({} actions + {compensations} compensations run per saga)",
+        args.steps
+    );
     println!(
         "  saga latency       p50 {:>7.1} ms   p99 {:>7.1} ms",
         ms(percentile(&measured.latencies, 50.0)),
@@ -376,22 +388,11 @@ async fn run(
         ms(percentile(&raw.latencies, 99.0))
     );
     println!(
-        "  ratio steps/s : raw round trips/s = {:.2}",
-        steps_per_s / raw_per_s
+        "  ratio steps/s : raw round trips/s = {:.2}   (actions alone: {:.2})",
+        steps_per_s / raw_per_s,
+        actions_per_s / raw_per_s
     );
     cpu::print_raw(&meters, &raw_before, &raw_after, raw.count);
-    // On the compensation path a saga costs more commands than steps: the last step's action
-    // fails (nothing to undo there), and the steps before it are compensated one by one.
-    let compensations = if args.fail_last_step {
-        args.steps - 1
-    } else {
-        0
-    };
-    println!(
-        "  commands/s         {:>10.1}   ({} actions + {compensations} compensations per saga)",
-        sagas_per_s * (args.steps + compensations) as f64,
-        args.steps
-    );
     let mut outcomes = String::new();
     for end in End::ALL {
         let n = measured.ends.iter().filter(|e| **e == end).count();
