@@ -689,9 +689,8 @@ fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
 /// statement (`array_plans` in the store), so neither is parsed nor planned again.
 pub(super) struct Shapes(std::sync::Mutex<LruCache<Vec<usize>, ()>>);
 
-/// As many shapes as sqlx keeps statements per connection by default (100), less the array
-/// statement, which shares their connection: a shape remembered is still prepared there.
-const SHAPES: usize = 99;
+/// As many shapes as sqlx keeps statements per connection by default.
+const SHAPES: usize = 100;
 
 impl Default for Shapes {
     fn default() -> Self {
