@@ -211,10 +211,10 @@ impl Store {
     async fn write_alone(&self, plan: &commit::Plan) -> Result<Option<Vec<i64>>, CommitError> {
         let arrays = self.arrays.as_ref().unwrap_or(&self.writes);
         let Some(mut lock) = self.write_lock().await else {
-            return plan.write_alone(arrays, &self.shapes).await;
+            return plan.write_alone(&self.writes, arrays, &self.shapes).await;
         };
         lock.in_doubt = true;
-        let written = plan.write_alone(arrays, &self.shapes).await;
+        let written = plan.write_alone(&self.writes, arrays, &self.shapes).await;
         if !matches!(written, Ok(Some(_))) {
             self.roll_back_raw().await;
         }
