@@ -387,10 +387,14 @@ async fn run(
         ms(percentile(&raw.latencies, 50.0)),
         ms(percentile(&raw.latencies, 99.0))
     );
+    let actions_alone = if compensations > 0 {
+        format!("   (actions alone: {:.2})", actions_per_s / raw_per_s)
+    } else {
+        String::new()
+    };
     println!(
-        "  ratio steps/s : raw round trips/s = {:.2}   (actions alone: {:.2})",
-        steps_per_s / raw_per_s,
-        actions_per_s / raw_per_s
+        "  ratio steps/s : raw round trips/s = {:.2}{actions_alone}",
+        steps_per_s / raw_per_s
     );
     cpu::print_raw(&meters, &raw_before, &raw_after, raw.count);
     let mut outcomes = String::new();
