@@ -1,7 +1,8 @@
 //! `saga-bench`: runs N sagas of a K-step definition against no-op participants with C in
 //! flight, and in the same run measures the raw broker round trip (a persistent, confirmed
 //! publish, consumed, answered the same way, acked) at the same concurrency, so the ratio of
-//! the two means something on a noisy machine.
+//! the two means something on a noisy machine. One saga at a time it also prints the floor
+//! under a saga's latency: its raw round trips and its commits, with nothing else on its path.
 //!
 //! `--fail-last-step` measures the compensation path instead, `--participants processes` runs
 //! each participant as an OS process of its own (as in production), and the CPU time per saga
@@ -9,6 +10,7 @@
 //! server is reported.
 
 mod cpu;
+mod floor;
 mod memory;
 mod processes;
 
@@ -336,6 +338,13 @@ async fn run(
     )
     .await?;
     let raw_after = meters.read();
+    // One at a time only: at 64 in flight a round trip's p50 is mostly queueing.
+    let lone_commits = if args.concurrency == 1 {
+        let (url, schema) = &databases.commits;
+        Some(floor::lone_commits(url, schema.as_deref(), LONE_COMMITS).await?)
+    } else {
+        None
+    };
 
     let sagas_per_s = args.sagas as f64 / measured.elapsed.as_secs_f64();
     // On the compensation path a saga runs more steps than it has: the last step's action
@@ -387,6 +396,20 @@ async fn run(
         ms(percentile(&raw.latencies, 50.0)),
         ms(percentile(&raw.latencies, 99.0))
     );
+    if let Some(commits) = &lone_commits {
+        let step_runs = args.steps + compensations;
+        let commit = percentile(commits, 50.0);
+        let round_trip = percentile(&raw.latencies, 50.0);
+        println!(
+            "  lone commit        p50 {:>7.2} ms   (one row inserted and fsynced, {LONE_COMMITS} one at a time, the services' driver and settings)",
+            ms(commit)
+        );
+        println!(
+            "  floor              {:>10.1} ms   ({step_runs} raw round trips + {} lone commits at their p50: the broker and the disk alone, one saga at a time)",
+            ms(floor::floor(step_runs, round_trip, commit)),
+            floor::commits_per_saga(step_runs)
+        );
+    }
     let actions_alone = if compensations > 0 {
         format!("   (actions alone: {:.2})", actions_per_s / raw_per_s)
     } else {
@@ -450,6 +473,9 @@ async fn run(
     }
     Ok(())
 }
+
+/// Lone commits timed for the floor of a one-at-a-time run.
+const LONE_COMMITS: usize = 200;
 
 /// What `--backlog` saw.
 struct Backlog {
@@ -983,6 +1009,8 @@ struct Databases {
     kind: String,
     orchestrator: String,
     participants: Vec<(String, Option<String>)>,
+    /// Where the lone commits of the floor go: apart from every service's tables.
+    commits: (String, Option<String>),
     cleanup: Cleanup,
 }
 
@@ -1006,6 +1034,7 @@ impl Databases {
                 kind: "sqlite (one file per service)".into(),
                 orchestrator: file("orchestrator"),
                 participants: (0..steps).map(|i| (file(&format!("p{i}")), None)).collect(),
+                commits: (file("commits"), None),
                 cleanup: Cleanup::Directory(dir),
             });
         }
@@ -1027,6 +1056,7 @@ impl Databases {
             participants: (0..steps)
                 .map(|i| (own.clone(), Some(format!("bench_p{i}"))))
                 .collect(),
+            commits: (own.clone(), Some("bench_commits".into())),
             cleanup: Cleanup::Postgres {
                 admin_url: url.to_owned(),
                 database,
